@@ -1,0 +1,1 @@
+"""pdcluster: cluster (see DESIGN.md)."""

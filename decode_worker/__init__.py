@@ -1,0 +1,1 @@
+"""pdcluster: decode_worker (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""pdcluster: kv_transfer (see DESIGN.md)."""

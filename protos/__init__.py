@@ -1,0 +1,1 @@
+"""pdcluster: protos (see DESIGN.md)."""

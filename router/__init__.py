@@ -1,0 +1,1 @@
+"""pdcluster: router (see DESIGN.md)."""
