@@ -1,0 +1,124 @@
+"""Paged KV-cache bookkeeping: which blocks are free, who holds which.
+
+Pure Python (no torch, no clocks). Check, then commit: `can_allocate` and
+`can_append` have no side effects; `allocate` and `append` commit and raise
+`OutOfBlocksError` only when a caller skipped the check. Blocks are reference
+counted so that a block can be shared (prefix caching, a transfer lease);
+every full block carries a prefix hash chained over all tokens before it.
+"""
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+
+from engine.errors import OutOfBlocksError
+
+NO_HASH = -1
+
+
+def blocks_needed(num_tokens: int, block_size: int) -> int:
+    return (num_tokens + block_size - 1) // block_size
+
+
+def prefix_hashes(token_ids: Sequence[int], block_size: int) -> list[int]:
+    """One hash per *full* block, each over the block's tokens and its parent's hash.
+
+    Integer tuples hash deterministically across processes, so two workers agree
+    on the hash of the same prefix.
+    """
+    hashes: list[int] = []
+    parent = NO_HASH
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        parent = hash((parent, tuple(token_ids[start:start + block_size])))
+        hashes.append(parent)
+    return hashes
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        if num_blocks <= 0 or block_size <= 0:
+            raise ValueError(f"num_blocks and block_size must be > 0, got {num_blocks}, {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self._free: deque[int] = deque(range(num_blocks))
+        self._ref_counts = [0] * num_blocks
+        self._hashes = [NO_HASH] * num_blocks
+        self.hash_to_block: dict[int, int] = {}
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def ref_count(self, block_id: int) -> int:
+        return self._ref_counts[block_id]
+
+    def block_hash(self, block_id: int) -> int:
+        return self._hashes[block_id]
+
+    # -- whole sequences -------------------------------------------------
+    def can_allocate(self, num_tokens: int) -> bool:
+        return blocks_needed(num_tokens, self.block_size) <= len(self._free)
+
+    def allocate(self, num_tokens: int, token_ids: Sequence[int] | None = None) -> list[int]:
+        """Take the blocks for `num_tokens` tokens; hash the full ones if tokens are given."""
+        n = blocks_needed(num_tokens, self.block_size)
+        if n > len(self._free):
+            raise OutOfBlocksError(f"need {n} blocks for {num_tokens} tokens, {len(self._free)} free")
+        block_ids = [self._take() for _ in range(n)]
+        if token_ids is not None:
+            self.set_hashes(block_ids, token_ids)
+        return block_ids
+
+    def set_hashes(self, block_ids: Sequence[int], token_ids: Sequence[int]) -> None:
+        for block_id, h in zip(block_ids, prefix_hashes(token_ids, self.block_size)):
+            self._hashes[block_id] = h
+            self.hash_to_block[h] = block_id
+
+    def free(self, block_ids: Sequence[int]) -> None:
+        """Drop one reference to each block; a block with none left is free again."""
+        for block_id in block_ids:
+            count = self._ref_counts[block_id]
+            if count <= 0:
+                raise ValueError(f"block {block_id} freed while not allocated")
+            self._ref_counts[block_id] = count - 1
+            if count == 1:
+                self._release(block_id)
+
+    def share(self, block_ids: Sequence[int]) -> None:
+        """Add a reference to blocks already held (a second owner, e.g. a transfer lease)."""
+        for block_id in block_ids:
+            if self._ref_counts[block_id] <= 0:
+                raise ValueError(f"block {block_id} shared while not allocated")
+            self._ref_counts[block_id] += 1
+
+    # -- growing one sequence -------------------------------------------
+    def can_append(self, num_blocks_held: int, new_num_tokens: int) -> bool:
+        """Whether a sequence holding `num_blocks_held` blocks can grow to `new_num_tokens`."""
+        extra = blocks_needed(new_num_tokens, self.block_size) - num_blocks_held
+        return extra <= len(self._free)
+
+    def append(self, block_ids: list[int], new_num_tokens: int) -> None:
+        """Grow `block_ids` in place so that it covers `new_num_tokens` tokens."""
+        extra = blocks_needed(new_num_tokens, self.block_size) - len(block_ids)
+        if extra > len(self._free):
+            raise OutOfBlocksError(f"need {extra} more blocks, {len(self._free)} free")
+        for _ in range(extra):
+            block_ids.append(self._take())
+
+    # -- internals ---------------------------------------------------------
+    def _take(self) -> int:
+        block_id = self._free.popleft()
+        self._ref_counts[block_id] = 1
+        return block_id
+
+    def _release(self, block_id: int) -> None:
+        h = self._hashes[block_id]
+        if h != NO_HASH:
+            if self.hash_to_block.get(h) == block_id:
+                del self.hash_to_block[h]
+            self._hashes[block_id] = NO_HASH
+        self._free.append(block_id)

@@ -1,0 +1,50 @@
+"""The paged KV cache of one worker: one preallocated tensor, sized from a budget."""
+from __future__ import annotations
+
+import torch
+
+from engine.errors import ConfigError
+
+
+class KVCache:
+    """[layers, 2 (K, V), num_blocks, block_size, kv_heads, head_dim], zero-filled.
+
+    Zeros matter: padded slots of a block are read (and masked) by the decode
+    kernel, and uninitialised memory could hold NaNs that survive a zero weight.
+    """
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int,
+                 num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.data = torch.zeros(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype)
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
+                        dtype: torch.dtype) -> int:
+        element = torch.empty((), dtype=dtype).element_size()
+        return num_layers * 2 * block_size * num_kv_heads * head_dim * element
+
+    @classmethod
+    def num_blocks_for_budget(cls, budget_bytes: int, num_layers: int, block_size: int,
+                              num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        per_block = cls.bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype)
+        n = budget_bytes // per_block
+        if n < 1:
+            raise ConfigError(f"kv_cache_memory_gb={budget_bytes / 2**30:.4f} holds no block "
+                              f"(one block is {per_block} bytes)")
+        return n
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.data[i, 0], self.data[i, 1]
+
+    def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [self.layer(i) for i in range(self.data.shape[0])]
+
+    def slabs(self) -> torch.Tensor:
+        """The whole cache as [layers * 2, num_blocks, block_numel], for block copies."""
+        return self.data.view(self.data.shape[0] * 2, self.num_blocks, -1)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()

@@ -1,0 +1,189 @@
+"""The in-process engine API, shaped like vLLM's:
+
+    from engine import LLM, SamplingParams
+    llm = LLM()                                   # the default model, bf16
+    outs = llm.generate(["Hello"], SamplingParams(max_tokens=32, temperature=0))
+    print(outs[0].text, outs[0].token_ids)
+
+Every prompt given to one `generate` call is scheduled together with
+continuous batching (packed prefill, then batched decode steps).
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import Sequence
+
+import torch
+
+from engine.block_manager import BlockManager, blocks_needed
+from engine.default_model import default_model_path
+from engine.errors import ConfigError, InvalidRequestError
+from engine.kv_cache import KVCache
+from engine.model_config import load_model_config
+from engine.model_runner import ModelRunner, parse_dtype
+from engine.output import RequestOutput, StopChecker
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler, SchedulerConfig
+from engine.sequence import FinishReason, Sequence as Seq
+
+Prompt = str | Sequence[int]
+
+
+class LLM:
+    def __init__(self, model: str | None = None, dtype: str | torch.dtype = "bfloat16",
+                 block_size: int = 16, kv_cache_memory_gb: float = 1.0, max_num_seqs: int = 64,
+                 max_num_batched_tokens: int = 4096, max_model_len: int | None = None,
+                 num_threads: int | None = None, seed: int = 0) -> None:
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        path = model or default_model_path()
+        if not os.path.isdir(path):
+            raise ConfigError(f"model directory {path!r} does not exist")
+        self.model_config = cfg = load_model_config(path)
+        self.dtype = parse_dtype(dtype)
+        if block_size <= 0:
+            raise ConfigError(f"block_size must be > 0, got {block_size}")
+        self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        num_blocks = KVCache.num_blocks_for_budget(int(kv_cache_memory_gb * 2**30), cfg.num_layers,
+                                                   block_size, cfg.num_kv_heads, cfg.head_dim, self.dtype)
+        self.tokenizer = _load_tokenizer(path)
+        self.runner = ModelRunner(cfg, self.dtype, block_size, num_blocks, self.max_model_len, seed=seed)
+        self.block_manager = BlockManager(num_blocks, block_size)
+        self.scheduler = Scheduler(
+            SchedulerConfig(max_num_seqs, max_num_batched_tokens, self.max_model_len),
+            self.block_manager, cfg.eos_token_ids)
+        self._ids = itertools.count()
+        self._stop_checkers: dict[str, StopChecker] = {}
+
+    # -- public API ------------------------------------------------------------
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Complete every prompt (text or token ids); outputs come back in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(params) != len(prompts):
+            raise InvalidRequestError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        seqs = [self._make_request(p, sp) for p, sp in zip(prompts, params)]  # validate all first
+        for seq in seqs:
+            self.scheduler.add(seq)
+            if seq.sampling.stop and self.tokenizer is not None:
+                self._stop_checkers[seq.req_id] = StopChecker(self.tokenizer, seq.sampling.stop)
+        outputs = self._run(seqs, use_tqdm)
+        for prompt, seq in zip(prompts, seqs):
+            outputs[seq.req_id].prompt = prompt if isinstance(prompt, str) else None
+        return [outputs[seq.req_id] for seq in seqs]
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | None = None) -> list[RequestOutput]:
+        """Apply the model's chat template to each conversation, then generate."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        return self.generate([self.apply_chat_template(c) for c in conversations], sampling_params)
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidRequestError("this model has no chat template")
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    # -- internals ----------------------------------------------------------------
+    def _make_request(self, prompt: Prompt, params: SamplingParams) -> Seq:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequestError("this model has no tokenizer: give prompts as token ids")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+        _validate(ids, params, self.model_config.vocab_size, self.max_model_len, self.block_manager)
+        return Seq(f"llm-{next(self._ids)}", ids, params, arrival_time=time.monotonic())
+
+    def _run(self, seqs: list[Seq], use_tqdm: bool) -> dict[str, RequestOutput]:
+        texts: dict[str, str] = {}
+        pending = {s.req_id: s for s in seqs}
+        bar = _progress(len(seqs)) if use_tqdm else None
+        done: dict[str, RequestOutput] = {}
+        try:
+            while self.scheduler.has_unfinished():
+                plan = self.scheduler.schedule(time.monotonic())
+                if plan is None:
+                    raise RuntimeError("scheduler has unfinished requests but nothing to run")
+                result = self.runner.execute(plan)
+                self.scheduler.update(plan, result)
+                now = time.monotonic()
+                for work in plan.seqs:
+                    seq = pending.get(work.req_id)
+                    if seq is None:
+                        continue
+                    if seq.first_token_time is None:
+                        seq.first_token_time = now
+                    self._check_stop(seq, texts)
+                    if seq.is_finished:
+                        done[seq.req_id] = self._output(seq, texts.get(seq.req_id), now)
+                        del pending[seq.req_id]
+                        if bar is not None:
+                            bar.update(1)
+        finally:
+            for req_id in pending:   # interrupted: free whatever is still held
+                self.scheduler.abort(req_id)
+                self._stop_checkers.pop(req_id, None)
+            if bar is not None:
+                bar.close()
+        return done
+
+    def _check_stop(self, seq: Seq, texts: dict[str, str]) -> None:
+        checker = self._stop_checkers.get(seq.req_id)
+        if checker is None:
+            return
+        cut = checker.check(seq.output_token_ids)
+        if cut is not None:
+            texts[seq.req_id] = cut
+            if not seq.is_finished:
+                self.scheduler.finish(seq.req_id, FinishReason.STOP)
+            else:
+                seq.finish_reason = FinishReason.STOP
+        if seq.is_finished:
+            del self._stop_checkers[seq.req_id]
+
+    def _output(self, seq: Seq, text: str | None, now: float) -> RequestOutput:
+        if text is None:
+            text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True) if self.tokenizer else ""
+        n = len(seq.output_token_ids)
+        first = seq.first_token_time if seq.first_token_time is not None else now
+        metrics = {"ttft_s": first - seq.arrival_time, "e2e_s": now - seq.arrival_time,
+                   "tpot_s": (now - first) / (n - 1) if n > 1 else 0.0,
+                   "num_preemptions": float(seq.num_preemptions)}
+        return RequestOutput(seq.req_id, None, seq.prompt_token_ids, list(seq.output_token_ids),
+                             text, seq.finish_reason.value, metrics)
+
+
+def _validate(ids: list[int], params: SamplingParams, vocab: int, max_len: int, blocks: BlockManager) -> None:
+    if not ids:
+        raise InvalidRequestError("prompt is empty")
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise InvalidRequestError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+    if len(ids) >= max_len:
+        raise InvalidRequestError(f"prompt has {len(ids)} tokens; the model's context is {max_len}")
+    total = len(ids) + params.max_tokens
+    if total > max_len:
+        raise InvalidRequestError(
+            f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context of {max_len}")
+    if blocks_needed(total, blocks.block_size) > blocks.num_blocks:
+        raise InvalidRequestError(
+            f"request needs {blocks_needed(total, blocks.block_size)} KV blocks; the cache has {blocks.num_blocks}")
+
+
+def _load_tokenizer(path: str):
+    if not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _progress(total: int):
+    from tqdm import tqdm
+    return tqdm(total=total, desc="generate", unit="req")

@@ -1,0 +1,104 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM) over a paged KV cache.
+
+Tokens of all sequences in a step are packed along one axis: every tensor is
+[tokens, ...], never [batch, seq, ...]. Tensor parallelism splits heads and MLP
+columns (q/k/v and gate/up are column-parallel, o and down are row-parallel
+and followed by an all-reduce); pipeline parallelism builds only this stage's
+layer range. Both come from `ParallelContext`; the default is one rank.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.attention import AttentionMetadata, paged_attention
+from engine.layers import Linear, RMSNorm, RotaryEmbedding, empty_param
+from engine.model_config import ModelConfig
+from engine.parallel import ParallelContext
+
+KVLayer = tuple[torch.Tensor, torch.Tensor]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, par: ParallelContext, rotary: RotaryEmbedding,
+                 dtype: torch.dtype) -> None:
+        super().__init__()
+        self.par = par
+        self.num_heads = par.split(cfg.num_heads, "num_attention_heads")
+        self.num_kv_heads = par.split(cfg.num_kv_heads, "num_key_value_heads")
+        self.head_dim = cfg.head_dim
+        self.q_size = self.num_heads * cfg.head_dim
+        self.kv_size = self.num_kv_heads * cfg.head_dim
+        self.scale = cfg.head_dim ** -0.5
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.qkv_bias, dtype)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, False, dtype)
+        self.rotary = rotary
+
+    def forward(self, positions, x, kv_cache: KVLayer | None, meta: AttentionMetadata):
+        # x: [tokens, hidden]
+        n = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(n, self.num_heads, self.head_dim)
+        k = k.view(n, self.num_kv_heads, self.head_dim)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        o = paged_attention(q, k, v, kv_cache, meta, self.scale)   # [tokens, heads, head_dim]
+        return self.par.all_reduce(self.o_proj(o.reshape(n, self.q_size)))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, par: ParallelContext, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.par = par
+        self.inter = par.split(cfg.intermediate_size, "intermediate_size")
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * self.inter, False, dtype)
+        self.down_proj = Linear(self.inter, cfg.hidden_size, False, dtype)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        return self.par.all_reduce(self.down_proj(nn.functional.silu(gate) * up))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg, par, rotary, dtype) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = Attention(cfg, par, rotary, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = MLP(cfg, par, dtype)
+
+    def forward(self, positions, h, kv_cache, meta):
+        h = h + self.self_attn(positions, self.input_layernorm(h), kv_cache, meta)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class CausalLM(nn.Module):
+    """One pipeline stage of the model (the whole model at pp_size = 1)."""
+
+    def __init__(self, cfg: ModelConfig, par: ParallelContext, dtype: torch.dtype,
+                 max_positions: int) -> None:
+        super().__init__()
+        self.cfg, self.par, self.dtype = cfg, par, dtype
+        self.layer_range = par.layer_range(cfg.num_layers)
+        rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_params, max_positions)
+        self.rotary = rotary
+        needs_embed = par.is_first_stage or (par.is_last_stage and cfg.tie_word_embeddings)
+        self.embed_tokens = empty_param(cfg.vocab_size, cfg.hidden_size, dtype=dtype) if needs_embed else None
+        self.layers = nn.ModuleList(DecoderLayer(cfg, par, rotary, dtype) for _ in self.layer_range)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype) if par.is_last_stage else None
+        self.lm_head = (empty_param(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+                        if par.is_last_stage and not cfg.tie_word_embeddings else None)
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                kv_caches: list[KVLayer] | None, meta: AttentionMetadata,
+                hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids: [tokens] on the first stage, else hidden: [tokens, hidden]."""
+        h = nn.functional.embedding(input_ids, self.embed_tokens) if self.par.is_first_stage else hidden
+        for i, layer in enumerate(self.layers):
+            h = layer(positions, h, kv_caches[i] if kv_caches is not None else None, meta)
+        return self.norm(h) if self.norm is not None else h
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        # hidden: [rows, hidden] -> [rows, vocab] in fp32
+        weight = self.lm_head if self.lm_head is not None else self.embed_tokens
+        return nn.functional.linear(hidden, weight).float()

@@ -1,0 +1,102 @@
+"""Runs the model for a step plan: packed prefill or one batched decode step.
+
+`prefill` and `decode_step` are separate because the two worker kinds call
+them apart; `execute` picks one for a `StepPlan`. The KV of a sequence lives
+in the blocks named by its block ids, so it can be exported and imported
+block by block (see `KVCache.slabs` and `kernels.gather_blocks`).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from engine.attention import AttentionMetadata
+from engine.errors import ConfigError
+from engine.kv_cache import KVCache
+from engine.model import CausalLM
+from engine.model_config import ModelConfig
+from engine.parallel import ParallelContext
+from engine.sampler import sample
+from engine.sequence import SeqWork, StepPlan, StepResult
+from engine.weights import load_weights
+
+DTYPES = {
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+class ModelRunner:
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, block_size: int, num_blocks: int,
+                 max_model_len: int, par: ParallelContext | None = None, seed: int = 0) -> None:
+        self.cfg = cfg
+        self.par = par or ParallelContext()
+        self.dtype = dtype
+        self.block_size = block_size
+        self.model = CausalLM(cfg, self.par, dtype, max_positions=max_model_len)
+        load_weights(self.model, cfg.path)
+        self.model.eval()
+        local_kv_heads = self.par.split(cfg.num_kv_heads, "num_key_value_heads")
+        self.kv_cache = KVCache(len(self.model.layer_range), num_blocks, block_size,
+                                local_kv_heads, cfg.head_dim, dtype)
+        self._kv_layers = self.kv_cache.layers()
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        return self.prefill(plan.seqs) if plan.is_prefill else self.decode_step(plan.seqs)
+
+    @torch.inference_mode()
+    def prefill(self, seqs: Sequence[SeqWork]) -> StepResult:
+        """Run whole prompts packed together, store their KV, sample each first token."""
+        ids, pos, slots, bounds = [], [], [], []
+        start = 0
+        for s in seqs:
+            if s.start_pos != 0:
+                raise NotImplementedError("prefill over a cached prefix is not supported yet")
+            n = len(s.token_ids)
+            ids.extend(s.token_ids)
+            positions = torch.arange(n)
+            pos.append(positions)
+            slots.append(self._slots(s.block_ids, positions))
+            bounds.append((start, start + n))
+            start += n
+        meta = AttentionMetadata(True, torch.cat(slots), bounds, None, None)
+        hidden = self.model(torch.tensor(ids), torch.cat(pos), self._kv_layers, meta)
+        last = hidden[[end - 1 for _, end in bounds]]           # [seqs, hidden]
+        return self._sample(last, seqs)
+
+    @torch.inference_mode()
+    def decode_step(self, seqs: Sequence[SeqWork]) -> StepResult:
+        """One new token per sequence over its cached context."""
+        bs = self.block_size
+        positions = torch.tensor([s.start_pos for s in seqs])
+        max_blocks = max(len(s.block_ids) for s in seqs)
+        tables = torch.zeros(len(seqs), max_blocks, dtype=torch.int32)
+        for i, s in enumerate(seqs):
+            tables[i, :len(s.block_ids)] = torch.tensor(s.block_ids, dtype=torch.int32)
+        slots = tables.gather(1, (positions // bs).unsqueeze(1)).squeeze(1).long() * bs + positions % bs
+        meta = AttentionMetadata(False, slots, [], tables,
+                                 torch.tensor([s.context_len for s in seqs], dtype=torch.int32))
+        ids = torch.tensor([s.token_ids[0] for s in seqs])
+        hidden = self.model(ids, positions, self._kv_layers, meta)
+        return self._sample(hidden, seqs)
+
+    def _slots(self, block_ids: Sequence[int], positions: torch.Tensor) -> torch.Tensor:
+        table = torch.tensor(block_ids, dtype=torch.int64)
+        return table[positions // self.block_size] * self.block_size + positions % self.block_size
+
+    def _sample(self, hidden: torch.Tensor, seqs: Sequence[SeqWork]) -> StepResult:
+        logits = self.model.compute_logits(hidden)
+        tokens = sample(logits, [s.sampling for s in seqs], [s.num_output_tokens for s in seqs],
+                        self.generator)
+        return StepResult(tuple(tokens))

@@ -1,0 +1,51 @@
+"""Sampling parameters of one request, validated on construction."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.errors import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens and when to stop.
+
+    temperature 0 is greedy. top_k 0 (or -1) disables top-k; top_p 1.0 disables
+    nucleus sampling. A seed makes sampling reproducible per request, also when
+    its tokens are produced by different workers (the seed is mixed with the
+    token's position, there is no generator state to carry).
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        elif not isinstance(self.stop, tuple):
+            object.__setattr__(self, "stop", tuple(self.stop))
+        _check(isinstance(self.max_tokens, int) and not isinstance(self.max_tokens, bool),
+               f"max_tokens must be an integer, got {self.max_tokens!r}")
+        _check(self.max_tokens > 0, f"max_tokens must be > 0, got {self.max_tokens}")
+        _check(self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}")
+        _check(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
+        _check(isinstance(self.top_k, int) and self.top_k >= -1,
+               f"top_k must be an integer >= -1 (0 or -1 disables it), got {self.top_k!r}")
+        _check(self.seed is None or isinstance(self.seed, int),
+               f"seed must be an integer or None, got {self.seed!r}")
+        for s in self.stop:
+            _check(isinstance(s, str) and s != "", f"stop strings must be non-empty strings, got {s!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise InvalidRequestError(message)
