@@ -1,0 +1,43 @@
+"""Kernels: each file holds one Triton kernel and a pure-torch reference of it.
+
+The public functions below dispatch on where the tensors live: CUDA tensors go to
+the Triton kernel when Triton imports, everything else (CPU, or no Triton) to
+the torch reference. Triton is optional here: importing `kernels` never needs it
+or a GPU. Tests call the `*_triton` functions directly on CPU tensors under
+TRITON_INTERPRET=1 (set before this package is imported) and compare them with
+the references.
+"""
+from kernels._triton import HAS_TRITON
+from kernels.block_copy import gather_blocks_ref, gather_blocks_triton, scatter_blocks_ref, scatter_blocks_triton
+from kernels.paged_attention import paged_decode_attention_ref, paged_decode_attention_triton
+from kernels.store_kv import store_kv_ref, store_kv_triton
+
+__all__ = ["HAS_TRITON", "gather_blocks", "paged_decode_attention", "scatter_blocks", "store_kv"]
+
+
+def _on_triton(tensor):
+    return HAS_TRITON and tensor.is_cuda
+
+
+def store_kv(key, value, k_cache, v_cache, slot_mapping):
+    # key, value: [num_tokens, kv_heads, head_dim] -> k_cache, v_cache: [num_blocks, block_size, kv_heads, head_dim]
+    fn = store_kv_triton if _on_triton(k_cache) else store_kv_ref
+    fn(key, value, k_cache, v_cache, slot_mapping)
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale):
+    # q: [batch, heads, head_dim] -> [batch, heads, head_dim]
+    fn = paged_decode_attention_triton if _on_triton(q) else paged_decode_attention_ref
+    return fn(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+def gather_blocks(cache, block_ids, out=None):
+    # cache: [slabs, num_blocks, block_numel]; block_ids: [n] -> [slabs, n, block_numel]
+    fn = gather_blocks_triton if _on_triton(cache) else gather_blocks_ref
+    return fn(cache, block_ids, out)
+
+
+def scatter_blocks(buffer, cache, block_ids):
+    # buffer: [slabs, n, block_numel] -> cache[:, block_ids[i]] = buffer[:, i], in place
+    fn = scatter_blocks_triton if _on_triton(cache) else scatter_blocks_ref
+    fn(buffer, cache, block_ids)
