@@ -1,0 +1,1 @@
+"""Benchmarks behind `pdcluster bench ...`; each prints a table and writes JSON."""

@@ -1,0 +1,72 @@
+"""The `pdcluster` command line."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from engine import LLM, SamplingParams
+    llm = LLM(model=args.model, dtype=args.dtype, num_threads=args.threads)
+    prompt = args.prompt if args.raw else llm.apply_chat_template([{"role": "user", "content": args.prompt}])
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed)
+    out = llm.generate([prompt], params)[0]
+    print(out.text)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    if args.what == "engine":
+        from cluster.bench.engine import run
+        run(repeats=args.repeats, out=args.out or "bench-results/engine.json")
+        return 0
+    print(f"unknown benchmark {args.what!r}", file=sys.stderr)
+    return 2
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from cluster.demo import main as demo_main
+    return demo_main(max_tokens=args.max_tokens)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pdcluster", description="Disaggregated prefill/decode LLM serving")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="complete one prompt with the in-process engine")
+    gen.add_argument("prompt")
+    gen.add_argument("--model", default=None, help="local HF model directory (default: SmolLM2-135M-Instruct)")
+    gen.add_argument("--dtype", default="bfloat16")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    gen.set_defaults(fn=_generate)
+
+    bench = sub.add_parser("bench", help="run a benchmark")
+    bench.add_argument("what", choices=["engine"])
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--out", default=None, help="JSON results file")
+    bench.set_defaults(fn=_bench)
+
+    demo = sub.add_parser("demo", help="answer a few prompts on the default model and print timings")
+    demo.add_argument("--max-tokens", type=int, default=48)
+    demo.set_defaults(fn=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from engine.errors import EngineError
+    try:
+        return args.fn(args)
+    except EngineError as e:
+        print(f"pdcluster: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
