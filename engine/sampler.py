@@ -26,19 +26,21 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], steps: Sequen
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:
         return tokens.tolist()
-    sub = logits[rows] / torch.tensor([params[i].temperature for i in rows]).unsqueeze(1)
+    device = logits.device
+    sub = logits[rows] / torch.tensor([params[i].temperature for i in rows], device=device).unsqueeze(1)
     for j, i in enumerate(rows):
         k = params[i].top_k
         if 0 < k < sub.shape[1]:
             kth = torch.topk(sub[j], k).values[-1]
             sub[j].masked_fill_(sub[j] < kth, float("-inf"))
-    top_p = torch.tensor([params[i].top_p for i in rows])
+    top_p = torch.tensor([params[i].top_p for i in rows], device=device)
     if bool((top_p < 1.0).any()):
         sub = _apply_top_p(sub, top_p)
     probs = torch.softmax(sub, dim=-1)
     for j, i in enumerate(rows):
         seed = params[i].seed
-        g = torch.Generator().manual_seed(step_seed(seed, steps[i])) if seed is not None else generator
+        g = (torch.Generator(device).manual_seed(step_seed(seed, steps[i])) if seed is not None
+             else generator)
         tokens[i] = torch.multinomial(probs[j], 1, generator=g)[0]
     return tokens.tolist()
 

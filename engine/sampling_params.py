@@ -25,19 +25,22 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
+        _check(self.stop is not None and not isinstance(self.stop, (int, float, bytes)),
+               f"stop must be a string or a list of strings, got {self.stop!r}")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         elif not isinstance(self.stop, tuple):
+            _check(hasattr(self.stop, "__iter__"), f"stop must be a string or a list of strings, got {self.stop!r}")
             object.__setattr__(self, "stop", tuple(self.stop))
-        _check(isinstance(self.max_tokens, int) and not isinstance(self.max_tokens, bool),
-               f"max_tokens must be an integer, got {self.max_tokens!r}")
+        _check(_is_int(self.max_tokens), f"max_tokens must be an integer, got {self.max_tokens!r}")
         _check(self.max_tokens > 0, f"max_tokens must be > 0, got {self.max_tokens}")
-        _check(self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}")
-        _check(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
-        _check(isinstance(self.top_k, int) and self.top_k >= -1,
+        _check(_is_number(self.temperature) and self.temperature >= 0.0,
+               f"temperature must be a number >= 0, got {self.temperature!r}")
+        _check(_is_number(self.top_p) and 0.0 < self.top_p <= 1.0,
+               f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        _check(_is_int(self.top_k) and self.top_k >= -1,
                f"top_k must be an integer >= -1 (0 or -1 disables it), got {self.top_k!r}")
-        _check(self.seed is None or isinstance(self.seed, int),
-               f"seed must be an integer or None, got {self.seed!r}")
+        _check(self.seed is None or _is_int(self.seed), f"seed must be an integer or None, got {self.seed!r}")
         for s in self.stop:
             _check(isinstance(s, str) and s != "", f"stop strings must be non-empty strings, got {s!r}")
 
@@ -49,3 +52,12 @@ class SamplingParams:
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise InvalidRequestError(message)
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: object) -> bool:
+    # NaN fails every comparison, so range checks after this reject it too
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
