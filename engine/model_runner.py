@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from engine.attention import AttentionMetadata
+from engine.cpu_tuning import keep_freed_memory, matmul_backend
 from engine.errors import ConfigError
 from engine.kv_cache import KVCache
 from engine.model import CausalLM
@@ -39,6 +40,7 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, block_size: int, num_blocks: int,
                  max_model_len: int, par: ParallelContext | None = None, seed: int = 0) -> None:
+        keep_freed_memory()
         self.cfg = cfg
         self.par = par or ParallelContext()
         self.dtype = dtype
@@ -88,8 +90,9 @@ class ModelRunner:
         meta = AttentionMetadata(False, slots, [], tables,
                                  torch.tensor([s.context_len for s in seqs], dtype=torch.int32))
         ids = torch.tensor([s.token_ids[0] for s in seqs])
-        hidden = self.model(ids, positions, self._kv_layers, meta)
-        return self._sample(hidden, seqs)
+        with matmul_backend(len(seqs), self.dtype):
+            hidden = self.model(ids, positions, self._kv_layers, meta)
+            return self._sample(hidden, seqs)
 
     def _slots(self, block_ids: Sequence[int], positions: torch.Tensor) -> torch.Tensor:
         table = torch.tensor(block_ids, dtype=torch.int64)

@@ -1,0 +1,43 @@
+"""Process-wide CPU settings that the engine's speed depends on (measured, see docs/benchmarks.md).
+
+* glibc returns freed allocations above its mmap threshold to the OS, so every
+  step's multi-MB temporaries were page-faulted in again (2-4x the cost of the
+  math in decode attention). Raising the mmap and trim thresholds keeps them.
+* oneDNN's bf16 matmul is slow for one or two rows (a GEMV: ~7 GB/s against
+  ~14 GB/s for ATen's own kernel); from four rows up it is much faster. The
+  model runner turns oneDNN off around steps with that few rows.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import sys
+
+import torch
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_applied = False
+
+SMALL_BATCH_ROWS = 2
+
+
+def keep_freed_memory(threshold_bytes: int = 1 << 30) -> None:
+    """Ask glibc to keep freed blocks below `threshold_bytes` in the heap (once per process)."""
+    global _applied
+    if _applied or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, threshold_bytes)
+        libc.mallopt(_M_TRIM_THRESHOLD, threshold_bytes)
+    except OSError:
+        return  # not glibc (musl, ...): nothing to tune
+    _applied = True
+
+
+def matmul_backend(num_rows: int, dtype: torch.dtype):
+    """A context that picks the faster bf16 matmul path for `num_rows` rows."""
+    if dtype == torch.bfloat16 and num_rows <= SMALL_BATCH_ROWS:
+        return torch.backends.mkldnn.flags(enabled=False)
+    return contextlib.nullcontext()
