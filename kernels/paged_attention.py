@@ -13,32 +13,31 @@ from kernels._triton import tl, triton
 _scratch = threading.local()
 
 
-def _scratch_buffer(numel, dtype, device):
-    # Reused across calls (one per thread, as large as the largest call so far): glibc
-    # hands freed multi-MB tensors back to the OS, and page-faulting them in again on
-    # every call cost 2-4x the math here.
-    buf = getattr(_scratch, "buf", None)
+def _scratch_buffer(name, numel, dtype, device):
+    # Reused across calls (one per thread and name, as large as the largest call so far):
+    # glibc hands freed multi-MB tensors back to the OS, and page-faulting them in again
+    # on every call cost 2-4x the math here.
+    buf = getattr(_scratch, name, None)
     if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
-        buf = _scratch.buf = torch.empty(numel, dtype=dtype, device=device)
+        buf = torch.empty(numel, dtype=dtype, device=device)
+        setattr(_scratch, name, buf)
     return buf[:numel]
 
 
-def _gather_rows(cache, block_tables, past_end, out):
+def _gather_blocks(cache, block_tables, out):
     # cache: [num_blocks, block_size, kv_heads, head_dim]; block_tables: [batch, used_blocks]
-    # past_end: [batch, n] bool; out: [batch * kv_heads, n = used_blocks * block_size, head_dim]
+    # out: [batch * kv_heads, n = used_blocks * block_size, head_dim]
+    # Whole blocks are copied (one contiguous run each), then reordered head-major in
+    # one strided copy: 35% faster on CPU than gathering 128-byte head rows.
     num_blocks, block_size, kv_heads, head_dim = cache.shape
-    if cache.stride()[1:] != (kv_heads * head_dim, head_dim, 1) or cache.stride(0) % head_dim:
+    batch, used = block_tables.shape
+    if cache.stride()[1:] != (kv_heads * head_dim, head_dim, 1):
         cache = cache.contiguous()  # unusual layout: correct, but copies the cache
-    rows_per_block = cache.stride(0) // head_dim
-    rows = cache.as_strided(((num_blocks - 1) * rows_per_block + block_size * kv_heads, head_dim), (head_dim, 1))
-    device = block_tables.device
-    slot_rows = torch.arange(0, block_size * kv_heads, kv_heads, device=device)
-    token_rows = (block_tables.long()[:, :, None] * rows_per_block + slot_rows).flatten(1)  # [batch, n]
-    # Slots past a sequence's length may hold anything (NaN too, and 0 * NaN = NaN in
-    # probs @ v): read the sequence's first token there instead; its score is masked.
-    token_rows = torch.where(past_end, token_rows[:, :1], token_rows)
-    row_ids = token_rows[:, None, :] + torch.arange(kv_heads, device=device)[:, None]  # [batch, kv_heads, n]
-    torch.index_select(rows, 0, row_ids.flatten(), out=out.view(-1, head_dim))
+    blocks = cache.as_strided((num_blocks, block_size * kv_heads * head_dim), (cache.stride(0), 1))
+    tmp = _scratch_buffer("blocks", batch * used * blocks.shape[1], cache.dtype, cache.device)
+    torch.index_select(blocks, 0, block_tables.reshape(-1).long(), out=tmp.view(batch * used, -1))
+    out.view(batch, kv_heads, used, block_size, head_dim).copy_(
+        tmp.view(batch, used, block_size, kv_heads, head_dim).permute(0, 3, 1, 2, 4))
 
 
 def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale):
@@ -53,10 +52,15 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, 
     n = used_blocks * block_size
     pad = torch.arange(n, device=q.device) >= context_lens[:, None]  # [batch, n]
     # One K/V gather into a reused buffer: [2, batch * kv_heads, n, head_dim]
-    kv = _scratch_buffer(2 * batch * kv_heads * n * head_dim, k_cache.dtype, q.device)
+    kv = _scratch_buffer("kv", 2 * batch * kv_heads * n * head_dim, k_cache.dtype, q.device)
     kv = kv.view(2, batch * kv_heads, n, head_dim)
-    _gather_rows(k_cache, block_tables[:, :used_blocks], pad, kv[0])
-    _gather_rows(v_cache, block_tables[:, :used_blocks], pad, kv[1])
+    _gather_blocks(k_cache, block_tables[:, :used_blocks], kv[0])
+    _gather_blocks(v_cache, block_tables[:, :used_blocks], kv[1])
+    # Slots past a sequence's length may hold anything, NaN too: their scores are
+    # masked below, but 0 * NaN = NaN in probs @ v, so those V rows are zeroed.
+    pad_seq, pad_pos = pad.nonzero(as_tuple=True)
+    if pad_seq.numel():
+        kv[1].view(batch, kv_heads, n, head_dim)[pad_seq, :, pad_pos] = 0
     # bf16 matmuls (fp32 accumulate) are fast on CPU; fp16 ones are not, so fp16 goes via fp32.
     compute = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
     k, v = kv[0].to(compute), kv[1].to(compute)
