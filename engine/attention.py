@@ -22,16 +22,19 @@ class AttentionMetadata:
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     kv_cache: tuple[torch.Tensor, torch.Tensor] | None,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                    meta: AttentionMetadata, scale: float, last_only: bool = False) -> torch.Tensor:
     """Store the new K/V in the cache, then attend.
 
     q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim];
     kv_cache: (k_cache, v_cache), each [num_blocks, block_size, kv_heads, head_dim].
-    Returns [tokens, heads, head_dim].
+    Returns [tokens, heads, head_dim], or with `last_only` (prefill) only each
+    sequence's last token: [seqs, heads, head_dim].
     """
     if kv_cache is not None:
         kernels.store_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
     if meta.is_prefill:
+        if last_only:
+            return _last_token_attention(q, k, v, meta.seq_bounds, scale)
         return _packed_causal_attention(q, k, v, meta.seq_bounds, scale)
     assert kv_cache is not None, "decode needs the KV cache"
     return kernels.paged_decode_attention(q, kv_cache[0], kv_cache[1], meta.block_tables,
@@ -49,8 +52,22 @@ def _packed_causal_attention(q, k, v, seq_bounds, scale):
     return out
 
 
+def _last_token_attention(q, k, v, seq_bounds, scale):
+    """Each sequence's last query over all its keys (the causal row of that token)."""
+    gqa = q.shape[1] != k.shape[1]
+    rows = [_sdpa(q[end - 1:end], k[start:end], v[start:end], scale, gqa, causal=False)
+            for start, end in seq_bounds]
+    return torch.cat(rows)
+
+
 def _causal(q, k, v, scale, gqa):
-    # [len, heads, dim] -> [heads, len, dim] for SDPA and back
-    o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                       is_causal=True, scale=scale, enable_gqa=gqa)
-    return o.transpose(0, 1)
+    return _sdpa(q, k, v, scale, gqa, causal=True)
+
+
+def _sdpa(q, k, v, scale, gqa, causal):
+    # [len, heads, dim] -> [1, heads, len, dim] for SDPA and back. The batch axis
+    # matters: with 3-D inputs CPU SDPA takes its unfused math path, 3x slower.
+    o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                       v.transpose(0, 1)[None], is_causal=causal, scale=scale,
+                                       enable_gqa=gqa)
+    return o[0].transpose(0, 1)

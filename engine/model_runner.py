@@ -73,9 +73,10 @@ class ModelRunner:
             bounds.append((start, start + n))
             start += n
         meta = AttentionMetadata(True, torch.cat(slots), bounds, None, None)
-        hidden = self.model(torch.tensor(ids), torch.cat(pos), self._kv_layers, meta)
-        last = hidden[[end - 1 for _, end in bounds]]           # [seqs, hidden]
-        return self._sample(last, seqs)
+        last_rows = [end - 1 for _, end in bounds]
+        hidden = self.model(torch.tensor(ids), torch.cat(pos), self._kv_layers, meta,
+                            last_rows=last_rows)                  # [seqs, hidden]
+        return self._sample(hidden, seqs)
 
     @torch.inference_mode()
     def decode_step(self, seqs: Sequence[SeqWork]) -> StepResult:

@@ -17,8 +17,10 @@ def _scratch_buffer(name, numel, dtype, device):
     # Reused across calls (one per thread and name, as large as the largest call so far):
     # glibc hands freed multi-MB tensors back to the OS, and page-faulting them in again
     # on every call cost 2-4x the math here.
+    # A buffer made under torch.inference_mode cannot be written outside it.
     buf = getattr(_scratch, name, None)
-    if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+    if (buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device
+            or buf.is_inference() != torch.is_inference_mode_enabled()):
         buf = torch.empty(numel, dtype=dtype, device=device)
         setattr(_scratch, name, buf)
     return buf[:numel]

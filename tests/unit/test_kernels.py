@@ -247,3 +247,16 @@ def test_kernels_import_and_run_without_triton():
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=kernels.__path__[0] + "/..")
 
+
+
+def test_paged_attention_ref_works_in_and_out_of_inference_mode():
+    """The reference reuses a scratch buffer: one made under inference_mode (the
+    engine's steps) must not break a later call outside it, or the reverse."""
+    q, k_cache, v_cache, tables, lens = paged_inputs([5, 33], 9, 3, 64, 16, torch.float32)
+    with torch.inference_mode():
+        inside = paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, 0.125)
+    outside = paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, 0.125)
+    with torch.inference_mode():
+        again = paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, 0.125)
+    torch.testing.assert_close(outside, inside.clone())
+    torch.testing.assert_close(again.clone(), outside)
