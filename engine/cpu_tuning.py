@@ -36,8 +36,16 @@ def keep_freed_memory(threshold_bytes: int = 1 << 30) -> None:
     _applied = True
 
 
+@contextlib.contextmanager
 def matmul_backend(num_rows: int, dtype: torch.dtype):
     """A context that picks the faster bf16 matmul path for `num_rows` rows."""
-    if dtype == torch.bfloat16 and num_rows <= SMALL_BATCH_ROWS:
-        return torch.backends.mkldnn.flags(enabled=False)
-    return contextlib.nullcontext()
+    if dtype != torch.bfloat16 or num_rows > SMALL_BATCH_ROWS:
+        yield
+        return
+    # The `enabled` property alone: mkldnn.flags() also resets TF32 and warns.
+    previous = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = previous

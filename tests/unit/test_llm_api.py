@@ -1,0 +1,135 @@
+"""The in-process LLM API: stopping, seeding, preemption, bad input, the CLI."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from engine import LLM, ConfigError, InvalidRequestError, ModelLoadError, SamplingParams
+from tests.helpers import save_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    save_tiny_model(str(path), arch="llama", seed=3)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    return LLM(model=tiny_dir, dtype="float32", kv_cache_memory_gb=0.01, block_size=4)
+
+
+def _all_free(llm: LLM) -> bool:
+    return llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+
+
+def _prompts(n: int, seed: int = 0) -> list[list[int]]:
+    import random
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 512) for _ in range(rng.randrange(3, 40))] for _ in range(n)]
+
+
+def test_max_tokens_and_length_finish(tiny):
+    outs = tiny.generate(_prompts(3), SamplingParams(max_tokens=7, temperature=0, ignore_eos=True))
+    assert [len(o.token_ids) for o in outs] == [7, 7, 7]
+    assert {o.finish_reason for o in outs} == {"length"}
+    assert _all_free(tiny)
+
+
+def test_seeded_sampling_is_reproducible_across_batches(tiny):
+    prompts = _prompts(4, seed=1)
+    params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
+    alone = tiny.generate([prompts[2]], params)[0].token_ids
+    batched = tiny.generate(prompts, params)[2].token_ids
+    assert alone == batched
+    other = tiny.generate([prompts[2]], SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9,
+                                                       seed=99, ignore_eos=True))[0].token_ids
+    assert other != alone
+    assert _all_free(tiny)
+
+
+def test_preemption_under_a_tiny_cache_keeps_greedy_output(tiny_dir, tiny):
+    """A cache far too small for the batch forces preemption (recompute); tokens are unchanged."""
+    small = LLM(model=tiny_dir, dtype="float32", kv_cache_memory_gb=40 * tiny.runner.kv_cache.nbytes
+                / tiny.block_manager.num_blocks / 2**30, block_size=4)
+    assert small.block_manager.num_blocks == 40
+    prompts = _prompts(8, seed=2)
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    expected = [o.token_ids for o in tiny.generate(prompts, params)]
+    outs = small.generate(prompts, params)
+    assert [o.token_ids for o in outs] == expected
+    assert sum(o.metrics["num_preemptions"] for o in outs) > 0
+    assert _all_free(small)
+
+
+@pytest.mark.parametrize("prompt,params,message", [
+    ([], SamplingParams(), "prompt is empty"),
+    ([5, 600], SamplingParams(), "outside the vocabulary"),
+    ([5] * 1024, SamplingParams(), "context"),
+    ([5, 6], SamplingParams(max_tokens=1023), "exceeds the context"),
+])
+def test_bad_requests_raise_and_leave_the_engine_working(tiny, prompt, params, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        tiny.generate([[7, 8, 9], prompt], params)
+    assert _all_free(tiny) and not tiny.scheduler.has_unfinished()
+    assert len(tiny.generate([[7, 8, 9]], SamplingParams(max_tokens=2, temperature=0))[0].token_ids) >= 1
+
+
+def test_text_prompt_without_tokenizer_is_a_clear_error(tiny):
+    with pytest.raises(InvalidRequestError, match="no tokenizer"):
+        tiny.generate(["hello"])
+
+
+def test_bad_model_directories(tmp_path, tiny_dir):
+    with pytest.raises(ConfigError, match="does not exist"):
+        LLM(model=str(tmp_path / "nope"))
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        LLM(model=str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(ModelLoadError, match="not supported"):
+        LLM(model=str(tmp_path))
+    with pytest.raises(ConfigError, match="dtype"):
+        LLM(model=tiny_dir, dtype="int3")
+
+
+@pytest.mark.slow
+def test_default_model_stop_strings_and_chat():
+    llm = LLM(kv_cache_memory_gb=0.1)
+    prompt = "The capital of France is"
+    full = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0))[0]
+    assert full.text.strip().startswith("Paris")
+    # stop at a piece of the greedy continuation: the text ends right before it
+    stop = full.text[len(full.text) // 2:][:3]
+    cut = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0, stop=[stop]))[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[:full.text.find(stop)]
+    assert stop not in cut.text
+    answer = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                      SamplingParams(max_tokens=24, temperature=0))[0]
+    assert "Paris" in answer.text
+    with pytest.raises(InvalidRequestError, match="prompt is empty"):
+        llm.generate([""])
+    assert _all_free(llm)
+
+
+@pytest.mark.slow
+def test_cli_generate_prints_a_completion():
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "generate", "--raw", "--max-tokens", "4",
+                           "--threads", "1", "The capital of France is"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Paris" in proc.stdout
+
+
+@pytest.mark.slow
+def test_cli_reports_bad_input_without_a_traceback():
+    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "generate", "--raw", "--max-tokens", "0", "hi"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "max_tokens must be > 0" in proc.stderr and "Traceback" not in proc.stderr
