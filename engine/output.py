@@ -24,8 +24,8 @@ def find_stop(text: str, stops: tuple[str, ...], start: int = 0) -> int:
 class StopChecker:
     """Decodes one request's output as it grows and finds its stop strings.
 
-    Only the tail that could hold a new match is searched each step, so a long
-    output costs one decode per step, not a quadratic scan.
+    Each step decodes the output so far (a multi-token character may only
+    resolve later) but searches only the tail that could hold a new match.
     """
 
     def __init__(self, tokenizer, stops: tuple[str, ...]) -> None:

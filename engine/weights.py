@@ -64,8 +64,10 @@ def _load_one(model: CausalLM, name: str, t: torch.Tensor, filled: set[str]) -> 
         heads = {"q": cfg.num_heads, "k": cfg.num_kv_heads, "v": cfg.num_kv_heads}[proj]
         local_heads = {"q": attn.num_heads, "k": attn.num_kv_heads, "v": attn.num_kv_heads}[proj]
         offset = {"q": 0, "k": attn.q_size, "v": attn.q_size + attn.kv_size}[proj]
+        if t.shape[0] != heads * cfg.head_dim:
+            raise ModelLoadError(f"weight {name}: shape {tuple(t.shape)} does not fit {heads} heads "
+                                 f"of {cfg.head_dim}")
         shard = _rows(t, par.tp_rank * local_heads * cfg.head_dim, local_heads * cfg.head_dim)
-        assert t.shape[0] == heads * cfg.head_dim, f"{name}: unexpected shape {tuple(t.shape)}"
         getattr(attn.qkv_proj, kind).data[offset:offset + shard.shape[0]].copy_(shard)
         filled.add(f"{prefix}self_attn.qkv_proj.{kind}#{proj}")
     elif rest == "self_attn.o_proj.weight":
