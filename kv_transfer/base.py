@@ -1,0 +1,94 @@
+"""The transfer interface between a prefill worker (sender) and a decode worker (receiver).
+
+Life of one transfer:
+  1. Handshake: the sender's `endpoint` (a plain string) reaches the decode
+     side through the router together with each offer.
+  2. Prefill ends: `sender.offer(req_id, block_ids, num_tokens, now)` puts the
+     request's blocks under a lease and returns a `TransferOffer` (plain data).
+  3. The decode worker allocates blocks and calls
+     `receiver.pull(offer, dst_block_ids)`; it returns at once.
+  4. Both sides call `poll` from their step loops: the receiver's returns
+     finished `TransferResult`s (KV now in its blocks, or failed); the
+     sender's returns `LeaseEnd`s whose blocks it must free now.
+  5. A lease ends exactly once: the receiver acknowledged (DONE), reported a
+     failure (FAILED), either side aborted (ABORTED), or it expired (EXPIRED).
+
+Neither `poll` blocks; `close` releases sockets and shared memory.
+"""
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from kv_transfer.layout import KVLayout
+from kv_transfer.lease import LeaseEnd
+
+
+class TransferError(Exception):
+    """A transfer could not be set up (bad offer, unknown backend, closed channel)."""
+
+
+@dataclass(frozen=True)
+class TransferOffer:
+    """What the decode side needs to pull one request's KV from one source rank."""
+
+    transfer_id: str
+    req_id: str
+    num_tokens: int
+    layout: KVLayout      # the source rank's share of the model (layers x heads)
+    endpoint: str         # the sender's control address (handshake)
+    backend: str
+
+
+class TransferStatus(enum.Enum):
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class TransferResult:
+    transfer_id: str
+    req_id: str
+    status: TransferStatus
+    error: str | None = None
+    nbytes: int = 0       # bytes that crossed the wire
+    attempts: int = 1     # > 1 when a corrupted transfer was retried
+
+
+class KVSender(ABC):
+    """Prefill side: offers blocks under leases and serves pulls from its step loop."""
+
+    @property
+    @abstractmethod
+    def endpoint(self) -> str: ...
+
+    @abstractmethod
+    def offer(self, req_id: str, block_ids: Sequence[int], num_tokens: int, now: float,
+              ttl_s: float | None = None) -> TransferOffer: ...
+
+    @abstractmethod
+    def poll(self, now: float) -> list[LeaseEnd]: ...
+
+    @abstractmethod
+    def abort(self, transfer_id: str, now: float) -> LeaseEnd | None: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+class KVReceiver(ABC):
+    """Decode side: pulls offered KV into blocks it has allocated."""
+
+    @abstractmethod
+    def pull(self, offer: TransferOffer, dst_block_ids: Sequence[int]) -> None: ...
+
+    @abstractmethod
+    def poll(self) -> list[TransferResult]: ...
+
+    @abstractmethod
+    def abort(self, transfer_id: str) -> None: ...
+
+    @abstractmethod
+    def close(self) -> None: ...

@@ -1,0 +1,159 @@
+"""How the bytes of one transfer travel once the control channel has agreed on it.
+
+A data path turns the sender's payload (the packed KV of `kv_transfer.layout`,
+or its int8 form plus scales) into zmq frames plus header fields, and back on
+the receiving side. `inline` sends the bytes as zero-copy zmq frames (the
+`zmq` backend, cross-node capable); `shm` stages them in one POSIX
+shared-memory segment that the receiver maps (same node only).
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import warnings
+from multiprocessing import shared_memory
+
+import _posixshmem
+
+import numpy as np
+import torch
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+           "int8": torch.int8, "uint8": torch.uint8}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def byte_view(t: torch.Tensor) -> np.ndarray:
+    """The raw bytes of a contiguous CPU tensor, without a copy (bf16 has no numpy dtype)."""
+    return t.contiguous().view(torch.uint8).reshape(-1).numpy()
+
+
+def describe(tensors: list[torch.Tensor]) -> list[dict]:
+    """Shape, dtype and byte range of each payload tensor, packed back to back."""
+    meta, offset = [], 0
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        meta.append({"shape": list(t.shape), "dtype": dtype_name(t.dtype), "offset": offset, "nbytes": nbytes})
+        offset += nbytes
+    return meta
+
+
+def _view(buffer, m: dict) -> torch.Tensor:
+    # buffer: any object with the buffer protocol; read-only ones too (callers copy out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)   # "the given buffer is not writable"
+        flat = torch.frombuffer(buffer, dtype=torch.uint8, count=m["nbytes"], offset=m["offset"])
+    return flat.view(_DTYPES[m["dtype"]]).view(m["shape"])
+
+
+class InlinePath:
+    name = "inline"
+
+    def export(self, transfer_id: str, tensors: list[torch.Tensor]) -> tuple[dict, list]:
+        meta = describe(tensors)
+        for m in meta:
+            m["offset"] = 0   # one frame per tensor
+        return {"payload": meta}, [byte_view(t) for t in tensors]
+
+    def open(self, header: dict, frames: list) -> list[torch.Tensor]:
+        meta = header["payload"]
+        if len(frames) != len(meta):
+            raise ValueError(f"expected {len(meta)} data frames, got {len(frames)}")
+        for m, f in zip(meta, frames):
+            if len(f.buffer) != m["nbytes"]:
+                raise ValueError(f"data frame has {len(f.buffer)} bytes, header says {m['nbytes']}")
+        return [_view(f.buffer, m) for m, f in zip(meta, frames)]
+
+    def close_import(self, transfer_id: str) -> None:
+        pass
+
+    def release(self, transfer_id: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class ShmPath:
+    """Sender writes the payload into a named segment; the receiver maps it and copies out."""
+
+    name = "shm"
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self._count = 0
+        self._exported: dict[str, shared_memory.SharedMemory] = {}
+        self._imported: dict[str, mmap.mmap] = {}
+        self._unclosed: list[mmap.mmap] = []   # views still alive at close time
+
+    def export(self, transfer_id: str, tensors: list[torch.Tensor]) -> tuple[dict, list]:
+        self.release(transfer_id)   # a retried pull exports again
+        meta = describe(tensors)
+        total = sum(m["nbytes"] for m in meta)
+        self._count += 1
+        seg = shared_memory.SharedMemory(create=True, size=max(total, 1), name=f"{self.prefix}-{self._count}")
+        dst = np.frombuffer(seg.buf, dtype=np.uint8, count=total)
+        for m, t in zip(meta, tensors):
+            dst[m["offset"]:m["offset"] + m["nbytes"]] = byte_view(t)
+        del dst   # no export of seg.buf may outlive this call, or close() fails
+        self._exported[transfer_id] = seg
+        return {"payload": meta, "shm": seg.name}, []
+
+    def open(self, header: dict, frames: list) -> list[torch.Tensor]:
+        seg = _attach(header["shm"])
+        self._imported[header["transfer_id"]] = seg
+        if len(seg) < sum(m["nbytes"] for m in header["payload"]):
+            raise ValueError(f"segment {header['shm']} has {len(seg)} bytes, fewer than the header says")
+        return [_view(seg, m) for m in header["payload"]]
+
+    def close_import(self, transfer_id: str) -> None:
+        """Unmap the segment; every tensor viewing it must be gone by now."""
+        seg = self._imported.pop(transfer_id, None)
+        if seg is not None:
+            self._unclosed.append(seg)
+        self._close_unclosed()
+
+    def _close_unclosed(self) -> None:
+        # A view can outlive its transfer for a moment (an exception's traceback
+        # holds it): such a segment is closed on a later call instead.
+        still = []
+        for seg in self._unclosed:
+            try:
+                seg.close()
+            except BufferError:
+                still.append(seg)
+        self._unclosed = still
+
+    def release(self, transfer_id: str) -> None:
+        seg = self._exported.pop(transfer_id, None)
+        if seg is not None:
+            seg.close()
+            seg.unlink()
+
+    def close(self) -> None:
+        for tid in list(self._exported):
+            self.release(tid)
+        for tid in list(self._imported):
+            self.close_import(tid)
+
+
+def _attach(name: str) -> mmap.mmap:
+    """Map a segment another process created. Not through SharedMemory: on Python < 3.13
+    that registers it with this process's resource tracker, which would unlink it
+    (or complain) when this process exits, while its creator still owns it."""
+    fd = _posixshmem.shm_open("/" + name.lstrip("/"), os.O_RDONLY, mode=0o600)
+    try:
+        return mmap.mmap(fd, os.fstat(fd).st_size, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
+
+
+def make_data_path(backend: str, prefix: str):
+    if backend == "zmq":
+        return InlinePath()
+    if backend == "shm":
+        return ShmPath(prefix)
+    raise ValueError(f"no data path for backend {backend!r} (zmq, shm)")
