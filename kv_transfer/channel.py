@@ -24,12 +24,14 @@ from dataclasses import dataclass, field
 import torch
 import zmq
 
+from engine.cpu_tuning import keep_freed_memory
 from kv_transfer import codec, layout as kvl
 from kv_transfer.base import (KVReceiver, KVSender, TransferError, TransferOffer, TransferResult,
                               TransferStatus)
 from kv_transfer.data_path import make_data_path
 from kv_transfer.faults import FaultInjector, FaultSpec
 from kv_transfer.lease import LeaseEnd, LeaseState, LeaseTable
+from kv_transfer.shared_cache import AttachedCaches, copy_block_runs
 
 COMPRESSIONS = (None, "int8")
 
@@ -45,11 +47,17 @@ def _header(frame) -> dict:
 class ChannelSender(KVSender):
     def __init__(self, cache_data: torch.Tensor, layout: kvl.KVLayout, backend: str = "zmq",
                  host: str = "127.0.0.1", lease_ttl_s: float = 30.0, checksum: bool = True,
-                 compress: str | None = None, faults: FaultSpec | None = None) -> None:
+                 compress: str | None = None, faults: FaultSpec | None = None,
+                 shared_cache: str | None = None) -> None:
+        """`shared_cache`: the name of the shared-memory segment holding `cache_data`
+        (see `shared_cache.SharedKVCache`). With backend `shm`, no checksum, no
+        compression and no faults, receivers then copy blocks in place: one copy."""
         if compress not in COMPRESSIONS:
             raise TransferError(f"compress must be one of {COMPRESSIONS}, got {compress!r}")
+        keep_freed_memory()   # payloads are tens of MB: keep them off mmap/munmap
         self.cache_data, self.layout, self.backend = cache_data, layout, backend
         self.checksum, self.compress = checksum, compress
+        self._staging = StagingPool()
         self.leases = LeaseTable(lease_ttl_s)
         self._num_tokens: dict[str, int] = {}
         self._ctx = zmq.Context()
@@ -60,6 +68,9 @@ class ChannelSender(KVSender):
         self._path = make_data_path(backend, f"pdkv-{os.getpid()}-{port}")
         self._faults = FaultInjector(faults) if faults else None
         self._delayed: list[tuple[float, list]] = []   # (due, frames) under fault delay
+        self._zero_copy = (shared_cache is not None and backend == "shm" and not checksum
+                           and compress is None and faults is None)
+        self._shared_cache = shared_cache
 
     @property
     def endpoint(self) -> str:
@@ -79,7 +90,11 @@ class ChannelSender(KVSender):
                 identity, kind, head, *_ = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
-            end = self._handle(identity, bytes(kind.buffer), _header(head), now)
+            head = _header(head)
+            try:
+                end = self._handle(identity, bytes(kind.buffer), head, now)
+            except Exception as e:   # one bad transfer must not take the worker down
+                end = self._fail_serving(identity, head.get("transfer_id", ""), now, e)
             if end is not None:
                 ends.append(end)
         self._flush_delayed(now)
@@ -121,7 +136,15 @@ class ChannelSender(KVSender):
             _send(self._sock, [identity, b"ERROR", json.dumps(
                 {"transfer_id": tid, "error": f"transfer {tid} is unknown, ended or expired"}).encode()])
             return
-        wire = kvl.pack(self.cache_data, self.layout, list(lease.block_ids), self._num_tokens[tid])
+        if self._zero_copy:
+            head = {"transfer_id": tid, "zero_copy": {
+                "name": self._shared_cache, "shape": list(self.cache_data.shape),
+                "dtype": self.layout.dtype, "block_ids": list(lease.block_ids)}}
+            _send(self._sock, [identity, b"DATA", json.dumps(head).encode()])
+            return
+        n = self._num_tokens[tid]
+        staging = self._staging.take(tid, self.layout.wire_shape(n), self.layout.torch_dtype)
+        wire = kvl.pack(self.cache_data, self.layout, list(lease.block_ids), n, out=staging)
         payload = list(codec.quantize_int8(wire)) if self.compress == "int8" else [wire]
         head = {"transfer_id": tid, "compress": self.compress, "dtype": self.layout.dtype}
         if self.checksum:
@@ -138,6 +161,11 @@ class ChannelSender(KVSender):
         else:
             _send(self._sock, msg)
 
+    def _fail_serving(self, identity, tid: str, now: float, error: Exception) -> LeaseEnd | None:
+        reason = f"sender failed to serve {tid}: {type(error).__name__}: {error}"
+        _send(self._sock, [identity, b"ERROR", json.dumps({"transfer_id": tid, "error": reason}).encode()])
+        return self.leases.fail(tid, now, reason)
+
     def _flush_delayed(self, now: float) -> None:
         due = [m for t, m in self._delayed if t <= now]
         self._delayed = [(t, m) for t, m in self._delayed if t > now]
@@ -147,6 +175,36 @@ class ChannelSender(KVSender):
     def _forget(self, tid: str) -> None:
         self._num_tokens.pop(tid, None)
         self._path.release(tid)
+        self._staging.give_back(tid)
+
+
+class StagingPool:
+    """Reused buffers to pack into: a fresh multi-MB tensor per transfer costs more in
+    page faults than the packing itself. A buffer stays with its transfer until the
+    lease ends (zmq may still be sending from it), then returns to the pool."""
+
+    def __init__(self, max_free: int = 4) -> None:
+        self.max_free = max_free
+        self._free: list[torch.Tensor] = []
+        self._lent: dict[str, torch.Tensor] = {}
+
+    def take(self, tid: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        self.give_back(tid)   # a retry packs again
+        nbytes = max(1, int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size())
+        fits = [i for i, b in enumerate(self._free) if b.numel() >= nbytes]
+        if fits:   # by index: list.remove would compare tensors elementwise
+            buf = self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
+        else:
+            buf = torch.empty(nbytes, dtype=torch.uint8)
+        self._lent[tid] = buf
+        return buf[:nbytes].view(dtype)[:torch.Size(shape).numel()].view(shape)
+
+    def give_back(self, tid: str) -> None:
+        buf = self._lent.pop(tid, None)
+        if buf is not None:
+            self._free.append(buf)
+            if len(self._free) > self.max_free:
+                self._free.pop(min(range(len(self._free)), key=lambda i: self._free[i].numel()))
 
 
 @dataclass
@@ -161,12 +219,14 @@ class _Pull:
 class ChannelReceiver(KVReceiver):
     def __init__(self, cache_data: torch.Tensor, layout: kvl.KVLayout, backend: str = "zmq",
                  max_attempts: int = 3, timeout_s: float = 10.0, clock=time.monotonic) -> None:
+        keep_freed_memory()
         self.cache_data, self.layout, self.backend = cache_data, layout, backend
         self.max_attempts, self.timeout_s, self._clock = max_attempts, timeout_s, clock
         self._ctx = zmq.Context()
         self._socks: dict[str, zmq.Socket] = {}
         self._pending: dict[str, _Pull] = {}
         self._path = make_data_path(backend, f"pdkv-recv-{os.getpid()}")
+        self._attached = AttachedCaches()
 
     def pull(self, offer: TransferOffer, dst_block_ids: Sequence[int]) -> None:
         if offer.backend != self.backend:
@@ -202,6 +262,7 @@ class ChannelReceiver(KVReceiver):
 
     def close(self) -> None:
         self._path.close()
+        self._attached.close()
         for sock in self._socks.values():
             sock.close(0)
         self._ctx.term()
@@ -245,6 +306,8 @@ class ChannelReceiver(KVReceiver):
     def _land(self, pull: _Pull, head: dict, frames: list) -> int:
         """Verify the payload and write it into this worker's blocks; returns the bytes received."""
         tid = pull.offer.transfer_id
+        if "zero_copy" in head:
+            return self._copy_in_place(pull, head["zero_copy"])
         payload = wire = None
         try:
             payload = self._path.open(head, frames)
@@ -263,6 +326,18 @@ class ChannelReceiver(KVReceiver):
         finally:
             payload = wire = None   # views of a shared segment must go before it is unmapped
             self._path.close_import(tid)
+
+    def _copy_in_place(self, pull: _Pull, zc: dict) -> int:
+        """Copy the leased blocks straight out of the sender's shared cache."""
+        src_layout, n = pull.offer.layout, pull.offer.num_tokens
+        src = self._attached.view(zc["name"], zc["shape"], zc["dtype"])
+        if _same_shard(src_layout, self.layout):
+            num_blocks = -(-n // src_layout.block_size)
+            copy_block_runs(src, zc["block_ids"][:num_blocks], self.cache_data, pull.dst_block_ids[:num_blocks])
+        else:
+            wire = kvl.pack(src, src_layout, zc["block_ids"], n)
+            kvl.unpack_into(self.cache_data, self.layout, pull.dst_block_ids, wire, src_layout)
+        return n * src_layout.bytes_per_token
 
     def _finish(self, pull: _Pull, ok: bool, error: str | None, nbytes: int = 0,
                 ack: bool = True) -> TransferResult:
@@ -283,3 +358,9 @@ class ChannelReceiver(KVReceiver):
             else:
                 results.append(self._finish(pull, False, f"no answer after {pull.attempts} attempts"))
         return results
+
+
+def _same_shard(a: kvl.KVLayout, b: kvl.KVLayout) -> bool:
+    """Same layers, heads and block size: blocks can be copied whole."""
+    return (a.layer_start, a.layer_end, a.head_start, a.head_end, a.block_size) == \
+        (b.layer_start, b.layer_end, b.head_start, b.head_end, b.block_size)

@@ -41,12 +41,17 @@ def describe(tensors: list[torch.Tensor]) -> list[dict]:
     return meta
 
 
-def _view(buffer, m: dict) -> torch.Tensor:
-    # buffer: any object with the buffer protocol; read-only ones too (callers copy out)
+def tensor_view(buffer, dtype: str, shape: list[int], offset: int) -> torch.Tensor:
+    """A tensor over `buffer` (read-only buffers too: callers only read those)."""
+    nbytes = int(np.prod(shape)) * _DTYPES[dtype].itemsize
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)   # "the given buffer is not writable"
-        flat = torch.frombuffer(buffer, dtype=torch.uint8, count=m["nbytes"], offset=m["offset"])
-    return flat.view(_DTYPES[m["dtype"]]).view(m["shape"])
+        flat = torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes, offset=offset)
+    return flat.view(_DTYPES[dtype]).view(shape)
+
+
+def _view(buffer, m: dict) -> torch.Tensor:
+    return tensor_view(buffer, m["dtype"], m["shape"], m["offset"])
 
 
 class InlinePath:
@@ -103,7 +108,7 @@ class ShmPath:
         return {"payload": meta, "shm": seg.name}, []
 
     def open(self, header: dict, frames: list) -> list[torch.Tensor]:
-        seg = _attach(header["shm"])
+        seg = attach_segment(header["shm"])
         self._imported[header["transfer_id"]] = seg
         if len(seg) < sum(m["nbytes"] for m in header["payload"]):
             raise ValueError(f"segment {header['shm']} has {len(seg)} bytes, fewer than the header says")
@@ -140,7 +145,7 @@ class ShmPath:
             self.close_import(tid)
 
 
-def _attach(name: str) -> mmap.mmap:
+def attach_segment(name: str) -> mmap.mmap:
     """Map a segment another process created. Not through SharedMemory: on Python < 3.13
     that registers it with this process's resource tracker, which would unlink it
     (or complain) when this process exits, while its creator still owns it."""

@@ -21,8 +21,10 @@ from kv_transfer.channel import ChannelReceiver, ChannelSender
 from kv_transfer.faults import FaultSpec
 from kv_transfer.layout import KVLayout
 from kv_transfer.lease import LeaseEnd
+from kv_transfer.shared_cache import SharedKVCache
 
 CHILD_MAX_SECONDS = 240.0
+ZERO_COPY = "shm-zero-copy"   # backend shm, sender cache in shared memory, no checksum
 
 
 def make_layout(num_layers=3, kv_heads=3, head_dim=64, block_size=16, dtype="bfloat16") -> KVLayout:
@@ -44,7 +46,14 @@ def sequence_kv(cache: torch.Tensor, layout: KVLayout, block_ids, num_tokens: in
 
 def _sender_main(cmd_q, out_q, backend, layout, num_blocks, seed, sender_kwargs) -> None:
     torch.set_num_threads(1)
-    cache = make_cache(layout, num_blocks, seed)
+    shared = None
+    if backend == ZERO_COPY:   # the cache in shared memory, read in place by the receiver
+        shared = SharedKVCache(layout.cache_shape(num_blocks), layout.torch_dtype)
+        shared.tensor.copy_(make_cache(layout, num_blocks, seed))
+        cache, backend = shared.tensor, "shm"
+        sender_kwargs = {"checksum": False, "shared_cache": shared.name, **sender_kwargs}
+    else:
+        cache = make_cache(layout, num_blocks, seed)
     blocks = BlockManager(num_blocks, layout.block_size)
     sender = ChannelSender(cache, layout, backend, **sender_kwargs)
     out_q.put(("endpoint", sender.endpoint))
@@ -76,6 +85,9 @@ def _sender_main(cmd_q, out_q, backend, layout, num_blocks, seed, sender_kwargs)
     finally:
         out_q.put(("final", blocks.num_free_blocks, blocks.num_blocks, sender.leases.live()))
         sender.close()
+        if shared is not None:
+            cache = None
+            shared.close()
 
 
 @dataclass
@@ -101,7 +113,8 @@ class Pair:
         self.src_cache = make_cache(self.layout, self.num_blocks, self.seed)   # the child's, rebuilt
         self.dst_cache = torch.zeros(self.dst_layout.cache_shape(self.num_blocks), dtype=self.dst_layout.torch_dtype)
         self.dst_blocks = BlockManager(self.num_blocks, self.dst_layout.block_size)
-        self.receiver = ChannelReceiver(self.dst_cache, self.dst_layout, self.backend, **self.receiver_kwargs)
+        backend = "shm" if self.backend == ZERO_COPY else self.backend
+        self.receiver = ChannelReceiver(self.dst_cache, self.dst_layout, backend, **self.receiver_kwargs)
         self.ends: dict[str, LeaseEnd] = {}
         self.results: dict[str, TransferResult] = {}
 

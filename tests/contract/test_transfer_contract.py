@@ -15,9 +15,10 @@ from kv_transfer.base import TransferError, TransferStatus
 from kv_transfer.channel import ChannelReceiver
 from kv_transfer.faults import FaultSpec
 from kv_transfer.lease import LeaseState
-from tests.contract.harness import Pair, make_layout, ok
+from tests.contract.harness import ZERO_COPY, Pair, make_layout, ok
 
-BACKENDS = ["zmq", "shm"]
+BACKENDS = ["zmq", "shm", ZERO_COPY]
+WIRE_BACKENDS = ["zmq", "shm"]   # fault injection acts on a wire; zero copy has none
 
 
 def _close_clean(pair: Pair) -> None:
@@ -118,7 +119,7 @@ def test_lease_expiry_frees_blocks_and_fails_a_late_pull(backend):
         _close_clean(pair)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", WIRE_BACKENDS)
 @pytest.mark.parametrize("fault,expect_ok", [
     (dict(corrupt_prob=1.0), False),      # every payload corrupted: detected, retried, reported
     (dict(truncate_prob=1.0), False),     # every payload cut short ("fail after N bytes")
@@ -149,14 +150,15 @@ def test_bad_pulls_are_typed_errors(backend):
     layout = make_layout()
     pair = Pair(backend, layout, layout)
     other = make_layout(head_dim=32)
-    mismatched = ChannelReceiver(torch.zeros(other.cache_shape(8), dtype=other.torch_dtype), other, backend)
+    real = "shm" if backend == ZERO_COPY else backend
+    mismatched = ChannelReceiver(torch.zeros(other.cache_shape(8), dtype=other.torch_dtype), other, real)
     try:
         offer, _ = pair.offer("r", 40)
         with pytest.raises(TransferError, match="need 3 blocks"):
             pair.receiver.pull(offer, [0, 1])
         with pytest.raises(ValueError, match="head_dim"):
             mismatched.pull(offer, [0, 1, 2])
-        wrong = ChannelReceiver(pair.dst_cache, layout, "shm" if backend == "zmq" else "zmq")
+        wrong = ChannelReceiver(pair.dst_cache, layout, "shm" if real == "zmq" else "zmq")
         with pytest.raises(TransferError, match="backend"):
             wrong.pull(offer, [0, 1, 2])
         wrong.close()
@@ -172,8 +174,9 @@ def test_bad_pulls_are_typed_errors(backend):
 def test_soak_1000_transfers_with_random_faults(backend):
     """1000 transfers of random sizes, random faults and aborts; bounded in time; no leak."""
     layout = make_layout(num_layers=2, kv_heads=3, head_dim=16, block_size=8)
+    wire = backend != ZERO_COPY
     faults = FaultSpec(corrupt_prob=0.2, truncate_prob=0.1, drop_prob=0.05, seed=7)
-    pair = Pair(backend, layout, layout, num_blocks=1024, sender_kwargs={"faults": faults},
+    pair = Pair(backend, layout, layout, num_blocks=1024, sender_kwargs={"faults": faults} if wire else {},
                 receiver_kwargs={"timeout_s": 0.2, "max_attempts": 3})
     rng = random.Random(11)
     outstanding: dict[str, tuple] = {}
@@ -200,6 +203,7 @@ def test_soak_1000_transfers_with_random_faults(backend):
                     pair.finish_request(o, d_ids)
                 outstanding.clear()
         pair.drive(lambda: len(pair.ends) == 1000, timeout_s=60)
-        assert counts["done"] > 700 and counts["failed"] > 0, counts
+        assert counts["done"] > 700, counts
+        assert counts["failed"] > 0 if wire else counts["failed"] == 0, counts
     finally:
         _close_clean(pair)

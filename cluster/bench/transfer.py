@@ -1,0 +1,148 @@
+"""`pdcluster bench transfer`: KV transfer bandwidth between two processes, per backend.
+
+The sender runs in a child process with a cache shaped like the default
+model's (30 layers, 3 KV heads, head_dim 64, bf16: 23,040 bytes per token);
+this process pulls sequences of about 1, 16 and 128 MB into its own cache.
+Time runs from `pull` to the DONE result (pack, wire, checksum, unpack and
+the acknowledgement included). A plain memcpy of the same number of bytes,
+measured in this process in the same run, is the reference.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import queue
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SIZES_MB = (1, 16, 128)
+
+
+def _layout():
+    from kv_transfer.layout import KVLayout
+    return KVLayout(num_layers=30, layer_start=0, layer_end=30, num_kv_heads=3, head_start=0, head_end=3,
+                    head_dim=64, block_size=16, dtype="bfloat16")
+
+
+def _sender_main(cmd_q, out_q, backend: str, num_blocks: int, checksum: bool, shared: bool) -> None:
+    from kv_transfer import make_sender
+    from kv_transfer.shared_cache import SharedKVCache
+    torch.set_num_threads(1)
+    layout = _layout()
+    shm = SharedKVCache(layout.cache_shape(num_blocks), torch.bfloat16) if shared else None
+    cache = shm.tensor if shm else torch.empty(layout.cache_shape(num_blocks), dtype=torch.bfloat16)
+    cache.copy_(torch.randn(cache.shape))
+    sender = make_sender(backend, cache, layout, checksum=checksum,
+                         shared_cache=shm.name if shm else None)
+    out_q.put(sender.endpoint)
+    stop_at = time.monotonic() + 600
+    try:
+        while time.monotonic() < stop_at:
+            try:
+                cmd = cmd_q.get_nowait()
+            except queue.Empty:
+                cmd = None
+            if cmd == "stop":
+                break
+            if cmd is not None:
+                req_id, num_tokens = cmd
+                while sender.leases.live():   # the last ACK may still be in flight: the
+                    sender.poll(time.monotonic())   # blocks are reused, so wait for it
+                ids = list(range(-(-num_tokens // layout.block_size)))
+                out_q.put(sender.offer(req_id, ids, num_tokens, time.monotonic()))
+            sender.poll(time.monotonic())
+    finally:
+        sender.close()
+        if shm is not None:
+            cache = None
+            shm.close()
+
+
+def _memcpy_gbps(nbytes: int, repeats: int) -> float:
+    src = torch.randn(nbytes // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return nbytes / statistics.median(times) / 1e9
+
+
+def _bench_backend(backend: str, sizes_mb, repeats: int, checksum: bool, shared: bool) -> dict:
+    from kv_transfer import TransferStatus, make_receiver
+    layout = _layout()
+    per_token = layout.bytes_per_token
+    max_tokens = max(sizes_mb) * 2**20 // per_token + 1
+    num_blocks = -(-max_tokens // layout.block_size) + 1
+    ctx = mp.get_context("spawn")
+    cmd_q, out_q = ctx.Queue(), ctx.Queue()
+    proc = ctx.Process(target=_sender_main, args=(cmd_q, out_q, backend, num_blocks, checksum, shared), daemon=True)
+    proc.start()
+    endpoint = out_q.get(timeout=120)
+    assert endpoint.startswith("tcp://127.0.0.1:")
+    cache = torch.zeros(layout.cache_shape(num_blocks), dtype=torch.bfloat16)
+    receiver = make_receiver(backend, cache, layout, timeout_s=60.0)
+    rows = {}
+    try:
+        for mb in sizes_mb:
+            num_tokens = mb * 2**20 // per_token
+            times = []
+            for i in range(repeats + 1):   # the first is a warm-up
+                cmd_q.put((f"{backend}-{mb}-{i}", num_tokens))
+                offer = out_q.get(timeout=60)
+                start = time.perf_counter()
+                receiver.pull(offer, list(range(-(-num_tokens // layout.block_size))))
+                result = None
+                while result is None:
+                    done = receiver.poll()
+                    result = done[0] if done else None
+                if result.status is not TransferStatus.DONE:
+                    raise RuntimeError(f"{backend} transfer failed: {result.error}")
+                if i:
+                    times.append(time.perf_counter() - start)
+            nbytes = num_tokens * per_token
+            rows[str(mb)] = {"bytes": nbytes, "seconds": statistics.median(times),
+                             "gbps": nbytes / statistics.median(times) / 1e9}
+    finally:
+        receiver.close()
+        cmd_q.put("stop")
+        proc.join(timeout=30)
+    return rows
+
+
+# (label, backend, checksum, sender cache in shared memory)
+VARIANTS = (
+    ("shm", "shm", False, True),             # zero copy: one block copy out of the sender's cache
+    ("shm+crc", "shm", True, False),         # staged through a segment, checksummed
+    ("zmq", "zmq", False, False),
+    ("zmq+crc", "zmq", True, False),
+)
+
+
+def run(sizes_mb=SIZES_MB, repeats: int = 5, out: str | None = None) -> dict:
+    torch.set_num_threads(1)
+    results: dict = {"memcpy": {}, "backends": {}}
+    for mb in sizes_mb:
+        results["memcpy"][str(mb)] = _memcpy_gbps(mb * 2**20, repeats)
+    backends = [label for label, *_ in VARIANTS]
+    for label, backend, checksum, shared in VARIANTS:
+        results["backends"][label] = _bench_backend(backend, sizes_mb, repeats, checksum, shared)
+    for mb in sizes_mb:
+        ref = results["memcpy"][str(mb)]
+        line = f"{mb:>4} MB: memcpy {ref:5.2f} GB/s"
+        for backend in backends:
+            row = results["backends"][backend][str(mb)]
+            row["fraction_of_memcpy"] = row["gbps"] / ref
+            line += f" | {backend} {row['gbps']:5.2f} GB/s ({row['fraction_of_memcpy']:.0%})"
+        print(line, file=sys.stdout, flush=True)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(results, indent=2))
+        print(f"wrote {out}", flush=True)
+    return results
