@@ -5,6 +5,7 @@ its BlockManager at exit; the receiver's is checked here).
 """
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 
@@ -27,6 +28,16 @@ def _close_clean(pair: Pair) -> None:
     assert pair.dst_blocks.num_free_blocks == pair.dst_blocks.num_blocks, "receiver leaked blocks"
 
 
+@contextlib.contextmanager
+def running(backend: str, layout, dst_layout=None, **kwargs):
+    """A sender child and a receiver; on exit both must hold no block and no lease."""
+    pair = Pair(backend, layout, dst_layout or layout, **kwargs)
+    try:
+        yield pair
+    finally:
+        _close_clean(pair)
+
+
 def _transfer(pair: Pair, req_id: str, num_tokens: int):
     offer, src_ids = pair.offer(req_id, num_tokens)
     dst_ids = pair.pull(offer)
@@ -42,8 +53,7 @@ def _transfer(pair: Pair, req_id: str, num_tokens: int):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_kv_arrives_bit_for_bit(backend, shape, dtype):
     layout = make_layout(dtype=dtype, **shape)
-    pair = Pair(backend, layout, layout)
-    try:
+    with running(backend, layout) as pair:
         for i, n in enumerate([1, 15, 16, 17, 100]):   # partial last blocks, block edges
             offer, src_ids, dst_ids, result, end = _transfer(pair, f"r{i}", n)
             assert ok(result), result.error
@@ -51,28 +61,22 @@ def test_kv_arrives_bit_for_bit(backend, shape, dtype):
             assert torch.equal(pair.received(offer, dst_ids), pair.sent(offer, src_ids))
             assert result.nbytes == n * layout.bytes_per_token
             pair.finish_request(offer, dst_ids)
-    finally:
-        _close_clean(pair)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_different_block_size_on_the_decode_side(backend):
     src, dst = make_layout(block_size=16), make_layout(block_size=32)
-    pair = Pair(backend, src, dst)
-    try:
+    with running(backend, src, dst) as pair:
         offer, src_ids, dst_ids, result, _ = _transfer(pair, "r", 70)
         assert ok(result)
         assert torch.equal(pair.received(offer, dst_ids), pair.sent(offer, src_ids))
         pair.finish_request(offer, dst_ids)
-    finally:
-        _close_clean(pair)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_int8_compression_halves_the_bytes(backend):
     layout = make_layout()
-    pair = Pair(backend, layout, layout, sender_kwargs={"compress": "int8"})
-    try:
+    with running(backend, layout, sender_kwargs={"compress": "int8"}) as pair:
         offer, src_ids, dst_ids, result, _ = _transfer(pair, "r", 64)
         assert ok(result)
         assert result.nbytes < 0.6 * 64 * layout.bytes_per_token
@@ -80,15 +84,12 @@ def test_int8_compression_halves_the_bytes(backend):
         scale = sent.abs().amax(dim=-1, keepdim=True) / 127
         assert bool(((got - sent).abs() <= scale * 0.51 + 1e-2 * sent.abs()).all())
         pair.finish_request(offer, dst_ids)
-    finally:
-        _close_clean(pair)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_receiver_abort_frees_the_sender_blocks(backend):
     layout = make_layout()
-    pair = Pair(backend, layout, layout, sender_kwargs={"faults": FaultSpec(delay_s=0.5)})
-    try:
+    with running(backend, layout, sender_kwargs={"faults": FaultSpec(delay_s=0.5)}) as pair:
         offer, _ = pair.offer("r", 40)
         dst_ids = pair.pull(offer)
         pair.receiver.abort(offer.transfer_id)
@@ -98,15 +99,12 @@ def test_receiver_abort_frees_the_sender_blocks(backend):
         time.sleep(0.6)            # the delayed reply arrives after the abort: ignored
         pair.drive(lambda: True)
         assert offer.transfer_id not in pair.results
-    finally:
-        _close_clean(pair)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_lease_expiry_frees_blocks_and_fails_a_late_pull(backend):
     layout = make_layout()
-    pair = Pair(backend, layout, layout)
-    try:
+    with running(backend, layout) as pair:
         offer, _ = pair.offer("r", 20, ttl_s=0.2)
         pair.drive(lambda: offer.transfer_id in pair.ends, timeout_s=10)
         assert pair.ends[offer.transfer_id].outcome is LeaseState.EXPIRED
@@ -115,8 +113,6 @@ def test_lease_expiry_frees_blocks_and_fails_a_late_pull(backend):
         result = pair.results[offer.transfer_id]
         assert result.status is TransferStatus.FAILED and "expired" in result.error
         pair.finish_request(offer, dst_ids)
-    finally:
-        _close_clean(pair)
 
 
 @pytest.mark.parametrize("backend", WIRE_BACKENDS)
@@ -128,9 +124,8 @@ def test_lease_expiry_frees_blocks_and_fails_a_late_pull(backend):
 ])
 def test_injected_faults_are_detected_never_used(backend, fault, expect_ok):
     layout = make_layout()
-    pair = Pair(backend, layout, layout, sender_kwargs={"faults": FaultSpec(**fault)},
-                receiver_kwargs={"timeout_s": 0.3, "max_attempts": 3})
-    try:
+    with running(backend, layout, sender_kwargs={"faults": FaultSpec(**fault)},
+                receiver_kwargs={"timeout_s": 0.3, "max_attempts": 3}) as pair:
         before = pair.dst_cache.clone()
         offer, src_ids, dst_ids, result, end = _transfer(pair, "r", 50)
         assert ok(result) is expect_ok, result
@@ -141,18 +136,15 @@ def test_injected_faults_are_detected_never_used(backend, fault, expect_ok):
             assert result.attempts == 3 and end.outcome is LeaseState.FAILED
             assert torch.equal(pair.dst_cache, before) or "corrupt" not in str(fault)
         pair.finish_request(offer, dst_ids)
-    finally:
-        _close_clean(pair)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_pulls_are_typed_errors(backend):
     layout = make_layout()
-    pair = Pair(backend, layout, layout)
     other = make_layout(head_dim=32)
     real = "shm" if backend == ZERO_COPY else backend
     mismatched = ChannelReceiver(torch.zeros(other.cache_shape(8), dtype=other.torch_dtype), other, real)
-    try:
+    with running(backend, layout) as pair, contextlib.closing(mismatched):
         offer, _ = pair.offer("r", 40)
         with pytest.raises(TransferError, match="need 3 blocks"):
             pair.receiver.pull(offer, [0, 1])
@@ -165,9 +157,6 @@ def test_bad_pulls_are_typed_errors(backend):
         pair.cmd_q.put(("abort", offer.transfer_id))
         pair.drive(lambda: offer.transfer_id in pair.ends)
         assert pair.ends[offer.transfer_id].outcome is LeaseState.ABORTED
-    finally:
-        mismatched.close()
-        _close_clean(pair)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -176,13 +165,12 @@ def test_soak_1000_transfers_with_random_faults(backend):
     layout = make_layout(num_layers=2, kv_heads=3, head_dim=16, block_size=8)
     wire = backend != ZERO_COPY
     faults = FaultSpec(corrupt_prob=0.2, truncate_prob=0.1, drop_prob=0.05, seed=7)
-    pair = Pair(backend, layout, layout, num_blocks=1024, sender_kwargs={"faults": faults} if wire else {},
-                receiver_kwargs={"timeout_s": 0.2, "max_attempts": 3})
     rng = random.Random(11)
     outstanding: dict[str, tuple] = {}
     counts = {"done": 0, "failed": 0, "aborted": 0}
     stop_at = time.monotonic() + 180
-    try:
+    with running(backend, layout, num_blocks=1024, sender_kwargs={"faults": faults} if wire else {},
+                 receiver_kwargs={"timeout_s": 0.2, "max_attempts": 3}) as pair:
         for i in range(1000):
             assert time.monotonic() < stop_at, f"soak took too long at transfer {i}"
             offer, src_ids = pair.offer(f"s{i}", rng.randint(1, 120))
@@ -205,5 +193,3 @@ def test_soak_1000_transfers_with_random_faults(backend):
         pair.drive(lambda: len(pair.ends) == 1000, timeout_s=60)
         assert counts["done"] > 700, counts
         assert counts["failed"] > 0 if wire else counts["failed"] == 0, counts
-    finally:
-        _close_clean(pair)
