@@ -79,11 +79,16 @@ class BlockManager:
             self.hash_to_block[h] = block_id
 
     def free(self, block_ids: Sequence[int]) -> None:
-        """Drop one reference to each block; a block with none left is free again."""
+        """Drop one reference to each block; a block with none left is free again.
+
+        Checked first, then committed: a bad id frees nothing."""
+        drops: dict[int, int] = {}
+        for block_id in block_ids:
+            drops[block_id] = drops.get(block_id, 0) + 1
+            if not 0 <= block_id < self.num_blocks or self._ref_counts[block_id] < drops[block_id]:
+                raise ValueError(f"block {block_id} freed while not allocated")
         for block_id in block_ids:
             count = self._ref_counts[block_id]
-            if count <= 0:
-                raise ValueError(f"block {block_id} freed while not allocated")
             self._ref_counts[block_id] = count - 1
             if count == 1:
                 self._release(block_id)

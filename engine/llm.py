@@ -98,6 +98,8 @@ class LLM:
             ids = self.tokenizer.encode(prompt)
         else:
             ids = [int(t) for t in prompt]
+        if params.stop and self.tokenizer is None:
+            raise InvalidRequestError("stop strings need a tokenizer; this model has none")
         _validate(ids, params, self.model_config.vocab_size, self.max_model_len, self.block_manager)
         return Seq(f"llm-{next(self._ids)}", ids, params, arrival_time=time.monotonic())
 

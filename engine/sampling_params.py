@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 
 from engine.errors import InvalidRequestError
 
+_MIN_TEMPERATURE = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -46,7 +48,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below this, dividing logits by the temperature overflows float32: it is argmax anyway.
+        return self.temperature < _MIN_TEMPERATURE
 
 
 def _check(ok: bool, message: str) -> None:

@@ -3,14 +3,19 @@
 Sender (prefill) binds a ROUTER socket on its host (127.0.0.1 by default); each
 receiver (decode) talks to it through one DEALER socket per sender endpoint.
 
-  receiver -> sender   PULL  {transfer_id, attempt}
-  sender -> receiver   DATA  {transfer_id, payload meta, checksum, ...} + frames
-                       ERROR {transfer_id, error}      (unknown, ended or expired lease)
-  receiver -> sender   ACK   {transfer_id, ok, error}  (ends the lease: DONE / FAILED)
-                       ABORT {transfer_id}
+  receiver -> sender   PULL    {transfer_id, attempt}
+  sender -> receiver   DATA    {transfer_id, attempt, payload meta, checksums} + frames
+                       ERROR   {transfer_id, attempt, error}   (unknown, ended or expired lease)
+  receiver -> sender   ACK     {transfer_id, attempt, ok, error, confirm}  (ends the lease)
+  sender -> receiver   CONFIRM {transfer_id, attempt}   (zero copy: the lease held to the end)
+  receiver -> sender   ABORT   {transfer_id}
 
-The sender packs at PULL time, from blocks its lease still holds; both sides
-do their work inside `poll`, called from their step loops, and never block.
+Replies carry the attempt they answer; the receiver drops stale ones. In zero
+copy mode the receiver reads the sender's shared cache directly, so it reports
+DONE only after the sender confirms that the lease was still live when the
+copy finished (else the blocks may have been reused: FAILED). Every message
+is parsed defensively: a malformed one is dropped, never raised. Both sides
+work inside `poll`, called from their step loops; no call blocks.
 """
 from __future__ import annotations
 
@@ -19,12 +24,12 @@ import os
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import zmq
 
-from engine.cpu_tuning import keep_freed_memory
+from engine.block_manager import blocks_needed
 from kv_transfer import codec, layout as kvl
 from kv_transfer.base import (KVReceiver, KVSender, TransferError, TransferOffer, TransferResult,
                               TransferStatus)
@@ -32,16 +37,32 @@ from kv_transfer.data_path import make_data_path
 from kv_transfer.faults import FaultInjector, FaultSpec
 from kv_transfer.lease import LeaseEnd, LeaseState, LeaseTable
 from kv_transfer.shared_cache import AttachedCaches, copy_block_runs
+from kv_transfer.staging import StagingPool
 
 COMPRESSIONS = (None, "int8")
 
 
-def _send(sock, frames: list) -> None:
-    sock.send_multipart(frames, copy=False)
+def _send(sock, frames: list, track: bool = False):
+    """Non-blocking send; None when the peer's queue is full (the receiver's timeout retries)."""
+    try:
+        return sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False, track=track) or True
+    except zmq.Again:
+        return None
 
 
-def _header(frame) -> dict:
-    return json.loads(bytes(frame.buffer))
+def _message(head: dict) -> bytes:
+    return json.dumps(head).encode()
+
+
+def _parse(frames) -> tuple[bytes, dict, list] | None:
+    """(kind, header, data frames) of a message, or None if it is malformed."""
+    try:
+        kind, head = bytes(frames[0].buffer), json.loads(bytes(frames[1].buffer))
+    except (IndexError, ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(head, dict) or not isinstance(head.get("transfer_id"), str):
+        return None
+    return kind, head, list(frames[2:])
 
 
 class ChannelSender(KVSender):
@@ -50,16 +71,19 @@ class ChannelSender(KVSender):
                  compress: str | None = None, faults: FaultSpec | None = None,
                  shared_cache: str | None = None) -> None:
         """`shared_cache`: the name of the shared-memory segment holding `cache_data`
-        (see `shared_cache.SharedKVCache`). With backend `shm`, no checksum, no
-        compression and no faults, receivers then copy blocks in place: one copy."""
+        (`shared_cache.SharedKVCache`). Backend `shm` then runs zero copy: receivers
+        copy leased blocks out of it. It needs checksum off, no compression, no faults."""
         if compress not in COMPRESSIONS:
             raise TransferError(f"compress must be one of {COMPRESSIONS}, got {compress!r}")
-        keep_freed_memory()   # payloads are tens of MB: keep them off mmap/munmap
+        if shared_cache is not None and (backend != "shm" or checksum or compress or faults):
+            raise TransferError("shared_cache (zero copy) needs backend 'shm', checksum=False, "
+                                "no compression and no faults: nothing crosses a wire to check")
         self.cache_data, self.layout, self.backend = cache_data, layout, backend
         self.checksum, self.compress = checksum, compress
-        self._staging = StagingPool()
+        self.zero_copy, self._shared_cache = shared_cache is not None, shared_cache
         self.leases = LeaseTable(lease_ttl_s)
         self._num_tokens: dict[str, int] = {}
+        self._staging = StagingPool()
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -67,10 +91,7 @@ class ChannelSender(KVSender):
         self._endpoint = f"tcp://{host}:{port}"
         self._path = make_data_path(backend, f"pdkv-{os.getpid()}-{port}")
         self._faults = FaultInjector(faults) if faults else None
-        self._delayed: list[tuple[float, list]] = []   # (due, frames) under fault delay
-        self._zero_copy = (shared_cache is not None and backend == "shm" and not checksum
-                           and compress is None and faults is None)
-        self._shared_cache = shared_cache
+        self._delayed: list[tuple[float, str, list]] = []   # (due, tid, frames) under fault delay
 
     @property
     def endpoint(self) -> str:
@@ -87,14 +108,18 @@ class ChannelSender(KVSender):
         ends: list[LeaseEnd] = []
         while True:
             try:
-                identity, kind, head, *_ = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
-            head = _header(head)
+            msg = _parse(frames[1:]) if len(frames) > 1 else None
+            if msg is None:
+                continue   # malformed: dropped, it names no transfer we could fail
+            kind, head, _ = msg
+            identity = frames[0].bytes   # bytes: a received Frame cannot be tracked when resent
             try:
-                end = self._handle(identity, bytes(kind.buffer), head, now)
+                end = self._handle(identity, kind, head, now)
             except Exception as e:   # one bad transfer must not take the worker down
-                end = self._fail_serving(identity, head.get("transfer_id", ""), now, e)
+                end = self._fail_serving(identity, head, now, e)
             if end is not None:
                 ends.append(end)
         self._flush_delayed(now)
@@ -116,37 +141,43 @@ class ChannelSender(KVSender):
 
     # -- internals ------------------------------------------------------------
     def _handle(self, identity, kind: bytes, head: dict, now: float) -> LeaseEnd | None:
-        tid = head.get("transfer_id", "")
+        tid = head["transfer_id"]
         if kind == b"PULL":
-            self._serve(identity, tid, now)
+            self._serve(identity, tid, int(head.get("attempt", 1)), now)
             return None
         if kind == b"ACK":
-            if head.get("ok"):
-                return self.leases.complete(tid, now)
-            return self.leases.fail(tid, now, head.get("error") or "receiver failed")
+            if not head.get("ok"):
+                return self.leases.fail(tid, now, str(head.get("error") or "receiver failed"))
+            end = self.leases.complete(tid, now)
+            if head.get("confirm"):
+                reply = {"transfer_id": tid, "attempt": head.get("attempt")}
+                if end is None:
+                    reply["error"] = f"transfer {tid} ended before the copy finished (lease expired?)"
+                _send(self._sock, [identity, b"CONFIRM" if end else b"ERROR", _message(reply)])
+            return end
         if kind == b"ABORT":
             return self.leases.abort(tid, now, "aborted by receiver")
         return None
 
-    def _serve(self, identity, tid: str, now: float) -> None:
+    def _serve(self, identity, tid: str, attempt: int, now: float) -> None:
         lease = self.leases.get(tid)
-        # A retry (the first payload arrived corrupted) re-serves an in-flight lease.
+        # A retry (a lost or corrupted reply) re-serves an in-flight lease.
         retry = lease is not None and lease.state is LeaseState.IN_FLIGHT and now < lease.deadline
         if lease is None or not (retry or self.leases.start(tid, now)):
-            _send(self._sock, [identity, b"ERROR", json.dumps(
-                {"transfer_id": tid, "error": f"transfer {tid} is unknown, ended or expired"}).encode()])
+            _send(self._sock, [identity, b"ERROR", _message(
+                {"transfer_id": tid, "attempt": attempt, "error": f"transfer {tid} is unknown, ended or expired"})])
             return
-        if self._zero_copy:
-            head = {"transfer_id": tid, "zero_copy": {
-                "name": self._shared_cache, "shape": list(self.cache_data.shape),
-                "dtype": self.layout.dtype, "block_ids": list(lease.block_ids)}}
-            _send(self._sock, [identity, b"DATA", json.dumps(head).encode()])
+        head = {"transfer_id": tid, "attempt": attempt}
+        if self.zero_copy:
+            head["zero_copy"] = {"name": self._shared_cache, "shape": list(self.cache_data.shape),
+                                 "dtype": self.layout.dtype, "block_ids": list(lease.block_ids)}
+            _send(self._sock, [identity, b"DATA", _message(head)])
             return
         n = self._num_tokens[tid]
         staging = self._staging.take(tid, self.layout.wire_shape(n), self.layout.torch_dtype)
         wire = kvl.pack(self.cache_data, self.layout, list(lease.block_ids), n, out=staging)
         payload = list(codec.quantize_int8(wire)) if self.compress == "int8" else [wire]
-        head = {"transfer_id": tid, "compress": self.compress, "dtype": self.layout.dtype}
+        head["compress"] = self.compress
         if self.checksum:
             head["checksums"] = [codec.checksum(t) for t in payload]
         if self._faults is not None:
@@ -155,56 +186,32 @@ class ChannelSender(KVSender):
             payload = self._faults.mangle(payload)
         extra, frames = self._path.export(tid, payload)
         head.update(extra)
-        msg = [identity, b"DATA", json.dumps(head).encode(), *frames]
+        msg = [identity, b"DATA", _message(head), *frames]
         if self._faults is not None and self._faults.spec.delay_s > 0:
-            self._delayed.append((now + self._faults.spec.delay_s, msg))
-        else:
-            _send(self._sock, msg)
+            self._delayed.append((now + self._faults.spec.delay_s, tid, msg))
+            return
+        tracker = _send(self._sock, msg, track=bool(frames))
+        if frames and tracker is not None:
+            self._staging.sending(tid, tracker)
 
-    def _fail_serving(self, identity, tid: str, now: float, error: Exception) -> LeaseEnd | None:
+    def _fail_serving(self, identity, head: dict, now: float, error: Exception) -> LeaseEnd | None:
+        tid = head["transfer_id"]
         reason = f"sender failed to serve {tid}: {type(error).__name__}: {error}"
-        _send(self._sock, [identity, b"ERROR", json.dumps({"transfer_id": tid, "error": reason}).encode()])
+        _send(self._sock, [identity, b"ERROR", _message(
+            {"transfer_id": tid, "attempt": head.get("attempt"), "error": reason})])
         return self.leases.fail(tid, now, reason)
 
     def _flush_delayed(self, now: float) -> None:
-        due = [m for t, m in self._delayed if t <= now]
-        self._delayed = [(t, m) for t, m in self._delayed if t > now]
+        due = [m for t, _, m in self._delayed if t <= now]
+        self._delayed = [d for d in self._delayed if d[0] > now]
         for msg in due:
             _send(self._sock, msg)
 
     def _forget(self, tid: str) -> None:
         self._num_tokens.pop(tid, None)
+        self._delayed = [d for d in self._delayed if d[1] != tid]
         self._path.release(tid)
         self._staging.give_back(tid)
-
-
-class StagingPool:
-    """Reused buffers to pack into: a fresh multi-MB tensor per transfer costs more in
-    page faults than the packing itself. A buffer stays with its transfer until the
-    lease ends (zmq may still be sending from it), then returns to the pool."""
-
-    def __init__(self, max_free: int = 4) -> None:
-        self.max_free = max_free
-        self._free: list[torch.Tensor] = []
-        self._lent: dict[str, torch.Tensor] = {}
-
-    def take(self, tid: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        self.give_back(tid)   # a retry packs again
-        nbytes = max(1, int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size())
-        fits = [i for i, b in enumerate(self._free) if b.numel() >= nbytes]
-        if fits:   # by index: list.remove would compare tensors elementwise
-            buf = self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
-        else:
-            buf = torch.empty(nbytes, dtype=torch.uint8)
-        self._lent[tid] = buf
-        return buf[:nbytes].view(dtype)[:torch.Size(shape).numel()].view(shape)
-
-    def give_back(self, tid: str) -> None:
-        buf = self._lent.pop(tid, None)
-        if buf is not None:
-            self._free.append(buf)
-            if len(self._free) > self.max_free:
-                self._free.pop(min(range(len(self._free)), key=lambda i: self._free[i].numel()))
 
 
 @dataclass
@@ -213,13 +220,12 @@ class _Pull:
     dst_block_ids: list[int]
     attempts: int = 1
     sent_at: float = 0.0
-    errors: list[str] = field(default_factory=list)
+    copied: bool = False   # zero copy: blocks copied, waiting for the sender's CONFIRM
 
 
 class ChannelReceiver(KVReceiver):
     def __init__(self, cache_data: torch.Tensor, layout: kvl.KVLayout, backend: str = "zmq",
                  max_attempts: int = 3, timeout_s: float = 10.0, clock=time.monotonic) -> None:
-        keep_freed_memory()
         self.cache_data, self.layout, self.backend = cache_data, layout, backend
         self.max_attempts, self.timeout_s, self._clock = max_attempts, timeout_s, clock
         self._ctx = zmq.Context()
@@ -233,11 +239,16 @@ class ChannelReceiver(KVReceiver):
             raise TransferError(f"offer {offer.transfer_id} uses backend {offer.backend!r}, this receiver {self.backend!r}")
         if offer.transfer_id in self._pending:
             raise TransferError(f"transfer {offer.transfer_id} is already being pulled")
-        need = -(-offer.num_tokens // self.layout.block_size)
-        if len(dst_block_ids) < need:
-            raise TransferError(f"{offer.num_tokens} tokens need {need} blocks, got {len(dst_block_ids)}")
+        need = blocks_needed(offer.num_tokens, self.layout.block_size)
+        ids = list(dst_block_ids)
+        if len(ids) < need:
+            raise TransferError(f"{offer.num_tokens} tokens need {need} blocks, got {len(ids)}")
+        num_blocks = self.cache_data.shape[2]
+        if len(set(ids[:need])) != need or not all(0 <= b < num_blocks for b in ids[:need]):
+            raise TransferError(f"destination blocks must be distinct ids in [0, {num_blocks}), got {ids[:need]}")
         kvl.check_compatible(offer.layout, self.layout)
-        pull = _Pull(offer, list(dst_block_ids), sent_at=self._clock())
+        self._socket(offer.endpoint)   # a bad endpoint fails here, before anything is pending
+        pull = _Pull(offer, ids)
         self._pending[offer.transfer_id] = pull
         self._request(pull)
 
@@ -246,10 +257,11 @@ class ChannelReceiver(KVReceiver):
         for sock in list(self._socks.values()):
             while True:
                 try:
-                    kind, head, *frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     break
-                result = self._handle(bytes(kind.buffer), _header(head), frames)
+                msg = _parse(frames)
+                result = self._handle(*msg) if msg is not None else None
                 if result is not None:
                     results.append(result)
         results.extend(self._timeouts())
@@ -261,6 +273,8 @@ class ChannelReceiver(KVReceiver):
             self._control(pull.offer.endpoint, b"ABORT", {"transfer_id": transfer_id})
 
     def close(self) -> None:
+        for tid in list(self._pending):   # the sender frees those blocks now, not at expiry
+            self.abort(tid)
         self._path.close()
         self._attached.close()
         for sock in self._socks.values():
@@ -271,43 +285,50 @@ class ChannelReceiver(KVReceiver):
     def _socket(self, endpoint: str) -> zmq.Socket:
         sock = self._socks.get(endpoint)
         if sock is None:
-            sock = self._socks[endpoint] = self._ctx.socket(zmq.DEALER)
+            sock = self._ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(endpoint)
+            try:
+                sock.connect(endpoint)
+            except zmq.ZMQError as e:
+                sock.close(0)
+                raise TransferError(f"cannot connect to sender endpoint {endpoint!r}: {e}") from None
+            self._socks[endpoint] = sock
         return sock
 
     def _control(self, endpoint: str, kind: bytes, head: dict) -> None:
-        _send(self._socket(endpoint), [kind, json.dumps(head).encode()])
+        _send(self._socket(endpoint), [kind, _message(head)])
 
     def _request(self, pull: _Pull) -> None:
-        pull.sent_at = self._clock()
+        pull.sent_at, pull.copied = self._clock(), False
         self._control(pull.offer.endpoint, b"PULL",
                       {"transfer_id": pull.offer.transfer_id, "attempt": pull.attempts})
 
     def _handle(self, kind: bytes, head: dict, frames: list) -> TransferResult | None:
-        tid = head.get("transfer_id", "")
+        tid = head["transfer_id"]
         pull = self._pending.get(tid)
-        if pull is None:
-            self._path.close_import(tid)
-            return None   # aborted or timed out meanwhile
+        if pull is None or head.get("attempt") != pull.attempts:
+            return None   # aborted, finished or timed out meanwhile: a stale reply
         if kind == b"ERROR":
-            return self._finish(pull, False, head.get("error", "sender error"), ack=False)
+            return self._finish(pull, False, str(head.get("error", "sender error")), ack=False)
+        if kind == b"CONFIRM" and pull.copied:
+            return self._finish(pull, True, None, ack=False)
+        if kind != b"DATA" or pull.copied:
+            return None
         try:
-            nbytes = self._land(pull, head, frames)
-        except (ValueError, KeyError, RuntimeError) as e:
-            pull.errors.append(str(e))
-            if pull.attempts < self.max_attempts:
-                pull.attempts += 1
-                self._request(pull)
+            if "zero_copy" in head:
+                self._copy_in_place(pull, head["zero_copy"])
+                pull.copied = True
+                self._control(pull.offer.endpoint, b"ACK", {"transfer_id": tid, "attempt": pull.attempts,
+                                                            "ok": True, "confirm": True})
                 return None
-            return self._finish(pull, False, f"after {pull.attempts} attempts: {e}")
+            nbytes = self._land(pull, head, frames)
+        except Exception as e:   # anything wrong with one payload fails this attempt only
+            return self._retry_or_fail(pull, f"{type(e).__name__}: {e}")
         return self._finish(pull, True, None, nbytes=nbytes)
 
     def _land(self, pull: _Pull, head: dict, frames: list) -> int:
         """Verify the payload and write it into this worker's blocks; returns the bytes received."""
         tid = pull.offer.transfer_id
-        if "zero_copy" in head:
-            return self._copy_in_place(pull, head["zero_copy"])
         payload = wire = None
         try:
             payload = self._path.open(head, frames)
@@ -322,29 +343,38 @@ class ChannelReceiver(KVReceiver):
             else:
                 wire = payload[0]
             kvl.unpack_into(self.cache_data, self.layout, pull.dst_block_ids, wire, pull.offer.layout)
-            return sum(t.numel() * t.element_size() for t in payload)
+            return sum(codec.wire_nbytes(t) for t in payload)
         finally:
             payload = wire = None   # views of a shared segment must go before it is unmapped
             self._path.close_import(tid)
 
-    def _copy_in_place(self, pull: _Pull, zc: dict) -> int:
+    def _copy_in_place(self, pull: _Pull, zc: dict) -> None:
         """Copy the leased blocks straight out of the sender's shared cache."""
         src_layout, n = pull.offer.layout, pull.offer.num_tokens
         src = self._attached.view(zc["name"], zc["shape"], zc["dtype"])
         if _same_shard(src_layout, self.layout):
-            num_blocks = -(-n // src_layout.block_size)
+            num_blocks = blocks_needed(n, src_layout.block_size)
             copy_block_runs(src, zc["block_ids"][:num_blocks], self.cache_data, pull.dst_block_ids[:num_blocks])
         else:
             wire = kvl.pack(src, src_layout, zc["block_ids"], n)
             kvl.unpack_into(self.cache_data, self.layout, pull.dst_block_ids, wire, src_layout)
-        return n * src_layout.bytes_per_token
 
-    def _finish(self, pull: _Pull, ok: bool, error: str | None, nbytes: int = 0,
+    def _retry_or_fail(self, pull: _Pull, error: str) -> TransferResult | None:
+        if pull.attempts < self.max_attempts:
+            pull.attempts += 1
+            self._request(pull)
+            return None
+        return self._finish(pull, False, f"after {pull.attempts} attempts: {error}")
+
+    def _finish(self, pull: _Pull, ok: bool, error: str | None, nbytes: int | None = None,
                 ack: bool = True) -> TransferResult:
         tid = pull.offer.transfer_id
         del self._pending[tid]
         if ack:
-            self._control(pull.offer.endpoint, b"ACK", {"transfer_id": tid, "ok": ok, "error": error})
+            self._control(pull.offer.endpoint, b"ACK", {"transfer_id": tid, "attempt": pull.attempts,
+                                                        "ok": ok, "error": error})
+        if nbytes is None:
+            nbytes = pull.offer.num_tokens * pull.offer.layout.bytes_per_token if ok else 0
         status = TransferStatus.DONE if ok else TransferStatus.FAILED
         return TransferResult(tid, pull.offer.req_id, status, error, nbytes, pull.attempts)
 
@@ -352,11 +382,9 @@ class ChannelReceiver(KVReceiver):
         now = self._clock()
         results = []
         for pull in [p for p in self._pending.values() if now - p.sent_at > self.timeout_s]:
-            if pull.attempts < self.max_attempts:
-                pull.attempts += 1
-                self._request(pull)
-            else:
-                results.append(self._finish(pull, False, f"no answer after {pull.attempts} attempts"))
+            result = self._retry_or_fail(pull, f"no answer within {self.timeout_s}s")
+            if result is not None:
+                results.append(result)
         return results
 
 

@@ -29,9 +29,11 @@ def _layout():
 
 
 def _sender_main(cmd_q, out_q, backend: str, num_blocks: int, checksum: bool, shared: bool) -> None:
+    from engine.cpu_tuning import keep_freed_memory
     from kv_transfer import make_sender
     from kv_transfer.shared_cache import SharedKVCache
     torch.set_num_threads(1)
+    keep_freed_memory()   # a worker process does this at start-up (engine.ModelRunner)
     layout = _layout()
     shm = SharedKVCache(layout.cache_shape(num_blocks), torch.bfloat16) if shared else None
     cache = shm.tensor if shm else torch.empty(layout.cache_shape(num_blocks), dtype=torch.bfloat16)
@@ -126,7 +128,9 @@ VARIANTS = (
 
 
 def run(sizes_mb=SIZES_MB, repeats: int = 5, out: str | None = None) -> dict:
+    from engine.cpu_tuning import keep_freed_memory
     torch.set_num_threads(1)
+    keep_freed_memory()
     results: dict = {"memcpy": {}, "backends": {}}
     for mb in sizes_mb:
         results["memcpy"][str(mb)] = _memcpy_gbps(mb * 2**20, repeats)

@@ -73,7 +73,7 @@ def test_different_block_size_on_the_decode_side(backend):
         pair.finish_request(offer, dst_ids)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", WIRE_BACKENDS)
 def test_int8_compression_halves_the_bytes(backend):
     layout = make_layout()
     with running(backend, layout, sender_kwargs={"compress": "int8"}) as pair:
@@ -89,14 +89,14 @@ def test_int8_compression_halves_the_bytes(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_receiver_abort_frees_the_sender_blocks(backend):
     layout = make_layout()
-    with running(backend, layout, sender_kwargs={"faults": FaultSpec(delay_s=0.5)}) as pair:
+    with running(backend, layout) as pair:
         offer, _ = pair.offer("r", 40)
         dst_ids = pair.pull(offer)
-        pair.receiver.abort(offer.transfer_id)
+        pair.receiver.abort(offer.transfer_id)   # PULL then ABORT, before any reply is read
         pair.finish_request(offer, dst_ids)
         pair.drive(lambda: offer.transfer_id in pair.ends)
         assert pair.ends[offer.transfer_id].outcome is LeaseState.ABORTED
-        time.sleep(0.6)            # the delayed reply arrives after the abort: ignored
+        time.sleep(0.2)            # the reply to the PULL arrives after the abort: ignored
         pair.drive(lambda: True)
         assert offer.transfer_id not in pair.results
 
@@ -134,7 +134,7 @@ def test_injected_faults_are_detected_never_used(backend, fault, expect_ok):
             assert end.outcome is LeaseState.DONE
         else:
             assert result.attempts == 3 and end.outcome is LeaseState.FAILED
-            assert torch.equal(pair.dst_cache, before) or "corrupt" not in str(fault)
+            assert torch.equal(pair.dst_cache, before), "a failed transfer wrote into the cache"
         pair.finish_request(offer, dst_ids)
 
 

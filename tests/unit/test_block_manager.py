@@ -378,3 +378,15 @@ def test_random_allocate_append_share_free_keeps_invariants(seed):
     check_invariants(bm, [])
     assert bm.num_free_blocks == bm.num_blocks
     assert bm.hash_to_block == {}
+
+
+def test_free_with_a_bad_id_frees_nothing():
+    bm = BlockManager(8, 4)
+    held = bm.allocate(8)
+    with pytest.raises(ValueError):
+        bm.free([held[0], 7])          # 7 was never allocated
+    with pytest.raises(ValueError):
+        bm.free([held[1], held[1]])    # one reference, freed twice in one call
+    assert bm.num_free_blocks == 6 and all(bm.ref_count(b) == 1 for b in held)
+    bm.free(held)
+    assert bm.num_free_blocks == 8

@@ -133,3 +133,13 @@ def test_cli_reports_bad_input_without_a_traceback():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "max_tokens must be > 0" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_tiny_temperature_is_greedy_and_stop_needs_a_tokenizer(tiny):
+    prompt = [[5, 9, 13]]
+    greedy = tiny.generate(prompt, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
+    tiny_t = tiny.generate(prompt, SamplingParams(max_tokens=6, temperature=1e-45, ignore_eos=True))[0]
+    assert tiny_t.token_ids == greedy.token_ids
+    with pytest.raises(InvalidRequestError, match="stop strings need a tokenizer"):
+        tiny.generate(prompt, SamplingParams(stop=["x"]))
+    assert _all_free(tiny)

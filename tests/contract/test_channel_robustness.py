@@ -1,0 +1,146 @@
+"""Regressions of the zmq channel, each driving both sides' poll by hand in one process
+(the orderings that broke it need exact control of who polls when)."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+import zmq
+
+from kv_transfer.base import TransferError, TransferStatus
+from kv_transfer.channel import ChannelReceiver, ChannelSender
+from kv_transfer.lease import LeaseState
+from kv_transfer.shared_cache import SharedKVCache
+from tests.contract.harness import make_cache, make_layout, sequence_kv
+
+LAYOUT = make_layout(num_layers=2, kv_heads=3, head_dim=16, block_size=4)
+
+
+def _run(sender, receiver, until, seconds=10.0):
+    results, ends = [], []
+    stop_at = time.monotonic() + seconds
+    while not until(results, ends):
+        assert time.monotonic() < stop_at, (results, ends)
+        ends += sender.poll(time.monotonic())
+        results += receiver.poll()
+        time.sleep(0.001)
+    return results, ends
+
+
+@pytest.mark.parametrize("backend", ["zmq", "shm"])
+def test_a_retry_answered_twice_lands_once_from_the_latest_reply(backend):
+    """The receiver times out and asks again before the sender polled: the sender serves
+    both PULLs (shm: the second unlinks the first segment); the stale reply is dropped."""
+    src = make_cache(LAYOUT, 16, seed=1)
+    dst = torch.zeros_like(src)
+    sender = ChannelSender(src, LAYOUT, backend)
+    receiver = ChannelReceiver(dst, LAYOUT, backend, timeout_s=0.05)
+    try:
+        offer = sender.offer("r", [3, 7, 1], 10, time.monotonic())
+        receiver.pull(offer, [0, 5, 9])
+        time.sleep(0.1)
+        assert receiver.poll() == []            # timed out: PULL attempt 2 sent
+        results, ends = _run(sender, receiver, lambda r, e: r and e)
+        assert [r.status for r in results] == [TransferStatus.DONE] and results[0].attempts == 2
+        assert ends[0].outcome is LeaseState.DONE
+        assert torch.equal(sequence_kv(dst, LAYOUT, [0, 5, 9], 10), sequence_kv(src, LAYOUT, [3, 7, 1], 10))
+    finally:
+        receiver.close()
+        sender.close()
+
+
+def test_zero_copy_fails_when_the_lease_ended_before_the_copy():
+    """Zero copy reads the sender's cache late: if the lease expired and the blocks were
+    reused meanwhile, the transfer must fail, never report another request's KV as done."""
+    shared = SharedKVCache(LAYOUT.cache_shape(16), LAYOUT.torch_dtype)
+    shared.tensor.copy_(make_cache(LAYOUT, 16, seed=2))
+    dst = torch.zeros(LAYOUT.cache_shape(16), dtype=LAYOUT.torch_dtype)
+    sender = ChannelSender(shared.tensor, LAYOUT, "shm", checksum=False, shared_cache=shared.name)
+    receiver = ChannelReceiver(dst, LAYOUT, "shm")
+    try:
+        offer = sender.offer("r", [3, 7], 6, time.monotonic(), ttl_s=0.1)
+        receiver.pull(offer, [0, 1])
+        stop_at = time.monotonic() + 5                  # serve it: a header naming the blocks
+        while sender.leases.get(offer.transfer_id).state is not LeaseState.IN_FLIGHT:
+            assert time.monotonic() < stop_at and sender.poll(time.monotonic()) == []
+        time.sleep(0.15)
+        ends = sender.poll(time.monotonic())            # the lease expires; blocks reused:
+        assert [e.outcome for e in ends] == [LeaseState.EXPIRED]
+        shared.tensor[:, :, [3, 7]] = 7.0
+        results, _ = _run(sender, receiver, lambda r, e: r)
+        assert results[0].status is TransferStatus.FAILED and "ended before the copy" in results[0].error
+    finally:
+        receiver.close()
+        sender.close()
+        shared.close()
+
+
+def test_zero_copy_needs_a_configuration_without_a_wire():
+    shared = SharedKVCache(LAYOUT.cache_shape(4), LAYOUT.torch_dtype)
+    try:
+        for kwargs in ({"backend": "zmq", "checksum": False}, {"backend": "shm", "checksum": True},
+                       {"backend": "shm", "checksum": False, "compress": "int8"}):
+            with pytest.raises(TransferError, match="zero copy"):
+                ChannelSender(shared.tensor, LAYOUT, shared_cache=shared.name, **kwargs)
+    finally:
+        shared.close()
+
+
+@pytest.mark.parametrize("backend", ["zmq", "shm"])
+def test_malformed_messages_are_dropped_and_the_sender_keeps_serving(backend):
+    src = make_cache(LAYOUT, 16, seed=3)
+    dst = torch.zeros_like(src)
+    sender = ChannelSender(src, LAYOUT, backend)
+    receiver = ChannelReceiver(dst, LAYOUT, backend)
+    ctx = zmq.Context()
+    rogue = ctx.socket(zmq.DEALER)
+    rogue.setsockopt(zmq.LINGER, 0)
+    rogue.connect(sender.endpoint)
+    try:
+        rogue.send(b"PULL")                                         # one frame
+        rogue.send_multipart([b"PULL", b"{not json"])               # bad JSON
+        rogue.send_multipart([b"ACK", json.dumps([1, 2]).encode()])  # not an object
+        rogue.send_multipart([b"PULL", json.dumps({"transfer_id": 5}).encode()])
+        rogue.send_multipart([b"PULL", json.dumps({"transfer_id": "nope", "attempt": "x"}).encode()])
+        time.sleep(0.05)
+        assert sender.poll(time.monotonic()) == []
+        offer = sender.offer("r", [2, 4], 8, time.monotonic())
+        receiver.pull(offer, [1, 3])
+        results, ends = _run(sender, receiver, lambda r, e: r and e)
+        assert results[0].status is TransferStatus.DONE and ends[0].outcome is LeaseState.DONE
+    finally:
+        rogue.close(0)
+        ctx.term()
+        receiver.close()
+        sender.close()
+
+
+def test_bad_endpoints_and_blocks_fail_without_blocking():
+    src = make_cache(LAYOUT, 8, seed=4)
+    sender = ChannelSender(src, LAYOUT, "zmq")
+    receiver = ChannelReceiver(torch.zeros_like(src), LAYOUT, "zmq", timeout_s=0.05, max_attempts=2)
+    try:
+        offer = sender.offer("r", [1, 2], 8, time.monotonic())
+        bad = type(offer)(offer.transfer_id, "r", 8, LAYOUT, "not-an-endpoint", "zmq")
+        with pytest.raises(TransferError, match="cannot connect"):
+            receiver.pull(bad, [0, 1])
+        with pytest.raises(TransferError, match="distinct"):
+            receiver.pull(offer, [0, 0])
+        with pytest.raises(TransferError, match="distinct"):
+            receiver.pull(offer, [0, 99])
+        sender.close()                                  # the sender is gone: time out, fail
+        sender = None
+        receiver.pull(offer, [0, 1])
+        stop_at = time.monotonic() + 5
+        results = []
+        while not results:
+            assert time.monotonic() < stop_at
+            results = receiver.poll()
+            time.sleep(0.01)
+        assert results[0].status is TransferStatus.FAILED and results[0].attempts == 2
+    finally:
+        receiver.close()
+        if sender is not None:
+            sender.close()
