@@ -6,14 +6,15 @@ receiver (decode) talks to it through one DEALER socket per sender endpoint.
   receiver -> sender   PULL    {transfer_id, attempt}
   sender -> receiver   DATA    {transfer_id, attempt, payload meta, checksums} + frames
                        ERROR   {transfer_id, attempt, error}   (unknown, ended or expired lease)
-  receiver -> sender   ACK     {transfer_id, attempt, ok, error, confirm}  (ends the lease)
-  sender -> receiver   CONFIRM {transfer_id, attempt}   (zero copy: the lease held to the end)
+  receiver -> sender   ACK     {transfer_id, attempt, ok, error}   (ends the lease)
   receiver -> sender   ABORT   {transfer_id}
 
 Replies carry the attempt they answer; the receiver drops stale ones. In zero
-copy mode the receiver reads the sender's shared cache directly, so it reports
-DONE only after the sender confirms that the lease was still live when the
-copy finished (else the blocks may have been reused: FAILED). Every message
+copy mode DATA names the blocks and their generations (`SharedKVCache`) and
+the receiver copies them out of the sender's shared cache itself; the sender
+bumps a block's generation whenever its lease ends, so unchanged generations
+after the copy prove the blocks were held throughout (else: retry or FAILED,
+never another request's KV). Every message
 is parsed defensively: a malformed one is dropped, never raised. Both sides
 work inside `poll`, called from their step loops; no call blocks.
 """
@@ -36,7 +37,7 @@ from kv_transfer.base import (KVReceiver, KVSender, TransferError, TransferOffer
 from kv_transfer.data_path import make_data_path
 from kv_transfer.faults import FaultInjector, FaultSpec
 from kv_transfer.lease import LeaseEnd, LeaseState, LeaseTable
-from kv_transfer.shared_cache import AttachedCaches, copy_block_runs
+from kv_transfer.shared_cache import AttachedCaches, SharedKVCache, copy_block_runs
 from kv_transfer.staging import StagingPool
 
 COMPRESSIONS = (None, "int8")
@@ -69,10 +70,10 @@ class ChannelSender(KVSender):
     def __init__(self, cache_data: torch.Tensor, layout: kvl.KVLayout, backend: str = "zmq",
                  host: str = "127.0.0.1", lease_ttl_s: float = 30.0, checksum: bool = True,
                  compress: str | None = None, faults: FaultSpec | None = None,
-                 shared_cache: str | None = None) -> None:
-        """`shared_cache`: the name of the shared-memory segment holding `cache_data`
-        (`shared_cache.SharedKVCache`). Backend `shm` then runs zero copy: receivers
-        copy leased blocks out of it. It needs checksum off, no compression, no faults."""
+                 shared_cache: SharedKVCache | None = None) -> None:
+        """`shared_cache`: the `SharedKVCache` whose tensor is `cache_data`. Backend `shm`
+        then runs zero copy: receivers copy leased blocks out of it. It needs checksum
+        off, no compression and no faults: nothing crosses a wire to check or corrupt."""
         if compress not in COMPRESSIONS:
             raise TransferError(f"compress must be one of {COMPRESSIONS}, got {compress!r}")
         if shared_cache is not None and (backend != "shm" or checksum or compress or faults):
@@ -80,7 +81,7 @@ class ChannelSender(KVSender):
                                 "no compression and no faults: nothing crosses a wire to check")
         self.cache_data, self.layout, self.backend = cache_data, layout, backend
         self.checksum, self.compress = checksum, compress
-        self.zero_copy, self._shared_cache = shared_cache is not None, shared_cache
+        self.zero_copy, self._shared = shared_cache is not None, shared_cache
         self.leases = LeaseTable(lease_ttl_s)
         self._num_tokens: dict[str, int] = {}
         self._staging = StagingPool()
@@ -125,13 +126,13 @@ class ChannelSender(KVSender):
         self._flush_delayed(now)
         ends.extend(self.leases.expire(now))
         for end in ends:
-            self._forget(end.transfer_id)
+            self._forget(end)
         return ends
 
     def abort(self, transfer_id: str, now: float) -> LeaseEnd | None:
         end = self.leases.abort(transfer_id, now)
         if end is not None:
-            self._forget(transfer_id)
+            self._forget(end)
         return end
 
     def close(self) -> None:
@@ -148,13 +149,7 @@ class ChannelSender(KVSender):
         if kind == b"ACK":
             if not head.get("ok"):
                 return self.leases.fail(tid, now, str(head.get("error") or "receiver failed"))
-            end = self.leases.complete(tid, now)
-            if head.get("confirm"):
-                reply = {"transfer_id": tid, "attempt": head.get("attempt")}
-                if end is None:
-                    reply["error"] = f"transfer {tid} ended before the copy finished (lease expired?)"
-                _send(self._sock, [identity, b"CONFIRM" if end else b"ERROR", _message(reply)])
-            return end
+            return self.leases.complete(tid, now)
         if kind == b"ABORT":
             return self.leases.abort(tid, now, "aborted by receiver")
         return None
@@ -169,8 +164,9 @@ class ChannelSender(KVSender):
             return
         head = {"transfer_id": tid, "attempt": attempt}
         if self.zero_copy:
-            head["zero_copy"] = {"name": self._shared_cache, "shape": list(self.cache_data.shape),
-                                 "dtype": self.layout.dtype, "block_ids": list(lease.block_ids)}
+            head["zero_copy"] = {"name": self._shared.name, "shape": list(self.cache_data.shape),
+                                 "dtype": self.layout.dtype, "block_ids": list(lease.block_ids),
+                                 "generations": self._shared.generations[list(lease.block_ids)].tolist()}
             _send(self._sock, [identity, b"DATA", _message(head)])
             return
         n = self._num_tokens[tid]
@@ -207,7 +203,10 @@ class ChannelSender(KVSender):
         for msg in due:
             _send(self._sock, msg)
 
-    def _forget(self, tid: str) -> None:
+    def _forget(self, end: LeaseEnd) -> None:
+        tid = end.transfer_id
+        if self._shared is not None:
+            self._shared.bump(end.block_ids)   # before the worker can reuse them
         self._num_tokens.pop(tid, None)
         self._delayed = [d for d in self._delayed if d[1] != tid]
         self._path.release(tid)
@@ -220,7 +219,6 @@ class _Pull:
     dst_block_ids: list[int]
     attempts: int = 1
     sent_at: float = 0.0
-    copied: bool = False   # zero copy: blocks copied, waiting for the sender's CONFIRM
 
 
 class ChannelReceiver(KVReceiver):
@@ -299,7 +297,7 @@ class ChannelReceiver(KVReceiver):
         _send(self._socket(endpoint), [kind, _message(head)])
 
     def _request(self, pull: _Pull) -> None:
-        pull.sent_at, pull.copied = self._clock(), False
+        pull.sent_at = self._clock()
         self._control(pull.offer.endpoint, b"PULL",
                       {"transfer_id": pull.offer.transfer_id, "attempt": pull.attempts})
 
@@ -310,17 +308,12 @@ class ChannelReceiver(KVReceiver):
             return None   # aborted, finished or timed out meanwhile: a stale reply
         if kind == b"ERROR":
             return self._finish(pull, False, str(head.get("error", "sender error")), ack=False)
-        if kind == b"CONFIRM" and pull.copied:
-            return self._finish(pull, True, None, ack=False)
-        if kind != b"DATA" or pull.copied:
+        if kind != b"DATA":
             return None
         try:
             if "zero_copy" in head:
                 self._copy_in_place(pull, head["zero_copy"])
-                pull.copied = True
-                self._control(pull.offer.endpoint, b"ACK", {"transfer_id": tid, "attempt": pull.attempts,
-                                                            "ok": True, "confirm": True})
-                return None
+                return self._finish(pull, True, None)
             nbytes = self._land(pull, head, frames)
         except Exception as e:   # anything wrong with one payload fails this attempt only
             return self._retry_or_fail(pull, f"{type(e).__name__}: {e}")
@@ -349,15 +342,18 @@ class ChannelReceiver(KVReceiver):
             self._path.close_import(tid)
 
     def _copy_in_place(self, pull: _Pull, zc: dict) -> None:
-        """Copy the leased blocks straight out of the sender's shared cache."""
+        """Copy the leased blocks straight out of the sender's shared cache, then check
+        that their lease held throughout (generations unchanged)."""
         src_layout, n = pull.offer.layout, pull.offer.num_tokens
-        src = self._attached.view(zc["name"], zc["shape"], zc["dtype"])
+        src, generations = self._attached.view(zc["name"], zc["shape"], zc["dtype"])
         if _same_shard(src_layout, self.layout):
             num_blocks = blocks_needed(n, src_layout.block_size)
             copy_block_runs(src, zc["block_ids"][:num_blocks], self.cache_data, pull.dst_block_ids[:num_blocks])
         else:
             wire = kvl.pack(src, src_layout, zc["block_ids"], n)
             kvl.unpack_into(self.cache_data, self.layout, pull.dst_block_ids, wire, src_layout)
+        if generations[zc["block_ids"]].tolist() != zc["generations"]:
+            raise ValueError("the source blocks were released while being copied (lease ended)")
 
     def _retry_or_fail(self, pull: _Pull, error: str) -> TransferResult | None:
         if pull.attempts < self.max_attempts:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
-           "int8": torch.int8, "uint8": torch.uint8}
+           "int8": torch.int8, "uint8": torch.uint8, "int64": torch.int64}
 
 
 def dtype_name(dtype: torch.dtype) -> str:

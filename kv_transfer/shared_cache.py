@@ -12,24 +12,41 @@ from multiprocessing import shared_memory
 
 import torch
 
-from kv_transfer.data_path import attach_segment, tensor_view
+from kv_transfer.data_path import attach_segment, dtype_name, tensor_view
+
+
+def _layout_bytes(shape, dtype: torch.dtype) -> int:
+    """Bytes of the cache part of the segment; the block generations follow, 8-byte aligned."""
+    return -(-math.prod(shape) * dtype.itemsize // 8) * 8
 
 
 class SharedKVCache:
-    """A zero-filled tensor of `shape` living in a shared-memory segment this process owns."""
+    """A zero-filled cache tensor [layers, 2, blocks, ...] in a shared-memory segment this
+    process owns, followed by one int64 generation per block.
+
+    The owner bumps a block's generation whenever the lease holding it ends; a
+    reader that finds the generations unchanged after its copy knows the blocks
+    were not released (nor reused) while it read them.
+    """
 
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, name: str | None = None) -> None:
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        self._seg = shared_memory.SharedMemory(create=True, size=max(nbytes, 1), name=name)
+        cache_bytes = _layout_bytes(shape, dtype)
+        num_blocks = shape[2]
+        self._seg = shared_memory.SharedMemory(create=True, size=cache_bytes + 8 * num_blocks, name=name)
         self.shape, self.dtype = tuple(shape), dtype
-        self.tensor = tensor_view(self._seg.buf, str(dtype).removeprefix("torch."), list(shape), 0)
+        self.tensor = tensor_view(self._seg.buf, dtype_name(dtype), list(shape), 0)
+        self.generations = tensor_view(self._seg.buf, "int64", [num_blocks], cache_bytes)
+
+    def bump(self, block_ids) -> None:
+        """The lease over these blocks ended: readers of the old contents must fail."""
+        self.generations[list(block_ids)] += 1
 
     @property
     def name(self) -> str:
         return self._seg.name
 
     def close(self) -> None:
-        self.tensor = None    # the view must go before the mapping
+        self.tensor = self.generations = None    # views must go before the mapping
         self._seg.close()
         self._seg.unlink()
 
@@ -40,11 +57,14 @@ class AttachedCaches:
     def __init__(self) -> None:
         self._maps: dict[str, object] = {}
 
-    def view(self, name: str, shape: list[int], dtype: str) -> torch.Tensor:
+    def view(self, name: str, shape: list[int], dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cache, generations) of another process's SharedKVCache."""
         mapping = self._maps.get(name)
         if mapping is None:
             mapping = self._maps[name] = attach_segment(name)
-        return tensor_view(mapping, dtype, shape, 0)
+        cache = tensor_view(mapping, dtype, shape, 0)
+        gens = tensor_view(mapping, "int64", [shape[2]], _layout_bytes(shape, cache.dtype))
+        return cache, gens
 
     def close(self) -> None:
         for mapping in self._maps.values():

@@ -39,7 +39,7 @@ def _sender_main(cmd_q, out_q, backend: str, num_blocks: int, checksum: bool, sh
     cache = shm.tensor if shm else torch.empty(layout.cache_shape(num_blocks), dtype=torch.bfloat16)
     cache.copy_(torch.randn(cache.shape))
     sender = make_sender(backend, cache, layout, checksum=checksum,
-                         shared_cache=shm.name if shm else None)
+                         shared_cache=shm)
     out_q.put(sender.endpoint)
     stop_at = time.monotonic() + 600
     try:

@@ -51,7 +51,7 @@ def _sender_main(cmd_q, out_q, backend, layout, num_blocks, seed, sender_kwargs)
         shared = SharedKVCache(layout.cache_shape(num_blocks), layout.torch_dtype)
         shared.tensor.copy_(make_cache(layout, num_blocks, seed))
         cache, backend = shared.tensor, "shm"
-        sender_kwargs = {"checksum": False, "shared_cache": shared.name, **sender_kwargs}
+        sender_kwargs = {"checksum": False, "shared_cache": shared, **sender_kwargs}
     else:
         cache = make_cache(layout, num_blocks, seed)
     blocks = BlockManager(num_blocks, layout.block_size)

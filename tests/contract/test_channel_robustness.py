@@ -57,7 +57,7 @@ def test_zero_copy_fails_when_the_lease_ended_before_the_copy():
     shared = SharedKVCache(LAYOUT.cache_shape(16), LAYOUT.torch_dtype)
     shared.tensor.copy_(make_cache(LAYOUT, 16, seed=2))
     dst = torch.zeros(LAYOUT.cache_shape(16), dtype=LAYOUT.torch_dtype)
-    sender = ChannelSender(shared.tensor, LAYOUT, "shm", checksum=False, shared_cache=shared.name)
+    sender = ChannelSender(shared.tensor, LAYOUT, "shm", checksum=False, shared_cache=shared)
     receiver = ChannelReceiver(dst, LAYOUT, "shm")
     try:
         offer = sender.offer("r", [3, 7], 6, time.monotonic(), ttl_s=0.1)
@@ -70,7 +70,9 @@ def test_zero_copy_fails_when_the_lease_ended_before_the_copy():
         assert [e.outcome for e in ends] == [LeaseState.EXPIRED]
         shared.tensor[:, :, [3, 7]] = 7.0
         results, _ = _run(sender, receiver, lambda r, e: r)
-        assert results[0].status is TransferStatus.FAILED and "ended before the copy" in results[0].error
+        # the copy saw changed generations, the retry found the lease gone: FAILED
+        assert results[0].status is TransferStatus.FAILED and results[0].attempts == 2
+        assert "expired" in results[0].error
     finally:
         receiver.close()
         sender.close()
@@ -83,7 +85,7 @@ def test_zero_copy_needs_a_configuration_without_a_wire():
         for kwargs in ({"backend": "zmq", "checksum": False}, {"backend": "shm", "checksum": True},
                        {"backend": "shm", "checksum": False, "compress": "int8"}):
             with pytest.raises(TransferError, match="zero copy"):
-                ChannelSender(shared.tensor, LAYOUT, shared_cache=shared.name, **kwargs)
+                ChannelSender(shared.tensor, LAYOUT, shared_cache=shared, **kwargs)
     finally:
         shared.close()
 
