@@ -22,7 +22,7 @@ class KVCache:
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
                         dtype: torch.dtype) -> int:
-        element = torch.empty((), dtype=dtype).element_size()
+        element = dtype.itemsize
         return num_layers * 2 * block_size * num_kv_heads * head_dim * element
 
     @classmethod

@@ -18,6 +18,8 @@ import _posixshmem
 import numpy as np
 import torch
 
+from kv_transfer.codec import wire_nbytes
+
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
            "int8": torch.int8, "uint8": torch.uint8, "int64": torch.int64}
 
@@ -35,7 +37,7 @@ def describe(tensors: list[torch.Tensor]) -> list[dict]:
     """Shape, dtype and byte range of each payload tensor, packed back to back."""
     meta, offset = [], 0
     for t in tensors:
-        nbytes = t.numel() * t.element_size()
+        nbytes = wire_nbytes(t)
         meta.append({"shape": list(t.shape), "dtype": dtype_name(t.dtype), "offset": offset, "nbytes": nbytes})
         offset += nbytes
     return meta

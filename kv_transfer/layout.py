@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 import kernels
+from engine.block_manager import blocks_needed
 
 BlockIds = Sequence[int] | torch.Tensor
 
@@ -68,7 +69,7 @@ class KVLayout:
     @property
     def bytes_per_token(self) -> int:
         """Wire bytes per token of this rank's share (K and V, all local layers and heads)."""
-        itemsize = torch.empty((), dtype=self.torch_dtype).element_size()
+        itemsize = self.torch_dtype.itemsize
         return self.local_layers * 2 * self.local_heads * self.head_dim * itemsize
 
     def wire_shape(self, num_tokens: int) -> tuple[int, ...]:
@@ -150,7 +151,7 @@ def _block_index(block_ids: BlockIds, num_tokens: int, layout: KVLayout, num_blo
     """The first ceil(num_tokens / block_size) block ids as a validated int64 tensor on `device`."""
     if num_tokens < 0:
         raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
-    needed = -(-num_tokens // layout.block_size)
+    needed = blocks_needed(num_tokens, layout.block_size)
     if len(block_ids) < needed:
         raise ValueError(f"{num_tokens} tokens need {needed} blocks of {layout.block_size}, "
                          f"got {len(block_ids)} block ids")

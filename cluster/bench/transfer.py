@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from engine.block_manager import blocks_needed
+
 SIZES_MB = (1, 16, 128)
 
 
@@ -54,7 +56,7 @@ def _sender_main(cmd_q, out_q, backend: str, num_blocks: int, checksum: bool, sh
                 req_id, num_tokens = cmd
                 while sender.leases.live():   # the last ACK may still be in flight: the
                     sender.poll(time.monotonic())   # blocks are reused, so wait for it
-                ids = list(range(-(-num_tokens // layout.block_size)))
+                ids = list(range(blocks_needed(num_tokens, layout.block_size)))
                 out_q.put(sender.offer(req_id, ids, num_tokens, time.monotonic()))
             sender.poll(time.monotonic())
     finally:
@@ -81,7 +83,7 @@ def _bench_backend(backend: str, sizes_mb, repeats: int, checksum: bool, shared:
     layout = _layout()
     per_token = layout.bytes_per_token
     max_tokens = max(sizes_mb) * 2**20 // per_token + 1
-    num_blocks = -(-max_tokens // layout.block_size) + 1
+    num_blocks = blocks_needed(max_tokens, layout.block_size) + 1
     ctx = mp.get_context("spawn")
     cmd_q, out_q = ctx.Queue(), ctx.Queue()
     proc = ctx.Process(target=_sender_main, args=(cmd_q, out_q, backend, num_blocks, checksum, shared), daemon=True)
@@ -99,7 +101,7 @@ def _bench_backend(backend: str, sizes_mb, repeats: int, checksum: bool, shared:
                 cmd_q.put((f"{backend}-{mb}-{i}", num_tokens))
                 offer = out_q.get(timeout=60)
                 start = time.perf_counter()
-                receiver.pull(offer, list(range(-(-num_tokens // layout.block_size))))
+                receiver.pull(offer, list(range(blocks_needed(num_tokens, layout.block_size))))
                 result = None
                 while result is None:
                     done = receiver.poll()
