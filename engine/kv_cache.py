@@ -14,10 +14,17 @@ class KVCache:
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int,
-                 num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+                 num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 allocate=torch.zeros) -> None:
+        """`allocate(shape, dtype=)` makes the zero-filled tensor; a worker whose KV is read
+        in place by another process passes one that puts it in shared memory."""
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.data = torch.zeros(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype)
+        shape = (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)
+        self.data = allocate(shape, dtype=dtype)
+        if tuple(self.data.shape) != shape or self.data.dtype != dtype:
+            raise ConfigError(f"KV cache allocator returned {tuple(self.data.shape)} {self.data.dtype}, "
+                              f"expected {shape} {dtype}")
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,

@@ -17,12 +17,9 @@ from collections.abc import Sequence
 
 import torch
 
-from engine.block_manager import BlockManager, blocks_needed
-from engine.default_model import default_model_path
-from engine.errors import ConfigError, InvalidRequestError
-from engine.kv_cache import KVCache
-from engine.model_config import load_model_config
-from engine.model_runner import ModelRunner, parse_dtype
+from engine.errors import InvalidRequestError
+from engine.instance import build_engine
+from engine.validation import validate_request
 from engine.output import RequestOutput, StopChecker
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
@@ -36,21 +33,11 @@ class LLM:
                  block_size: int = 16, kv_cache_memory_gb: float = 1.0, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 4096, max_model_len: int | None = None,
                  num_threads: int | None = None, seed: int = 0) -> None:
-        if num_threads is not None:
-            torch.set_num_threads(num_threads)
-        path = model or default_model_path()
-        if not os.path.isdir(path):
-            raise ConfigError(f"model directory {path!r} does not exist")
-        self.model_config = cfg = load_model_config(path)
-        self.dtype = parse_dtype(dtype)
-        if block_size <= 0:
-            raise ConfigError(f"block_size must be > 0, got {block_size}")
-        self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        num_blocks = KVCache.num_blocks_for_budget(int(kv_cache_memory_gb * 2**30), cfg.num_layers,
-                                                   block_size, cfg.num_kv_heads, cfg.head_dim, self.dtype)
-        self.tokenizer = _load_tokenizer(path)
-        self.runner = ModelRunner(cfg, self.dtype, block_size, num_blocks, self.max_model_len, seed=seed)
-        self.block_manager = BlockManager(num_blocks, block_size)
+        parts = build_engine(model, dtype, block_size, kv_cache_memory_gb, max_model_len, num_threads, seed)
+        self.model_config = cfg = parts.model_config
+        self.runner, self.block_manager = parts.runner, parts.blocks
+        self.dtype, self.max_model_len = parts.runner.dtype, parts.max_model_len
+        self.tokenizer = load_tokenizer(cfg.path)
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_seqs, max_num_batched_tokens, self.max_model_len),
             self.block_manager, cfg.eos_token_ids)
@@ -100,7 +87,8 @@ class LLM:
             ids = [int(t) for t in prompt]
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop strings need a tokenizer; this model has none")
-        _validate(ids, params, self.model_config.vocab_size, self.max_model_len, self.block_manager)
+        validate_request(ids, params, self.model_config.vocab_size, self.max_model_len,
+                         self.block_manager.num_blocks, self.block_manager.block_size)
         return Seq(f"llm-{next(self._ids)}", ids, params, arrival_time=time.monotonic())
 
     def _run(self, seqs: list[Seq], use_tqdm: bool) -> dict[str, RequestOutput]:
@@ -162,24 +150,8 @@ class LLM:
                              text, seq.finish_reason.value, metrics)
 
 
-def _validate(ids: list[int], params: SamplingParams, vocab: int, max_len: int, blocks: BlockManager) -> None:
-    if not ids:
-        raise InvalidRequestError("prompt is empty")
-    bad = next((t for t in ids if not 0 <= t < vocab), None)
-    if bad is not None:
-        raise InvalidRequestError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
-    if len(ids) >= max_len:
-        raise InvalidRequestError(f"prompt has {len(ids)} tokens; the model's context is {max_len}")
-    total = len(ids) + params.max_tokens
-    if total > max_len:
-        raise InvalidRequestError(
-            f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context of {max_len}")
-    if blocks_needed(total, blocks.block_size) > blocks.num_blocks:
-        raise InvalidRequestError(
-            f"request needs {blocks_needed(total, blocks.block_size)} KV blocks; the cache has {blocks.num_blocks}")
-
-
-def _load_tokenizer(path: str):
+def load_tokenizer(path: str):
+    """The model directory's tokenizer, or None when it has none (token ids only)."""
     if not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model")):
         return None
     from transformers import AutoTokenizer

@@ -39,7 +39,8 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, block_size: int, num_blocks: int,
-                 max_model_len: int, par: ParallelContext | None = None, seed: int = 0) -> None:
+                 max_model_len: int, par: ParallelContext | None = None, seed: int = 0,
+                 allocate_kv=torch.zeros) -> None:
         keep_freed_memory()
         self.cfg = cfg
         self.par = par or ParallelContext()
@@ -50,7 +51,7 @@ class ModelRunner:
         self.model.eval()
         local_kv_heads = self.par.split(cfg.num_kv_heads, "num_key_value_heads")
         self.kv_cache = KVCache(len(self.model.layer_range), num_blocks, block_size,
-                                local_kv_heads, cfg.head_dim, dtype)
+                                local_kv_heads, cfg.head_dim, dtype, allocate_kv)
         self._kv_layers = self.kv_cache.layers()
         self.generator = torch.Generator().manual_seed(seed)
 

@@ -46,6 +46,15 @@ class SamplingParams:
         for s in self.stop:
             _check(isinstance(s, str) and s != "", f"stop strings must be non-empty strings, got {s!r}")
 
+    @classmethod
+    def from_message(cls, msg) -> SamplingParams:
+        """From a `pdcluster.v1.SamplingParams` protobuf message (read by field name)."""
+        def opt(name, default):
+            return getattr(msg, name) if msg.HasField(name) else default
+        return cls(max_tokens=opt("max_tokens", 16), temperature=opt("temperature", 1.0),
+                   top_p=opt("top_p", 1.0), top_k=msg.top_k, seed=opt("seed", None),
+                   stop=tuple(msg.stop), ignore_eos=msg.ignore_eos)
+
     @property
     def greedy(self) -> bool:
         # Below this, dividing logits by the temperature overflows float32: it is argmax anyway.

@@ -1,7 +1,8 @@
 """Continuous-batching scheduler of the in-process engine (both phases in one place).
 
 Lifecycle of a request:
-  1. `add` puts it in WAITING (FCFS).
+  1. `add` puts it in WAITING (FCFS); `add_running` puts a request whose
+     KV arrived from a prefill worker straight into RUNNING.
   2. `schedule` prefers prefill: waiting requests are admitted in order while
      the token budget, the sequence limit and the free blocks allow; their
      prompts run together in one packed prefill step -> RUNNING.
@@ -47,6 +48,21 @@ class Scheduler:
             raise ValueError(f"request id {seq.req_id!r} is already scheduled")
         self._by_id[seq.req_id] = seq
         self.waiting.append(seq)
+
+    def add_running(self, seq: Sequence) -> None:
+        """Join a request whose KV is already in its blocks (it was prefilled elsewhere).
+
+        Its cache holds every token but the last sampled one, which the next
+        decode step feeds. The caller checked `max_num_seqs` and owns no block
+        of it any more.
+        """
+        if seq.req_id in self._by_id:
+            raise ValueError(f"request id {seq.req_id!r} is already scheduled")
+        if not seq.output_token_ids or not seq.block_ids:
+            raise ValueError(f"request {seq.req_id!r} joins running without a sampled token or blocks")
+        seq.status = SeqStatus.RUNNING
+        self._by_id[seq.req_id] = seq
+        self.running.append(seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)

@@ -1,0 +1,39 @@
+"""The Ray actor shell around a worker: build it, host its step loop, report, stop.
+
+Everything a worker does happens in the worker object and its host loop;
+the actor only exists so Ray can place the process and keep it alive.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+
+@ray.remote(max_restarts=0)
+class WorkerActor:
+    def __init__(self, role: str, name: str, cfg_dict: dict, model_path: str, router_endpoint: str,
+                 host: str) -> None:
+        logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(message)s")
+        from cluster.config import from_dict
+        from cluster.worker_factory import build_worker
+        from cluster.worker_host import WorkerHost
+        worker = build_worker(role, name, from_dict(cfg_dict), model_path, host)
+        self.host = WorkerHost(worker, router_endpoint, host)
+        self.host.start()
+
+    def info(self) -> dict:
+        w = self.host.worker
+        return {"name": w.name, "role": w.role, "pid": os.getpid(),
+                "command_endpoint": self.host.command_endpoint,
+                "num_blocks": w.blocks.num_blocks, "block_size": w.blocks.block_size}
+
+    def stats(self) -> dict:
+        w = self.host.worker
+        return {"num_free_blocks": w.blocks.num_free_blocks, "num_blocks": w.blocks.num_blocks,
+                "idle": w.is_idle(), "loop_error": self.host.error}
+
+    def stop(self) -> bool:
+        self.host.stop()
+        return True

@@ -1,0 +1,210 @@
+"""The one config object: frozen dataclasses composed into `ClusterConfig`, loaded from YAML.
+
+    cfg = load_config("deploy/local.yaml")          # or ClusterConfig() for the defaults
+    cfg = load_config(path, overrides={"router": {"port": 0}})
+
+Every unknown key, wrong type or out-of-range value raises `ConfigError`
+naming the key by its dotted path (`prefill.num_instances`). Environment
+variables are read here once (PDCLUSTER_MODEL), nowhere else.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+
+from engine.errors import ConfigError
+
+TRANSFER_BACKENDS = ("shm", "zmq", "torch_dist", "ray")
+DTYPES = ("bfloat16", "float32", "float16")
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    path: str | None = None            # a local HF model directory; None = the default model
+    dtype: str = "bfloat16"
+    max_model_len: int | None = None   # None = the model's own context
+
+    def check(self, key: str) -> None:
+        _one_of(self.dtype, DTYPES, f"{key}.dtype")
+        if self.path is not None and not os.path.isdir(self.path):
+            raise ConfigError(f"{key}.path: model directory {self.path!r} does not exist")
+        if self.max_model_len is not None:
+            _positive(self.max_model_len, f"{key}.max_model_len")
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    num_instances: int = 1
+    num_threads: int = 1                # torch CPU threads per worker (and Ray CPUs it reserves)
+    num_gpus: float = 0.0               # per rank, where GPUs exist
+    tp_size: int = 1
+    pp_size: int = 1
+    kv_cache_memory_gb: float = 0.5
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 4096
+
+    def check(self, key: str) -> None:
+        for name in ("num_instances", "num_threads", "tp_size", "pp_size", "block_size", "max_num_seqs",
+                     "max_num_batched_tokens"):
+            _positive(getattr(self, name), f"{key}.{name}")
+        if self.tp_size * self.pp_size != 1:
+            raise ConfigError(f"{key}.tp_size/pp_size: only 1 x 1 plans run in a pool yet "
+                              f"(got {self.tp_size} x {self.pp_size})")
+        if self.kv_cache_memory_gb <= 0:
+            raise ConfigError(f"{key}.kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
+        if self.num_gpus < 0:
+            raise ConfigError(f"{key}.num_gpus must be >= 0, got {self.num_gpus}")
+
+    @property
+    def plan(self) -> str:
+        return f"tp{self.tp_size}-pp{self.pp_size}"
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    backend: str = "shm"
+    lease_ttl_s: float = 30.0
+    checksum: bool = False              # shm with checksum off reads the prefill cache in place
+    compress: str | None = None         # None or "int8"
+
+    def check(self, key: str) -> None:
+        _one_of(self.backend, TRANSFER_BACKENDS, f"{key}.backend")
+        if self.compress is not None:
+            _one_of(self.compress, ("int8",), f"{key}.compress")
+        if self.lease_ttl_s <= 0:
+            raise ConfigError(f"{key}.lease_ttl_s must be > 0, got {self.lease_ttl_s}")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051                   # 0 picks a free port
+    max_active_requests: int = 256      # beyond this, Generate answers RESOURCE_EXHAUSTED
+    request_timeout_s: float = 300.0    # a request with no progress for this long fails
+    drain_timeout_s: float = 30.0       # on stop, wait this long for requests in flight
+
+    def check(self, key: str) -> None:
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"{key}.port must be in [0, 65536), got {self.port}")
+        _positive(self.max_active_requests, f"{key}.max_active_requests")
+        if self.request_timeout_s <= 0 or self.drain_timeout_s < 0:
+            raise ConfigError(f"{key}.request_timeout_s must be > 0 and drain_timeout_s >= 0")
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str | None = None          # None: start an embedded local Ray; else join this cluster
+    host: str = "127.0.0.1"             # the address Ray nodes and our sockets bind
+    num_cpus: int | None = None         # logical CPUs of the embedded Ray (None: what the pools need)
+
+    def check(self, key: str) -> None:
+        if self.num_cpus is not None:
+            _positive(self.num_cpus, f"{key}.num_cpus")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    prefill: PoolConfig = field(default_factory=PoolConfig)
+    decode: PoolConfig = field(default_factory=PoolConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def check(self) -> ClusterConfig:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).check(f.name)
+        return self
+
+    def replace(self, **sections: dict) -> ClusterConfig:
+        """A copy with some keys changed: cfg.replace(router={"port": 0})."""
+        return from_dict(_merge(to_dict(self), sections))
+
+
+def load_config(path: str | None = None, overrides: dict | None = None) -> ClusterConfig:
+    """Read a YAML file (None: the defaults), apply overrides, check every value."""
+    data: dict = {}
+    if path is not None:
+        import yaml
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise ConfigError(f"cannot read config {path!r}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config {path!r} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config {path!r} must be a mapping of sections, got {type(data).__name__}")
+    if os.environ.get("PDCLUSTER_MODEL") and "path" not in data.get("model", {}):
+        data = _merge(data, {"model": {"path": os.environ["PDCLUSTER_MODEL"]}})
+    return from_dict(_merge(data, overrides or {}))
+
+
+def from_dict(data: dict) -> ClusterConfig:
+    return _build(ClusterConfig, data, "").check()
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _build(cls, data, key: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{key or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{key}." if key else ""
+        raise ConfigError(f"unknown config key {where}{unknown[0]} (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        sub = f"{key}.{name}" if key else name
+        kwargs[name] = _coerce(hints[name], value, sub)
+    return cls(**kwargs)
+
+
+def _coerce(hint, value, key: str):
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key} must not be empty")
+    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    if base is bool:
+        ok = isinstance(value, bool)
+    elif base is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif base is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif base is str:
+        ok = isinstance(value, str)
+    else:
+        ok = True
+    if not ok:
+        raise ConfigError(f"{key} must be {base.__name__}, got {value!r}")
+    return value
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _positive(value: int, key: str) -> None:
+    if value < 1:
+        raise ConfigError(f"{key} must be >= 1, got {value}")
+
+
+def _one_of(value, allowed: tuple, key: str) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")

@@ -1,0 +1,179 @@
+"""Start and stop a whole cluster from one `ClusterConfig`: Ray, the worker pools, the router.
+
+    with Cluster(load_config("deploy/local.yaml")) as cluster:
+        client = Client(cluster.address)
+
+The router runs in this process, on its own asyncio loop in a thread; the
+workers are Ray actors (one process each). `stop` drains the router, stops
+every actor, removes their placement groups and, if it started Ray, stops Ray.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+
+from cluster.config import ClusterConfig
+from engine.errors import ConfigError
+
+START_TIMEOUT_S = 300.0
+
+
+class _LoopThread:
+    """An asyncio loop on a daemon thread; `run` executes a coroutine there and waits for it."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="router-loop", daemon=True)
+        self._thread.start()
+
+    def run(self, coro, timeout: float | None = None):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+
+class Cluster:
+    def __init__(self, config: ClusterConfig, log=print) -> None:
+        self.config = config.check()
+        self.log = log
+        self.router = None
+        self.actors: dict[str, object] = {}
+        self.infos: dict[str, dict] = {}
+        self._groups: list = []
+        self._loop: _LoopThread | None = None
+        self._started_ray = False
+        self._links = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.router.host}:{self.router.port}"
+
+    def __enter__(self) -> Cluster:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- start ---------------------------------------------------------------------------
+    def start(self) -> Cluster:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
+        from cluster.ray_cluster import start_ray
+        from engine.default_model import default_model_path
+        cfg = self.config
+        t0 = time.monotonic()
+        model_path = cfg.model.path or default_model_path()
+        need = sum(p.num_instances * p.num_threads * p.tp_size * p.pp_size for p in (cfg.prefill, cfg.decode))
+        self._started_ray = start_ray(cfg.ray.address, cfg.ray.host, cfg.ray.num_cpus or max(need, os.cpu_count() or 1))
+        self.log(f"ray ready in {time.monotonic() - t0:.1f}s; starting {cfg.prefill.num_instances} prefill + "
+                 f"{cfg.decode.num_instances} decode instance(s) of {model_path}")
+        self._loop = _LoopThread()
+        self._links = links = self._loop.run(_make_links(cfg.ray.host), timeout=30)
+        self._start_actors(model_path, links.endpoint)
+        self._start_router(model_path, links)
+        self.log(f"router listening on {self.address} ({time.monotonic() - t0:.1f}s after start)")
+
+    def _start_actors(self, model_path: str, router_endpoint: str) -> None:
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from cluster.actors import WorkerActor
+        from cluster.config import to_dict
+        from cluster.ray_cluster import placement_group_for
+        cfg, cfg_dict = self.config, to_dict(self.config)
+        pending = {}
+        for role, pool in (("prefill", cfg.prefill), ("decode", cfg.decode)):
+            for i in range(pool.num_instances):
+                name = f"{role}-{i}"
+                pg = placement_group_for(name, pool.num_threads, pool.num_gpus, pool.tp_size * pool.pp_size)
+                self._groups.append(pg)
+                actor = WorkerActor.options(
+                    name=None, num_cpus=pool.num_threads, num_gpus=pool.num_gpus,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0),
+                ).remote(role, name, cfg_dict, model_path, router_endpoint, cfg.ray.host)
+                self.actors[name] = actor
+                pending[actor.info.remote()] = name
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise ConfigError(f"workers {sorted(pending.values())} did not start in {START_TIMEOUT_S:.0f}s")
+            name = pending.pop(ready[0])
+            self.infos[name] = info = ray.get(ready[0])   # raises the actor's own error if it failed
+            self.log(f"  {name} ready (pid {info['pid']}, {info['num_blocks']} KV blocks)")
+
+    def _start_router(self, model_path: str, links) -> None:
+        from engine.llm import load_tokenizer
+        from engine.model_config import load_model_config
+        from router.server import InstanceInfo, ModelInfo, Router
+        cfg = self.config
+        mc = load_model_config(model_path)
+        max_len = min(cfg.model.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        decode_infos = [i for i in self.infos.values() if i["role"] == "decode"]
+        smallest = min(self.infos.values(), key=lambda i: i["num_blocks"] * i["block_size"])
+        model = ModelInfo(name=model_path, vocab_size=mc.vocab_size, max_model_len=max_len,
+                          num_blocks=smallest["num_blocks"], block_size=smallest["block_size"],
+                          transfer_backend=cfg.transfer.backend)
+        if not decode_infos:
+            raise ConfigError("decode.num_instances must be >= 1")
+        self.router = Router(cfg.router, model, load_tokenizer(model_path), links)
+        pools = {"prefill": cfg.prefill, "decode": cfg.decode}
+        for name, info in self.infos.items():
+            self.router.add_instance(InstanceInfo(name, info["role"], pools[info["role"]].plan,
+                                                  info["command_endpoint"]))
+        self._loop.run(self.router.start(), timeout=30)
+
+    # -- stop ------------------------------------------------------------------------------
+    def worker_stats(self) -> dict[str, dict]:
+        import ray
+        return {name: ray.get(a.stats.remote(), timeout=30) for name, a in self.actors.items()}
+
+    def stop(self, drain_timeout_s: float | None = None) -> None:
+        """Drain and stop everything this cluster started; safe to call twice."""
+        drain = self.config.router.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
+        if self.router is not None and self._loop is not None:
+            try:
+                self._loop.run(self.router.stop(drain), timeout=drain + 30)
+            except Exception as e:   # keep tearing down: actors and Ray must not be left behind
+                self.log(f"router stop: {e}")
+        self._stop_actors()
+        if self._loop is not None:
+            if self._links is not None:
+                self._loop.loop.call_soon_threadsafe(self._links.close)
+                self._links = None
+            self._loop.close()
+            self._loop = None
+        self.router = None
+        from cluster.ray_cluster import remove_placement_groups, stop_ray
+        remove_placement_groups(self._groups)
+        self._groups.clear()
+        if self._started_ray:
+            stop_ray()
+            self._started_ray = False
+
+    def _stop_actors(self) -> None:
+        if not self.actors:
+            return
+        import ray
+        refs = [a.stop.remote() for a in self.actors.values()]
+        ray.wait(refs, num_returns=len(refs), timeout=30)
+        for actor in self.actors.values():
+            ray.kill(actor)
+        self.actors.clear()
+
+
+async def _make_links(host: str):
+    from router.links import WorkerLinks
+    return WorkerLinks(host)

@@ -1,0 +1,60 @@
+"""Builds a prefill or decode worker object from the cluster config (used inside the actors)."""
+from __future__ import annotations
+
+import gc
+
+import torch
+
+from cluster.config import ClusterConfig
+from decode_worker.worker import DecodeWorker
+from engine.instance import build_engine
+from engine.scheduler import SchedulerConfig
+from kv_transfer import make_receiver, make_sender
+from kv_transfer.layout import KVLayout
+from kv_transfer.shared_cache import SharedKVCache
+from prefill_worker.scheduler import PrefillSchedulerConfig
+from prefill_worker.worker import PrefillWorker
+
+
+def zero_copy(cfg: ClusterConfig) -> bool:
+    """shm without checksum or compression reads the prefill cache in place (one copy)."""
+    t = cfg.transfer
+    return t.backend == "shm" and not t.checksum and t.compress is None
+
+
+def build_worker(role: str, name: str, cfg: ClusterConfig, model_path: str, host: str = "127.0.0.1"):
+    pool = cfg.prefill if role == "prefill" else cfg.decode
+    shared: list[SharedKVCache] = []
+
+    def allocate_shared(shape, dtype):
+        shared.append(SharedKVCache(shape, dtype))
+        return shared[-1].tensor
+
+    use_shared = role == "prefill" and zero_copy(cfg)
+    parts = build_engine(model_path, cfg.model.dtype, pool.block_size, pool.kv_cache_memory_gb,
+                         cfg.model.max_model_len, pool.num_threads,
+                         allocate_kv=allocate_shared if use_shared else torch.zeros)
+    mc = parts.model_config
+    cache = parts.runner.kv_cache.data
+    layout = KVLayout.from_cache(cache, num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads)
+    t = cfg.transfer
+    common = dict(vocab_size=mc.vocab_size, eos_token_ids=mc.eos_token_ids, max_model_len=parts.max_model_len)
+    if role == "prefill":
+        kwargs = dict(host=host, lease_ttl_s=t.lease_ttl_s, checksum=t.checksum, compress=t.compress)
+        if use_shared:
+            kwargs["shared_cache"] = shared[0]
+        sender = make_sender(t.backend, cache, layout, **kwargs)
+
+        def release():
+            # every view of the shared segment must go before it can be unmapped
+            parts.runner.kv_cache.data = parts.runner._kv_layers = sender.cache_data = None
+            gc.collect()
+            for s in shared:
+                s.close()
+
+        return PrefillWorker(name, parts.runner, parts.blocks, sender, **common,
+                             config=PrefillSchedulerConfig(pool.max_num_batched_tokens, pool.max_num_seqs),
+                             on_close=release)
+    receiver = make_receiver(t.backend, cache, layout)
+    return DecodeWorker(name, parts.runner, parts.blocks, receiver, **common,
+                        config=SchedulerConfig(pool.max_num_seqs, pool.max_num_batched_tokens))

@@ -1,0 +1,95 @@
+"""Runs a worker object's step loop on a thread, between two zmq sockets.
+
+    commands:  router PUSH -> PULL here (ToWorker)     bound on `host`, random port
+    replies:   PUSH here -> router PULL (FromWorker)   after every step with news
+
+The loop owns the worker: commands are applied between steps, so a worker
+never sees two threads. When the worker has nothing to do the loop sleeps in
+zmq's poll until a command arrives (or its next wake-up time); an idle worker
+still sends a snapshot every HEARTBEAT_S so the router knows it is alive.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+
+import zmq
+from google.protobuf.message import DecodeError
+
+from protos import worker_pb2 as wpb
+
+log = logging.getLogger(__name__)
+HEARTBEAT_S = 1.0
+
+
+class WorkerHost:
+    def __init__(self, worker, router_endpoint: str, host: str = "127.0.0.1") -> None:
+        self.worker = worker
+        self._ctx = zmq.Context()
+        self._cmd = self._ctx.socket(zmq.PULL)
+        self._cmd.setsockopt(zmq.LINGER, 0)
+        port = self._cmd.bind_to_random_port(f"tcp://{host}")
+        self.command_endpoint = f"tcp://{host}:{port}"
+        self._out = self._ctx.socket(zmq.PUSH)
+        self._out.setsockopt(zmq.LINGER, 1000)
+        self._out.connect(router_endpoint)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.error: str | None = None     # the last unexpected exception of the loop
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name=f"{self.worker.name}-loop", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        self._cmd.close(0)
+        self._out.close()
+        self._ctx.term()
+
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._cmd, zmq.POLLIN)
+        last_sent = 0.0
+        try:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                self._drain_commands(now)
+                try:
+                    out = self.worker.step(now)
+                except Exception:   # a bug must not silently kill the loop: log it, keep serving
+                    self.error = traceback.format_exc()
+                    log.error("%s step failed:\n%s", self.worker.name, self.error)
+                    out = None
+                if out is None and time.monotonic() - last_sent > HEARTBEAT_S:
+                    out = wpb.FromWorker(instance=self.worker.name, load=self.worker.load())
+                if out is not None:
+                    self._out.send(out.SerializeToString())
+                    last_sent = time.monotonic()
+                wake = self.worker.next_wakeup(time.monotonic())
+                if wake is None or wake > 0:
+                    wait = HEARTBEAT_S if wake is None else min(wake, HEARTBEAT_S)
+                    poller.poll(max(1, int(wait * 1000)) if wait >= 0.001 else 0)
+        finally:
+            self.worker.close()
+
+    def _drain_commands(self, now: float) -> None:
+        while True:
+            try:
+                data = self._cmd.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = wpb.ToWorker.FromString(data)
+            except DecodeError:
+                log.warning("%s dropped a malformed command of %d bytes", self.worker.name, len(data))
+                continue
+            try:
+                self.worker.handle(msg, now)
+            except Exception:
+                self.error = traceback.format_exc()
+                log.error("%s could not handle a command:\n%s", self.worker.name, self.error)

@@ -1,0 +1,213 @@
+"""The decode worker: pulls a request's KV from prefill, then decodes it in a continuous batch.
+
+Lifecycle of a request here:
+  1. `submit` (router -> DecodeWork, with the prefill side's KV offer) ->
+     PENDING (FCFS): it waits until this worker has the blocks for its prompt
+     plus the next token and a free batch slot.
+  2. Admission allocates the blocks and starts `receiver.pull` -> PULLING.
+  3. `receiver.poll` reports the pull:
+       DONE   -> the KV is in our blocks; the request joins the running batch
+                 (`Scheduler.add_running`) with its first token as the input.
+       FAILED -> the blocks are freed and the prompt is recomputed here
+                 (`Scheduler.add`, as after a preemption): the request is
+                 slower, never lost.
+  4. RUNNING: one token per step (continuous batching; a request short of
+     blocks preempts the newest and is recomputed later). Tokens go to the
+     router after every step; EOS, max_tokens or a full context end it and
+     free its blocks.
+  5. `abort` at any point frees whatever the request holds (PULLING: the pull
+     is aborted, which also ends the prefill side's lease).
+
+A plain object: the step loop and the sockets live in `cluster.worker_host`,
+the Ray actor in `cluster.actors`; tests step it in-process.
+"""
+from __future__ import annotations
+
+import pickle
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from engine.block_manager import BlockManager, blocks_needed
+from engine.errors import EngineError
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler, SchedulerConfig
+from engine.sequence import Sequence
+from engine.validation import validate_request
+from kv_transfer.base import KVReceiver, TransferOffer, TransferStatus
+from protos import worker_pb2 as wpb
+
+
+@dataclass
+class _Pull:
+    seq: Sequence
+    offer: TransferOffer
+    started: float
+
+
+class DecodeWorker:
+    role = "decode"
+
+    def __init__(self, name: str, runner, blocks: BlockManager, receiver: KVReceiver, *, vocab_size: int,
+                 eos_token_ids: frozenset[int], max_model_len: int,
+                 config: SchedulerConfig = SchedulerConfig(), on_close=None) -> None:
+        self.name = name
+        self.runner, self.blocks, self.receiver = runner, blocks, receiver
+        self.vocab_size, self.max_model_len = vocab_size, max_model_len
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
+                                                   max_model_len), blocks, eos_token_ids)
+        self.pending: deque[tuple[Sequence, TransferOffer]] = deque()
+        self._pulls: dict[str, _Pull] = {}          # transfer_id -> pull
+        self._pull_of: dict[str, str] = {}          # req_id -> transfer_id
+        self._transfer_s: dict[str, float] = {}     # reported with the request's next tokens
+        self._out = wpb.FromWorker(instance=name)
+        self._on_close = on_close
+        self.num_steps, self._step_time = 0, 0.0
+
+    # -- commands ---------------------------------------------------------------------
+    def handle(self, msg: wpb.ToWorker, now: float) -> None:
+        kind = msg.WhichOneof("kind")
+        if kind == "decode":
+            self.submit(msg.decode, now)
+        elif kind == "abort":
+            self.abort(msg.abort.req_id)
+        else:
+            self._fail(getattr(msg, kind).req_id if kind else "", f"a decode worker cannot take {kind!r}")
+
+    def submit(self, work: wpb.DecodeWork, now: float) -> None:
+        try:
+            params = SamplingParams.from_message(work.sampling)
+            ids = list(work.prompt_token_ids)
+            validate_request(ids, params, self.vocab_size, self.max_model_len, self.blocks.num_blocks,
+                             self.blocks.block_size)
+            offer = pickle.loads(work.offer)
+            if not isinstance(offer, TransferOffer) or offer.num_tokens != len(ids):
+                raise EngineError(f"the KV offer does not match the prompt of {len(ids)} tokens")
+        except (EngineError, pickle.UnpicklingError, EOFError, AttributeError, ImportError) as e:
+            self._fail(work.req_id, f"bad decode work: {e}")
+            return
+        seq = Sequence(work.req_id, ids, params, arrival_time=now)
+        seq.output_token_ids.append(work.first_token_id)
+        self.pending.append((seq, offer))
+
+    def abort(self, req_id: str) -> None:
+        for entry in self.pending:
+            if entry[0].req_id == req_id:
+                self.pending.remove(entry)
+                return
+        tid = self._pull_of.pop(req_id, None)
+        if tid is not None:
+            pull = self._pulls.pop(tid)
+            self.receiver.abort(tid)
+            self.blocks.free(pull.seq.block_ids)
+            return
+        self._transfer_s.pop(req_id, None)
+        self.scheduler.abort(req_id)
+
+    # -- the step -----------------------------------------------------------------------
+    def step(self, now: float) -> wpb.FromWorker | None:
+        """Admit what fits, land finished pulls, run one decode step; return the router's news."""
+        self._admit(now)
+        self._land_pulls(time.monotonic())
+        stepped = False
+        if self.scheduler.has_unfinished():
+            plan = self.scheduler.schedule(now)
+            if plan is not None:
+                start = time.monotonic()
+                try:
+                    result = self.runner.execute(plan)
+                except Exception as e:   # the batch fails, the worker and later requests go on
+                    for work in plan.seqs:
+                        self.scheduler.abort(work.req_id)
+                        self._transfer_s.pop(work.req_id, None)
+                        self._fail(work.req_id, f"decode failed: {type(e).__name__}: {e}")
+                    return self._flush(True)
+                self._step_time += time.monotonic() - start
+                self.num_steps += 1
+                finished = {s.req_id: s for s in self.scheduler.update(plan, result)}
+                for work in plan.seqs:
+                    self._report(work.req_id, finished)
+                stepped = True
+        return self._flush(stepped)
+
+    def _admit(self, now: float) -> None:
+        while self.pending:
+            seq, offer = self.pending[0]
+            if len(self.scheduler.running) + len(self._pulls) >= self.scheduler.config.max_num_seqs:
+                return
+            # blocks for the prompt's KV and the slot of the first token, fed in the first step
+            if blocks_needed(seq.num_tokens, self.blocks.block_size) > self.blocks.num_free_blocks:
+                return
+            self.pending.popleft()
+            seq.block_ids = self.blocks.allocate(len(seq.prompt_token_ids))
+            try:
+                self.receiver.pull(offer, seq.block_ids)
+            except Exception as e:   # a bad offer: recompute here rather than lose the request
+                self._recompute(seq, f"pull could not start: {e}")
+                continue
+            self._pulls[offer.transfer_id] = _Pull(seq, offer, now)
+            self._pull_of[seq.req_id] = offer.transfer_id
+
+    def _land_pulls(self, now: float) -> None:
+        for result in self.receiver.poll():
+            pull = self._pulls.pop(result.transfer_id, None)
+            if pull is None:
+                continue   # aborted meanwhile; its blocks are already free
+            del self._pull_of[pull.seq.req_id]
+            self._transfer_s[pull.seq.req_id] = now - pull.started
+            if result.status is TransferStatus.DONE:
+                self.scheduler.add_running(pull.seq)
+            else:
+                self._recompute(pull.seq, result.error or "transfer failed")
+
+    def _recompute(self, seq: Sequence, why: str) -> None:
+        self.blocks.free(seq.block_ids)
+        seq.block_ids = []
+        seq.num_preemptions += 1
+        self.scheduler.add(seq)   # WAITING: prefilled here over prompt + first token
+
+    def _report(self, req_id: str, finished: dict[str, Sequence]) -> None:
+        seq = finished.get(req_id) or self.scheduler.get(req_id)
+        if seq is None or not seq.output_token_ids:
+            return
+        tokens = wpb.Tokens(req_id=req_id, token_ids=[seq.output_token_ids[-1]])
+        if req_id in finished:
+            tokens.finish_reason = seq.finish_reason.value
+        transfer_s = self._transfer_s.pop(req_id, None)
+        if transfer_s is not None:
+            tokens.transfer_s = transfer_s
+        self._out.tokens.append(tokens)
+
+    def _fail(self, req_id: str, error: str) -> None:
+        self._out.failed.append(wpb.Failed(req_id=req_id, error=error))
+
+    def _flush(self, stepped: bool) -> wpb.FromWorker | None:
+        out = self._out
+        if not (stepped or out.tokens or out.failed):
+            return None
+        out.load.CopyFrom(self.load())
+        self._out = wpb.FromWorker(instance=self.name)
+        return out
+
+    # -- state ------------------------------------------------------------------------------
+    def load(self) -> wpb.Load:
+        return wpb.Load(num_waiting=len(self.pending) + len(self.scheduler.waiting) + len(self._pulls),
+                        num_running=len(self.scheduler.running),
+                        num_free_blocks=self.blocks.num_free_blocks, num_blocks=self.blocks.num_blocks,
+                        num_steps=self.num_steps,
+                        mean_step_s=self._step_time / self.num_steps if self.num_steps else 0.0)
+
+    def is_idle(self) -> bool:
+        return not (self.pending or self._pulls or self.scheduler.has_unfinished())
+
+    def next_wakeup(self, now: float) -> float | None:
+        if self.scheduler.has_unfinished():
+            return 0.0
+        if self._pulls:
+            return 0.0002
+        return 0.005 if self.pending else None
+
+    def close(self) -> None:
+        self.receiver.close()
+        if self._on_close is not None:
+            self._on_close()

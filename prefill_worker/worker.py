@@ -1,0 +1,175 @@
+"""The prefill worker: runs prompts, samples each first token, offers the KV to decode.
+
+Lifecycle of a request here:
+  1. `submit` (router -> PrefillWork): validated, queued in WAITING (FCFS).
+  2. `step` -> scheduler.schedule: while the token budget and free blocks
+     allow, waiting prompts are allocated blocks and run together in one
+     packed prefill step; each gets its first token.
+  3. The first token ends the request (EOS, max_tokens = 1, context full):
+     its blocks are freed at once and PrefillDone carries the finish reason.
+  4. Otherwise its blocks go under a transfer lease (`sender.offer`) and
+     PrefillDone carries the offer; the router forwards it to a decode worker.
+  5. The lease ends (the decode side acknowledged, failed, aborted, or the
+     lease expired): `sender.poll` reports it and the blocks are freed.
+  6. `abort` at any point: WAITING -> dropped; LEASED -> lease aborted, freed.
+
+A plain object: the step loop and the sockets live in `cluster.worker_host`,
+the Ray actor in `cluster.actors`; tests step it in-process.
+"""
+from __future__ import annotations
+
+import pickle
+import time
+
+from engine.block_manager import BlockManager
+from engine.errors import EngineError
+from engine.sampling_params import SamplingParams
+from engine.sequence import FinishReason, Sequence
+from engine.validation import validate_request
+from kv_transfer.base import KVSender
+from prefill_worker.scheduler import PrefillScheduler, PrefillSchedulerConfig
+from protos import worker_pb2 as wpb
+
+
+class PrefillWorker:
+    role = "prefill"
+
+    def __init__(self, name: str, runner, blocks: BlockManager, sender: KVSender, *, vocab_size: int,
+                 eos_token_ids: frozenset[int], max_model_len: int,
+                 config: PrefillSchedulerConfig = PrefillSchedulerConfig(), on_close=None) -> None:
+        self.name = name
+        self.runner, self.blocks, self.sender = runner, blocks, sender
+        self.vocab_size, self.eos_token_ids, self.max_model_len = vocab_size, eos_token_ids, max_model_len
+        self.scheduler = PrefillScheduler(config, blocks)
+        self._leases: dict[str, str] = {}            # req_id -> transfer_id
+        self._lease_blocks: dict[str, tuple[str, list[int]]] = {}  # transfer_id -> (req_id, blocks)
+        self._arrival: dict[str, float] = {}
+        self._out = wpb.FromWorker(instance=name)
+        self._on_close = on_close
+        self.num_steps, self._step_time = 0, 0.0
+
+    # -- commands ---------------------------------------------------------------------
+    def handle(self, msg: wpb.ToWorker, now: float) -> None:
+        kind = msg.WhichOneof("kind")
+        if kind == "prefill":
+            self.submit(msg.prefill, now)
+        elif kind == "abort":
+            self.abort(msg.abort.req_id, now)
+        else:
+            self._fail(getattr(msg, kind).req_id if kind else "", f"a prefill worker cannot take {kind!r}")
+
+    def submit(self, work: wpb.PrefillWork, now: float) -> None:
+        try:
+            params = SamplingParams.from_message(work.sampling)
+            ids = list(work.prompt_token_ids)
+            validate_request(ids, params, self.vocab_size, self.max_model_len, self.blocks.num_blocks,
+                             self.blocks.block_size)
+        except EngineError as e:
+            self._fail(work.req_id, str(e))
+            return
+        seq = Sequence(work.req_id, ids, params, arrival_time=now)
+        self._arrival[work.req_id] = now
+        self.scheduler.add(seq)
+
+    def abort(self, req_id: str, now: float) -> None:
+        if self.scheduler.abort(req_id) is not None:
+            self._arrival.pop(req_id, None)
+            return
+        tid = self._leases.get(req_id)
+        if tid is not None:
+            end = self.sender.abort(tid, now)
+            if end is not None:
+                self._free_lease(tid)
+
+    # -- the step -----------------------------------------------------------------------
+    def step(self, now: float) -> wpb.FromWorker | None:
+        """Serve transfers, run one prefill batch if any; return what to tell the router."""
+        for end in self.sender.poll(now):
+            self._free_lease(end.transfer_id)
+        scheduled = self.scheduler.schedule(now)
+        if scheduled is not None:
+            plan, seqs = scheduled
+            start = time.monotonic()
+            try:
+                result = self.runner.execute(plan)
+            except Exception as e:   # the batch fails, the worker and other requests go on
+                for seq in seqs:
+                    self.blocks.free(seq.block_ids)
+                    seq.block_ids = []
+                    self._arrival.pop(seq.req_id, None)
+                    self._fail(seq.req_id, f"prefill failed: {type(e).__name__}: {e}")
+                return self._flush(True)
+            elapsed = time.monotonic() - start
+            self.num_steps += 1
+            self._step_time += elapsed
+            done = time.monotonic()
+            for seq, token in zip(seqs, result.token_ids, strict=True):
+                self._hand_off(seq, token, elapsed, done)
+        return self._flush(scheduled is not None)
+
+    def _hand_off(self, seq: Sequence, token: int, elapsed: float, now: float) -> None:
+        seq.output_token_ids.append(token)
+        queue_s = seq.first_scheduled_time - self._arrival.pop(seq.req_id, seq.first_scheduled_time)
+        done = wpb.PrefillDone(req_id=seq.req_id, first_token_id=token, queue_s=queue_s, prefill_s=elapsed)
+        reason = self._first_token_ends(seq, token)
+        if reason is not None:
+            self.blocks.free(seq.block_ids)
+            done.finish_reason = reason.value
+        else:
+            # The KV of the prompt is what decode needs; the first token's KV is made there.
+            offer = self.sender.offer(seq.req_id, seq.block_ids, len(seq.prompt_token_ids), now)
+            self._leases[seq.req_id] = offer.transfer_id
+            self._lease_blocks[offer.transfer_id] = (seq.req_id, seq.block_ids)
+            done.offer = pickle.dumps(offer)
+        seq.block_ids = []
+        self._out.prefilled.append(done)
+
+    def _first_token_ends(self, seq: Sequence, token: int) -> FinishReason | None:
+        if token in self.eos_token_ids and not seq.sampling.ignore_eos:
+            return FinishReason.EOS
+        if seq.sampling.max_tokens <= 1:
+            return FinishReason.LENGTH
+        if seq.num_tokens >= self.max_model_len:
+            return FinishReason.CONTEXT
+        return None
+
+    def _free_lease(self, tid: str) -> None:
+        entry = self._lease_blocks.pop(tid, None)
+        if entry is not None:
+            req_id, block_ids = entry
+            self.blocks.free(block_ids)
+            if self._leases.get(req_id) == tid:
+                del self._leases[req_id]
+
+    def _fail(self, req_id: str, error: str) -> None:
+        self._out.failed.append(wpb.Failed(req_id=req_id, error=error))
+
+    def _flush(self, stepped: bool) -> wpb.FromWorker | None:
+        out = self._out
+        if not (stepped or out.prefilled or out.failed):
+            return None
+        out.load.CopyFrom(self.load())
+        self._out = wpb.FromWorker(instance=self.name)
+        return out
+
+    # -- state ------------------------------------------------------------------------------
+    def load(self) -> wpb.Load:
+        return wpb.Load(num_waiting=len(self.scheduler.waiting), num_running=0,
+                        queued_prompt_tokens=self.scheduler.queued_prompt_tokens,
+                        num_free_blocks=self.blocks.num_free_blocks, num_blocks=self.blocks.num_blocks,
+                        num_leases=len(self._lease_blocks), num_steps=self.num_steps,
+                        mean_step_s=self._step_time / self.num_steps if self.num_steps else 0.0)
+
+    def is_idle(self) -> bool:
+        return not self.scheduler.waiting and not self._lease_blocks
+
+    def next_wakeup(self, now: float) -> float | None:
+        """Seconds until the step loop must run again with no command (None: only on a command)."""
+        if self.scheduler.waiting:
+            return 0.0
+        return 0.0005 if self._lease_blocks else None
+
+    def close(self) -> None:
+        self.sender.close()
+        if self._on_close is not None:
+            self._on_close()

@@ -1,0 +1,45 @@
+"""Which instance gets a request: pure functions over live load views.
+
+The router keeps its own exact counters (prompt tokens it sent to a prefill
+instance and not yet heard back about, requests it gave a decode instance and
+not yet seen finish) and refreshes the rest (free blocks) from the snapshots
+the workers send after each step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class InstanceView:
+    name: str
+    role: str                      # "prefill" | "decode"
+    plan: str = "tp1-pp1"
+    alive: bool = True
+    queued_tokens: int = 0         # router: prompt tokens sent, prefill not done yet
+    active: int = 0                # router: requests in flight on this instance
+    free_blocks: int = 0           # worker snapshot
+    num_blocks: int = 0            # worker snapshot
+    assigned_blocks: int = 0       # router: blocks of decode work sent since the last snapshot
+    last_seen: float = 0.0         # time of the last message from the instance
+    load: object = None            # the last snapshot (a worker_pb2.Load)
+
+
+def pick_prefill(views: list[InstanceView]) -> InstanceView | None:
+    """The live prefill instance with the fewest queued prompt tokens (then the fewest requests)."""
+    live = [v for v in views if v.role == "prefill" and v.alive]
+    return min(live, key=lambda v: (v.queued_tokens, v.active, v.name), default=None)
+
+
+def pick_decode(views: list[InstanceView], blocks_needed: int) -> InstanceView | None:
+    """The live decode instance with the most free blocks (then the smallest batch).
+
+    Instances that can take the request now come first; if none can, the one
+    with the most room still gets it and queues it until blocks free up.
+    """
+    live = [v for v in views if v.role == "decode" and v.alive]
+
+    def room(v: InstanceView) -> int:
+        return v.free_blocks - v.assigned_blocks
+
+    return max(live, key=lambda v: (room(v) >= blocks_needed, room(v), -v.active, v.name), default=None)
