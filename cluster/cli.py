@@ -6,6 +6,10 @@ import sys
 
 
 def _generate(args: argparse.Namespace) -> int:
+    if not args.local:
+        from cluster.serve import generate
+        return generate(args.address, args.prompt, args.raw, max_tokens=args.max_tokens,
+                        temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     from engine import LLM, SamplingParams
     llm = LLM(model=args.model, dtype=args.dtype, num_threads=args.threads)
     prompt = args.prompt if args.raw else llm.apply_chat_template([{"role": "user", "content": args.prompt}])
@@ -31,22 +35,44 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from cluster.demo import main as demo_main
-    return demo_main(max_tokens=args.max_tokens)
+    return demo_main(max_tokens=args.max_tokens, config_path=args.config)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from cluster.serve import serve
+    return serve(args.config, args.address, args.port)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from cluster.serve import status
+    return status(args.address)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdcluster", description="Disaggregated prefill/decode LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="complete one prompt with the in-process engine")
+    srv = sub.add_parser("serve", help="start a cluster in the foreground (Ctrl-C drains and stops)")
+    srv.add_argument("--config", default=None, help="cluster YAML (default: built-in defaults)")
+    srv.add_argument("--address", default=None, help="join this running Ray cluster instead of starting one")
+    srv.add_argument("--port", type=int, default=None, help="router port (overrides router.port)")
+    srv.set_defaults(fn=_serve)
+
+    st = sub.add_parser("status", help="show the pools, their load and plans")
+    st.add_argument("--address", default="127.0.0.1:50051", help="the router's host:port")
+    st.set_defaults(fn=_status)
+
+    gen = sub.add_parser("generate", help="stream one completion from a running cluster")
     gen.add_argument("prompt")
-    gen.add_argument("--model", default=None, help="local HF model directory (default: SmolLM2-135M-Instruct)")
-    gen.add_argument("--dtype", default="bfloat16")
+    gen.add_argument("--address", default="127.0.0.1:50051", help="the router's host:port")
+    gen.add_argument("--local", action="store_true", help="run the in-process engine instead of a cluster")
+    gen.add_argument("--model", default=None, help="--local: a local HF model directory (default: SmolLM2-135M-Instruct)")
+    gen.add_argument("--dtype", default="bfloat16", help="--local: model dtype")
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    gen.add_argument("--threads", type=int, default=None, help="torch CPU threads (--local)")
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     gen.set_defaults(fn=_generate)
 
@@ -58,16 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="answer a few prompts on the default model and print timings")
     demo.add_argument("--max-tokens", type=int, default=48)
+    demo.add_argument("--config", default=None, help="cluster YAML (default: deploy/local.yaml)")
     demo.set_defaults(fn=_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from cluster.client import ClientError
     from engine.errors import EngineError
     try:
         return args.fn(args)
-    except EngineError as e:
+    except (EngineError, ClientError) as e:
         print(f"pdcluster: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,10 +1,14 @@
-"""`make demo` / `pdcluster demo`: answers to a few prompts with per-request timings.
+"""`make demo` / `pdcluster demo`: a real local cluster answering a few chat prompts.
 
-Until the cluster exists this runs the in-process engine on the default model;
-the prompts go through the model's chat template and are batched together.
+Starts Ray on 127.0.0.1, one prefill and one decode worker of the default
+model (deploy/local.yaml) and the router; streams each answer through the
+gRPC client SDK (the router applies the chat template); prints each
+request's TTFT, TPOT and phase timings; shuts everything down.
 """
 from __future__ import annotations
 
+import os
+import sys
 import time
 
 DEMO_PROMPTS = [
@@ -13,20 +17,32 @@ DEMO_PROMPTS = [
     "Write a haiku about autumn.",
     "Explain in one sentence what a GPU is.",
 ]
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "deploy", "local.yaml")
 
 
-def main(max_tokens: int = 48) -> int:
-    from engine import LLM, SamplingParams
+def main(max_tokens: int = 48, config_path: str | None = None) -> int:
+    from cluster.client import Client
+    from cluster.config import load_config
+    from cluster.local import Cluster
 
+    path = config_path or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)
+    cfg = load_config(path, {"router": {"port": 0}, "ray": {"address": None}})
     start = time.monotonic()
-    llm = LLM()
-    print(f"loaded {llm.model_config.path} in {time.monotonic() - start:.1f}s "
-          f"({llm.block_manager.num_blocks} KV blocks of {llm.block_manager.block_size} tokens)\n")
-    prompts = [llm.apply_chat_template([{"role": "user", "content": p}]) for p in DEMO_PROMPTS]
-    outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0))
-    for question, out in zip(DEMO_PROMPTS, outs):
-        m = out.metrics
-        print(f"> {question}\n{out.text.strip()}")
-        print(f"  [{len(out.token_ids)} tokens, {out.finish_reason}; TTFT {m['ttft_s'] * 1e3:.0f} ms, "
-              f"TPOT {m['tpot_s'] * 1e3:.1f} ms]\n")
+    with Cluster(cfg) as cluster, Client(cluster.address) as client:
+        print(f"cluster up in {time.monotonic() - start:.1f}s\n", flush=True)
+        for question in DEMO_PROMPTS:
+            print(f"> {question}", flush=True)
+            for chunk in client.generate(messages=[{"role": "user", "content": question}],
+                                         max_tokens=max_tokens, temperature=0.0):
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+            r = client.last
+            m = r.metrics
+            print(f"\n  [{len(r.token_ids)} tokens, {r.finish_reason}] TTFT {m['ttft_s'] * 1e3:.0f} ms, "
+                  f"TPOT {m['mean_tpot_s'] * 1e3:.1f} ms | queue {m['queue_s'] * 1e3:.1f} ms, "
+                  f"prefill {m['prefill_s'] * 1e3:.0f} ms on {r.prefill_instance}, "
+                  f"KV transfer {m['transfer_s'] * 1e3:.1f} ms, decode {m['decode_s'] * 1e3:.0f} ms "
+                  f"on {r.decode_instance or '-'}\n", flush=True)
+        print("shutting down ...", flush=True)
+    print("done", flush=True)
     return 0

@@ -1,0 +1,64 @@
+"""`pdcluster serve`, `generate` and `status`: the cluster from the command line."""
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+
+
+def serve(config_path: str | None, address: str | None, port: int | None) -> int:
+    """Start the cluster in the foreground; Ctrl-C (or SIGTERM) drains it and stops."""
+    from cluster.config import load_config
+    from cluster.local import Cluster
+    overrides: dict = {}
+    if address:
+        overrides["ray"] = {"address": address}
+    if port is not None:
+        overrides["router"] = {"port": port}
+    cfg = load_config(config_path, overrides)
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    cluster = Cluster(cfg)
+    try:
+        cluster.start()
+        print(f"serving on {cluster.address}; Ctrl-C drains and stops", flush=True)
+        while not stop.wait(0.5):
+            pass
+        print(f"draining (up to {cfg.router.drain_timeout_s:.0f}s) ...", flush=True)
+    finally:
+        cluster.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    print("stopped", flush=True)
+    return 0
+
+
+def generate(address: str, prompt: str, raw: bool, **sampling) -> int:
+    """Stream one completion to the terminal, then its timings on stderr."""
+    from cluster.client import Client
+    with Client(address) as client:
+        kwargs = {"prompt": prompt} if raw else {"messages": [{"role": "user", "content": prompt}]}
+        for chunk in client.generate(**kwargs, **sampling):
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+        result = client.last
+    m = result.metrics
+    print(f"\n[{len(result.token_ids)} tokens, {result.finish_reason}; TTFT {m['ttft_s'] * 1e3:.0f} ms, "
+          f"TPOT {m['mean_tpot_s'] * 1e3:.1f} ms; prefill on {result.prefill_instance}, "
+          f"decode on {result.decode_instance or '-'}]", file=sys.stderr)
+    return 0
+
+
+def status(address: str) -> int:
+    from cluster.client import Client
+    with Client(address) as client:
+        state = client.state()
+    print(f"model {state.model}  transfer {state.transfer_backend}  "
+          f"requests {state.num_active_requests}/{state.max_active_requests}")
+    print(f"{'instance':<12}{'role':<9}{'plan':<9}{'alive':<7}{'waiting':>8}{'running':>8}"
+          f"{'queued tok':>11}{'free blocks':>14}{'leases':>8}{'steps':>9}{'step ms':>9}")
+    for i in state.instances:
+        print(f"{i.name:<12}{i.role:<9}{i.plan:<9}{'yes' if i.alive else 'NO':<7}{i.num_waiting:>8}"
+              f"{i.num_running:>8}{i.queued_prompt_tokens:>11}{f'{i.num_free_blocks}/{i.num_blocks}':>14}"
+              f"{i.num_leases:>8}{i.num_steps:>9}{i.mean_step_s * 1e3:>9.1f}")
+    return 0
