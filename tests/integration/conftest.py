@@ -1,0 +1,68 @@
+"""Real clusters for integration tests: Ray, worker actors and the gRPC router, all on 127.0.0.1."""
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import pytest
+
+from cluster.config import load_config
+from cluster.local import Cluster
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def cluster_config(**sections):
+    base = {
+        "model": {"dtype": "float32"},   # fp32: token-for-token against transformers
+        "prefill": {"kv_cache_memory_gb": 0.2},
+        "decode": {"kv_cache_memory_gb": 0.2},
+        "router": {"host": "127.0.0.1", "port": 0, "drain_timeout_s": 5},
+        "ray": {"address": None, "host": "127.0.0.1"},
+    }
+    for name, values in sections.items():
+        base[name] = {**base.get(name, {}), **values}
+    return load_config(None, base)
+
+
+def wait_until(predicate, timeout_s: float = 30.0, interval_s: float = 0.05):
+    """Poll `predicate` until true (bounded); returns its last value."""
+    deadline = time.monotonic() + timeout_s
+    value = predicate()
+    while not value and time.monotonic() < deadline:
+        time.sleep(interval_s)
+        value = predicate()
+    return value
+
+
+def all_blocks_free(cluster: Cluster) -> bool:
+    stats = cluster.worker_stats()
+    return all(s["num_free_blocks"] == s["num_blocks"] and s["idle"] for s in stats.values())
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def port_open(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def stop_and_check_nothing_left(cluster: Cluster) -> None:
+    """Stop the cluster; no worker process, router port or Ray left behind."""
+    import ray
+    assert all_blocks_free(cluster), cluster.worker_stats()
+    assert all(s["loop_error"] is None for s in cluster.worker_stats().values())
+    pids = [info["pid"] for info in cluster.infos.values()]
+    port = cluster.router.port
+    cluster.stop()
+    assert not ray.is_initialized()
+    assert wait_until(lambda: not any(pid_alive(p) for p in pids), timeout_s=30), "a worker process survived"
+    assert not port_open("127.0.0.1", port), "the router port is still open"
