@@ -169,6 +169,9 @@ class Cluster:
         import ray
         refs = [a.stop.remote() for a in self.actors.values()]
         ray.wait(refs, num_returns=len(refs), timeout=30)
+        # a graceful exit first (a kill mid-teardown prints tracebacks), a kill for the stuck
+        exits = [a.__ray_terminate__.remote() for a in self.actors.values()]
+        ray.wait(exits, num_returns=len(exits), timeout=10)
         for actor in self.actors.values():
             ray.kill(actor)
         self.actors.clear()
