@@ -3,15 +3,18 @@
 The interface is in `base` (KVSender / KVReceiver, TransferOffer); `lease`
 holds the prefill side's ownership bookkeeping, `layout` the canonical wire
 form and the conversion between parallelism plans, `codec` int8 compression
-and checksums. Backends: `zmq` and `shm` over `channel` (a zmq control
-channel with a pluggable data path); `make_sender` / `make_receiver` pick one
-by name.
+and checksums. Backends, all over `channel` (a zmq control channel with a
+pluggable data path): `zmq` (bytes in the zmq frames), `shm` (a shared-memory
+segment, or zero copy out of the sender's cache), `torch_dist` (gloo / NCCL
+point-to-point in a per-pair process group) and `ray` (Ray's object store; both
+processes connected to one Ray cluster). `make_sender` / `make_receiver` pick
+one by name.
 """
 from kv_transfer.base import (KVReceiver, KVSender, TransferError, TransferOffer, TransferResult,
                               TransferStatus)
 from kv_transfer.layout import KVLayout
 
-BACKENDS = ("zmq", "shm")
+BACKENDS = ("zmq", "shm", "torch_dist", "ray")
 
 
 def make_sender(backend: str, cache_data, layout: KVLayout, **kwargs) -> KVSender:

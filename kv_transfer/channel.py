@@ -1,4 +1,4 @@
-"""KV transfer over a zmq control channel with a pluggable data path (backends `zmq`, `shm`).
+"""KV transfer over a zmq control channel with a pluggable data path (every backend).
 
 Sender (prefill) binds a ROUTER socket on its host (127.0.0.1 by default); each
 receiver (decode) talks to it through one DEALER socket per sender endpoint.
@@ -14,7 +14,9 @@ copy mode DATA names the blocks and their generations (`SharedKVCache`) and
 the receiver copies them out of the sender's shared cache itself; the sender
 bumps a block's generation whenever its lease ends, so unchanged generations
 after the copy prove the blocks were held throughout (else: retry or FAILED,
-never another request's KV). Every message
+never another request's KV). With a deferred data path (`torch_dist`,
+`ray`) DATA only announces the bytes, which travel on the path's own
+connection; the receiver lands them once the path reports them arrived. Every message
 is parsed defensively: a malformed one is dropped, never raised. Both sides
 work inside `poll`, called from their step loops; no call blocks.
 """
@@ -90,9 +92,9 @@ class ChannelSender(KVSender):
         self._sock.setsockopt(zmq.LINGER, 0)
         port = self._sock.bind_to_random_port(f"tcp://{host}")
         self._endpoint = f"tcp://{host}:{port}"
-        self._path = make_data_path(backend, f"pdkv-{os.getpid()}-{port}")
+        self._path = make_data_path(backend, f"pdkv-{os.getpid()}-{port}", host=host)
         self._faults = FaultInjector(faults) if faults else None
-        self._delayed: list[tuple[float, str, list]] = []   # (due, tid, frames) under fault delay
+        self._delayed: list[tuple[float, str, list, dict, bool]] = []   # (due, tid, msg, extra, has frames)
 
     @property
     def endpoint(self) -> str:
@@ -124,6 +126,7 @@ class ChannelSender(KVSender):
             if end is not None:
                 ends.append(end)
         self._flush_delayed(now)
+        self._path.poll(now)
         ends.extend(self.leases.expire(now))
         for end in ends:
             self._forget(end)
@@ -180,14 +183,22 @@ class ChannelSender(KVSender):
             if self._faults.drop():
                 return
             payload = self._faults.mangle(payload)
-        extra, frames = self._path.export(tid, payload)
+        extra, frames = self._path.export(tid, payload, peer=identity)
         head.update(extra)
         msg = [identity, b"DATA", _message(head), *frames]
         if self._faults is not None and self._faults.spec.delay_s > 0:
-            self._delayed.append((now + self._faults.spec.delay_s, tid, msg))
+            self._delayed.append((now + self._faults.spec.delay_s, tid, msg, extra, bool(frames)))
             return
-        tracker = _send(self._sock, msg, track=bool(frames))
-        if frames and tracker is not None:
+        self._emit(tid, msg, extra, bool(frames))
+
+    def _emit(self, tid: str, msg: list, extra: dict, has_frames: bool) -> None:
+        """Send a DATA message; its staging buffer stays lent while zmq or the path reads it."""
+        tracker = _send(self._sock, msg, track=has_frames)
+        if tracker is None:
+            return
+        # A deferred path moves the bytes itself, and only once their header is out.
+        tracker = tracker if has_frames else self._path.sent(tid, extra)
+        if tracker is not None:
             self._staging.sending(tid, tracker)
 
     def _fail_serving(self, identity, head: dict, now: float, error: Exception) -> LeaseEnd | None:
@@ -198,10 +209,10 @@ class ChannelSender(KVSender):
         return self.leases.fail(tid, now, reason)
 
     def _flush_delayed(self, now: float) -> None:
-        due = [m for t, _, m in self._delayed if t <= now]
+        due = [d for d in self._delayed if d[0] <= now]
         self._delayed = [d for d in self._delayed if d[0] > now]
-        for msg in due:
-            _send(self._sock, msg)
+        for _, tid, msg, extra, has_frames in due:
+            self._emit(tid, msg, extra, has_frames)
 
     def _forget(self, end: LeaseEnd) -> None:
         tid = end.transfer_id
@@ -229,7 +240,7 @@ class ChannelReceiver(KVReceiver):
         self._ctx = zmq.Context()
         self._socks: dict[str, zmq.Socket] = {}
         self._pending: dict[str, _Pull] = {}
-        self._path = make_data_path(backend, f"pdkv-recv-{os.getpid()}")
+        self._path = make_data_path(backend, f"pdkv-recv-{os.getpid()}", device=cache_data.device)
         self._attached = AttachedCaches()
 
     def pull(self, offer: TransferOffer, dst_block_ids: Sequence[int]) -> None:
@@ -262,12 +273,17 @@ class ChannelReceiver(KVReceiver):
                 result = self._handle(*msg) if msg is not None else None
                 if result is not None:
                     results.append(result)
+        for head in self._path.arrived():
+            result = self._arrived(head)
+            if result is not None:
+                results.append(result)
         results.extend(self._timeouts())
         return results
 
     def abort(self, transfer_id: str) -> None:
         pull = self._pending.pop(transfer_id, None)
         if pull is not None:
+            self._path.close_import(transfer_id)
             self._control(pull.offer.endpoint, b"ABORT", {"transfer_id": transfer_id})
 
     def close(self) -> None:
@@ -304,12 +320,39 @@ class ChannelReceiver(KVReceiver):
     def _handle(self, kind: bytes, head: dict, frames: list) -> TransferResult | None:
         tid = head["transfer_id"]
         pull = self._pending.get(tid)
-        if pull is None or head.get("attempt") != pull.attempts:
+        current = pull is not None and head.get("attempt") == pull.attempts
+        if kind == b"DATA" and self._path.deferred and "zero_copy" not in head:
+            return self._announced(pull if current else None, head, frames)
+        if not current:
             return None   # aborted, finished or timed out meanwhile: a stale reply
         if kind == b"ERROR":
             return self._finish(pull, False, str(head.get("error", "sender error")), ack=False)
         if kind != b"DATA":
             return None
+        return self._deliver(pull, head, frames)
+
+    def _announced(self, pull: _Pull | None, head: dict, frames: list) -> TransferResult | None:
+        """A deferred path's DATA header: start taking its bytes off the wire, even for a stale
+        reply (`pull` None), whose bytes the sender may already be sending; those are
+        dropped as they land."""
+        try:
+            self._path.begin(head, frames)
+        except Exception as e:   # a header we cannot follow fails this attempt only
+            return None if pull is None else self._retry_or_fail(pull, f"{type(e).__name__}: {e}")
+        if pull is None:
+            self._path.close_import(head["transfer_id"], head.get("attempt"))
+        return None
+
+    def _arrived(self, head: dict) -> TransferResult | None:
+        """The bytes a deferred path was receiving are here (or failed to come)."""
+        tid = head["transfer_id"]
+        pull = self._pending.get(tid)
+        if pull is None or head.get("attempt") != pull.attempts:
+            self._path.close_import(tid, head.get("attempt"))
+            return None
+        return self._deliver(pull, head, [])
+
+    def _deliver(self, pull: _Pull, head: dict, frames: list) -> TransferResult | None:
         try:
             if "zero_copy" in head:
                 self._copy_in_place(pull, head["zero_copy"])
@@ -339,7 +382,7 @@ class ChannelReceiver(KVReceiver):
             return sum(codec.wire_nbytes(t) for t in payload)
         finally:
             payload = wire = None   # views of a shared segment must go before it is unmapped
-            self._path.close_import(tid)
+            self._path.close_import(tid, head.get("attempt"))
 
     def _copy_in_place(self, pull: _Pull, zc: dict) -> None:
         """Copy the leased blocks straight out of the sender's shared cache, then check
@@ -356,6 +399,7 @@ class ChannelReceiver(KVReceiver):
             raise ValueError("the source blocks were released while being copied (lease ended)")
 
     def _retry_or_fail(self, pull: _Pull, error: str) -> TransferResult | None:
+        self._path.close_import(pull.offer.transfer_id)   # whatever earlier attempts still bring is dropped
         if pull.attempts < self.max_attempts:
             pull.attempts += 1
             self._request(pull)
@@ -366,6 +410,7 @@ class ChannelReceiver(KVReceiver):
                 ack: bool = True) -> TransferResult:
         tid = pull.offer.transfer_id
         del self._pending[tid]
+        self._path.close_import(tid)
         if ack:
             self._control(pull.offer.endpoint, b"ACK", {"transfer_id": tid, "attempt": pull.attempts,
                                                         "ok": ok, "error": error})

@@ -56,10 +56,56 @@ def _view(buffer, m: dict) -> torch.Tensor:
     return tensor_view(buffer, m["dtype"], m["shape"], m["offset"])
 
 
-class InlinePath:
+class DataPath:
+    """What the channel asks of a data path; the defaults suit paths whose bytes ride in
+    (or are named by) the DATA message itself.
+
+    Sender: `export` once per served attempt, `sent` once its DATA header went out,
+    `poll` every step, `release` when the transfer's lease ended, `close` at the end.
+    Receiver: `open` a DATA message's payload, `close_import` once done with it.
+    A deferred path also gets `begin` for every DATA header, current or stale (the
+    bytes may already be on their way and must be taken off the wire), and reports
+    in `arrived` the headers whose bytes are now here; `open` then returns them, or
+    raises if they failed to arrive.
+    """
+
+    name = "base"
+    deferred = False
+
+    def export(self, transfer_id: str, tensors: list[torch.Tensor], peer: bytes | None = None) -> tuple[dict, list]:
+        raise NotImplementedError
+
+    def sent(self, transfer_id: str, extra: dict):
+        """The DATA header carrying `extra` (what `export` returned) went out. Returns a
+        tracker (`.done`) while the path still reads the sender's tensors, else None."""
+        return None
+
+    def poll(self, now: float) -> None:
+        pass
+
+    def open(self, header: dict, frames: list) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def begin(self, header: dict, frames: list) -> None:
+        pass
+
+    def arrived(self) -> list[dict]:
+        return []
+
+    def close_import(self, transfer_id: str, attempt: int | None = None) -> None:
+        pass
+
+    def release(self, transfer_id: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class InlinePath(DataPath):
     name = "inline"
 
-    def export(self, transfer_id: str, tensors: list[torch.Tensor]) -> tuple[dict, list]:
+    def export(self, transfer_id: str, tensors: list[torch.Tensor], peer: bytes | None = None) -> tuple[dict, list]:
         meta = describe(tensors)
         for m in meta:
             m["offset"] = 0   # one frame per tensor
@@ -74,17 +120,8 @@ class InlinePath:
                 raise ValueError(f"data frame has {len(f.buffer)} bytes, header says {m['nbytes']}")
         return [_view(f.buffer, m) for m, f in zip(meta, frames)]
 
-    def close_import(self, transfer_id: str) -> None:
-        pass
 
-    def release(self, transfer_id: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class ShmPath:
+class ShmPath(DataPath):
     """Sender writes the payload into a named segment; the receiver maps it and copies out."""
 
     name = "shm"
@@ -96,7 +133,7 @@ class ShmPath:
         self._imported: dict[str, mmap.mmap] = {}
         self._unclosed: list[mmap.mmap] = []   # views still alive at close time
 
-    def export(self, transfer_id: str, tensors: list[torch.Tensor]) -> tuple[dict, list]:
+    def export(self, transfer_id: str, tensors: list[torch.Tensor], peer: bytes | None = None) -> tuple[dict, list]:
         self.release(transfer_id)   # a retried pull exports again
         meta = describe(tensors)
         total = sum(m["nbytes"] for m in meta)
@@ -116,7 +153,7 @@ class ShmPath:
             raise ValueError(f"segment {header['shm']} has {len(seg)} bytes, fewer than the header says")
         return [_view(seg, m) for m in header["payload"]]
 
-    def close_import(self, transfer_id: str) -> None:
+    def close_import(self, transfer_id: str, attempt: int | None = None) -> None:
         """Unmap the segment; every tensor viewing it must be gone by now."""
         seg = self._imported.pop(transfer_id, None)
         if seg is not None:
@@ -158,9 +195,18 @@ def attach_segment(name: str) -> mmap.mmap:
         os.close(fd)
 
 
-def make_data_path(backend: str, prefix: str):
+def make_data_path(backend: str, prefix: str, host: str = "127.0.0.1",
+                   device: torch.device | None = None) -> DataPath:
+    """`host`: the address a sender's path listens on; `device`: where a receiver's path
+    puts what it receives (the device of its cache)."""
     if backend == "zmq":
         return InlinePath()
     if backend == "shm":
         return ShmPath(prefix)
-    raise ValueError(f"no data path for backend {backend!r} (zmq, shm)")
+    if backend == "torch_dist":
+        from kv_transfer.torch_dist_path import TorchDistPath
+        return TorchDistPath(host=host, device=device)
+    if backend == "ray":
+        from kv_transfer.ray_path import RayPath
+        return RayPath()
+    raise ValueError(f"no data path for backend {backend!r} (zmq, shm, torch_dist, ray)")
