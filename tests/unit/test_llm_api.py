@@ -120,7 +120,7 @@ def test_default_model_stop_strings_and_chat():
 @pytest.mark.slow
 def test_cli_generate_prints_a_completion():
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "generate", "--raw", "--max-tokens", "4",
+    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "generate", "--local", "--raw", "--max-tokens", "4",
                            "--threads", "1", "The capital of France is"],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -129,7 +129,7 @@ def test_cli_generate_prints_a_completion():
 
 @pytest.mark.slow
 def test_cli_reports_bad_input_without_a_traceback():
-    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "generate", "--raw", "--max-tokens", "0", "hi"],
+    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "generate", "--local", "--raw", "--max-tokens", "0", "hi"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "max_tokens must be > 0" in proc.stderr and "Traceback" not in proc.stderr
