@@ -19,6 +19,8 @@ class WorkerActor:
         from cluster.config import from_dict
         from cluster.worker_factory import build_worker
         from cluster.worker_host import WorkerHost
+        if host == "auto":   # multi-node: bind the address Ray knows this node by
+            host = ray.util.get_node_ip_address()
         worker = build_worker(role, name, from_dict(cfg_dict), model_path, host)
         self.host = WorkerHost(worker, router_endpoint, host)
         self.host.start()

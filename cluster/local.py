@@ -80,10 +80,16 @@ class Cluster:
         self.log(f"ray ready in {time.monotonic() - t0:.1f}s; starting {cfg.prefill.num_instances} prefill + "
                  f"{cfg.decode.num_instances} decode instance(s) of {model_path}")
         self._loop = _LoopThread()
-        self._links = links = self._loop.run(_make_links(cfg.ray.host), timeout=30)
+        self._links = links = self._loop.run(_make_links(self._bind_host()), timeout=30)
         self._start_actors(model_path, links.endpoint)
         self._start_router(model_path, links)
         self.log(f"router listening on {self.address} ({time.monotonic() - t0:.1f}s after start)")
+
+    def _bind_host(self) -> str:
+        if self.config.ray.host != "auto":
+            return self.config.ray.host
+        import ray
+        return ray.util.get_node_ip_address()
 
     def _start_actors(self, model_path: str, router_endpoint: str) -> None:
         import ray

@@ -31,7 +31,7 @@ def start_ray(address: str | None, host: str, num_cpus: int) -> bool:
     if address:   # the cluster's token comes from the user's environment or ~/.ray/auth_token
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
         return False
-    ray.init(num_cpus=num_cpus, _node_ip_address=host, include_dashboard=False,
+    ray.init(num_cpus=num_cpus, _node_ip_address=None if host == "auto" else host, include_dashboard=False,
              object_store_memory=OBJECT_STORE_BYTES, logging_level=logging.WARNING, log_to_driver=True)
     return True
 

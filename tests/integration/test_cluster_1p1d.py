@@ -195,3 +195,34 @@ def test_admin_state_health_and_reflection(cluster):
                                             timeout=10)
         names = {s.name for r in replies for s in r.list_services_response.service}
     assert {"pdcluster.v1.Generation", "pdcluster.v1.Admin", "grpc.health.v1.Health"} <= names
+
+
+def test_async_client_streams_completes_and_aborts(cluster):
+    import asyncio
+
+    from cluster.client import AsyncClient
+
+    async def main():
+        client = AsyncClient(cluster.address, timeout_s=120)
+        try:
+            chunks = [c async for c in client.generate("The capital of France is", max_tokens=6,
+                                                       temperature=0.0, ignore_eos=True)]
+            whole = await client.complete("The capital of France is", max_tokens=6, temperature=0.0,
+                                          ignore_eos=True)
+            assert [t for c in chunks for t in c.token_ids] == whole.token_ids and len(whole.token_ids) == 6
+            assert "".join(c.text for c in chunks) == whole.text
+            long = asyncio.ensure_future(client.complete("Go on and on.", max_tokens=400, ignore_eos=True,
+                                                         request_id="async-abort"))
+            for _ in range(600):
+                if (await client.state()).num_active_requests == 1 and await client.abort("async-abort"):
+                    break
+                await asyncio.sleep(0.05)
+            result = await asyncio.wait_for(long, 120)
+            assert result.finish_reason == "abort" and len(result.token_ids) < 400
+            with pytest.raises(InvalidRequest):
+                await client.complete("", max_tokens=3)
+        finally:
+            await client.close()
+
+    asyncio.run(main())
+    assert wait_until(lambda: all_blocks_free(cluster), timeout_s=30)
