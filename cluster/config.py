@@ -10,6 +10,7 @@ variables are read here once (PDCLUSTER_MODEL), nowhere else.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -53,9 +54,9 @@ class PoolConfig:
         if self.tp_size * self.pp_size != 1:
             raise ConfigError(f"{key}.tp_size/pp_size: only 1 x 1 plans run in a pool yet "
                               f"(got {self.tp_size} x {self.pp_size})")
-        if self.kv_cache_memory_gb <= 0:
+        if not self.kv_cache_memory_gb > 0 or not math.isfinite(self.kv_cache_memory_gb):
             raise ConfigError(f"{key}.kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
-        if self.num_gpus < 0:
+        if not self.num_gpus >= 0 or not math.isfinite(self.num_gpus):
             raise ConfigError(f"{key}.num_gpus must be >= 0, got {self.num_gpus}")
 
     @property
@@ -74,7 +75,7 @@ class TransferConfig:
         _one_of(self.backend, TRANSFER_BACKENDS, f"{key}.backend")
         if self.compress is not None:
             _one_of(self.compress, ("int8",), f"{key}.compress")
-        if self.lease_ttl_s <= 0:
+        if not self.lease_ttl_s > 0 or not math.isfinite(self.lease_ttl_s):
             raise ConfigError(f"{key}.lease_ttl_s must be > 0, got {self.lease_ttl_s}")
 
 
@@ -90,8 +91,10 @@ class RouterConfig:
         if not 0 <= self.port < 65536:
             raise ConfigError(f"{key}.port must be in [0, 65536), got {self.port}")
         _positive(self.max_active_requests, f"{key}.max_active_requests")
-        if self.request_timeout_s <= 0 or self.drain_timeout_s < 0:
-            raise ConfigError(f"{key}.request_timeout_s must be > 0 and drain_timeout_s >= 0")
+        if not self.request_timeout_s > 0 or not math.isfinite(self.request_timeout_s):
+            raise ConfigError(f"{key}.request_timeout_s must be a finite number > 0, got {self.request_timeout_s}")
+        if not self.drain_timeout_s >= 0 or not math.isfinite(self.drain_timeout_s):
+            raise ConfigError(f"{key}.drain_timeout_s must be a finite number >= 0, got {self.drain_timeout_s}")
 
 
 @dataclass(frozen=True)
@@ -134,11 +137,14 @@ def load_config(path: str | None = None, overrides: dict | None = None) -> Clust
                 data = yaml.safe_load(f) or {}
         except OSError as e:
             raise ConfigError(f"cannot read config {path!r}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config {path!r} is not UTF-8 text: {e.reason} at byte {e.start}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config {path!r} is not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config {path!r} must be a mapping of sections, got {type(data).__name__}")
-    if os.environ.get("PDCLUSTER_MODEL") and "path" not in data.get("model", {}):
+    model = data.get("model")
+    if os.environ.get("PDCLUSTER_MODEL") and (model is None or isinstance(model, dict) and "path" not in model):
         data = _merge(data, {"model": {"path": os.environ["PDCLUSTER_MODEL"]}})
     return from_dict(_merge(data, overrides or {}))
 
@@ -169,6 +175,8 @@ def _build(cls, data, key: str):
 
 def _coerce(hint, value, key: str):
     if dataclasses.is_dataclass(hint):
+        if value is None:   # a section with every key commented out: its defaults
+            return hint()
         return _build(hint, value, key)
     args = typing.get_args(hint)
     optional = type(None) in args

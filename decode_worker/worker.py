@@ -23,6 +23,8 @@ the Ray actor in `cluster.actors`; tests step it in-process.
 """
 from __future__ import annotations
 
+import io
+import logging
 import pickle
 import time
 from collections import deque
@@ -36,6 +38,26 @@ from engine.sequence import Sequence
 from engine.validation import validate_request
 from kv_transfer.base import KVReceiver, TransferOffer, TransferStatus
 from protos import worker_pb2 as wpb
+
+log = logging.getLogger(__name__)
+
+
+class _OfferUnpickler(pickle.Unpickler):
+    """Offers cross a socket: only the two plain records an offer is made of may be loaded."""
+
+    ALLOWED = {("kv_transfer.base", "TransferOffer"), ("kv_transfer.layout", "KVLayout")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"a KV offer may not contain {module}.{name}")
+        return super().find_class(module, name)
+
+
+def load_offer(data: bytes) -> TransferOffer:
+    offer = _OfferUnpickler(io.BytesIO(data)).load()
+    if not isinstance(offer, TransferOffer):
+        raise pickle.UnpicklingError(f"a KV offer must be a TransferOffer, got {type(offer).__name__}")
+    return offer
 
 
 @dataclass
@@ -75,20 +97,30 @@ class DecodeWorker:
             self._fail(getattr(msg, kind).req_id if kind else "", f"a decode worker cannot take {kind!r}")
 
     def submit(self, work: wpb.DecodeWork, now: float) -> None:
+        if self._knows(work.req_id):   # a resent work: the request here is healthy, keep it
+            log.warning("%s ignored a second DecodeWork for request %r", self.name, work.req_id)
+            return
         try:
             params = SamplingParams.from_message(work.sampling)
             ids = list(work.prompt_token_ids)
             validate_request(ids, params, self.vocab_size, self.max_model_len, self.blocks.num_blocks,
                              self.blocks.block_size)
-            offer = pickle.loads(work.offer)
-            if not isinstance(offer, TransferOffer) or offer.num_tokens != len(ids):
-                raise EngineError(f"the KV offer does not match the prompt of {len(ids)} tokens")
-        except (EngineError, pickle.UnpicklingError, EOFError, AttributeError, ImportError) as e:
+            if not 0 <= work.first_token_id < self.vocab_size:
+                raise EngineError(f"first token id {work.first_token_id} is outside the vocabulary")
+            offer = load_offer(work.offer)
+            if offer.num_tokens != len(ids) or offer.req_id != work.req_id:
+                raise EngineError(f"the KV offer (request {offer.req_id!r}, {offer.num_tokens} tokens) does not "
+                                  f"match request {work.req_id!r} with a prompt of {len(ids)} tokens")
+        except Exception as e:   # whatever the bytes were, this request fails and the worker goes on
             self._fail(work.req_id, f"bad decode work: {e}")
             return
         seq = Sequence(work.req_id, ids, params, arrival_time=now)
         seq.output_token_ids.append(work.first_token_id)
         self.pending.append((seq, offer))
+
+    def _knows(self, req_id: str) -> bool:
+        return (req_id in self._pull_of or self.scheduler.get(req_id) is not None
+                or any(seq.req_id == req_id for seq, _ in self.pending))
 
     def abort(self, req_id: str) -> None:
         for entry in self.pending:
@@ -108,7 +140,7 @@ class DecodeWorker:
     def step(self, now: float) -> wpb.FromWorker | None:
         """Admit what fits, land finished pulls, run one decode step; return the router's news."""
         self._admit(now)
-        self._land_pulls(time.monotonic())
+        self._land_pulls(time.monotonic())   # durations are measured on the monotonic clock
         stepped = False
         if self.scheduler.has_unfinished():
             plan = self.scheduler.schedule(now)
@@ -139,13 +171,14 @@ class DecodeWorker:
             if blocks_needed(seq.num_tokens, self.blocks.block_size) > self.blocks.num_free_blocks:
                 return
             self.pending.popleft()
-            seq.block_ids = self.blocks.allocate(len(seq.prompt_token_ids))
+            # the prompt's KV lands in the first blocks; the first token's slot is reserved with them
+            seq.block_ids = self.blocks.allocate(seq.num_tokens)
             try:
                 self.receiver.pull(offer, seq.block_ids)
             except Exception as e:   # a bad offer: recompute here rather than lose the request
                 self._recompute(seq, f"pull could not start: {e}")
                 continue
-            self._pulls[offer.transfer_id] = _Pull(seq, offer, now)
+            self._pulls[offer.transfer_id] = _Pull(seq, offer, time.monotonic())
             self._pull_of[seq.req_id] = offer.transfer_id
 
     def _land_pulls(self, now: float) -> None:

@@ -494,8 +494,6 @@ def test_bad_work_fails_that_request_and_the_workers_keep_serving(make_pair, ora
     pair.assert_all_free()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG decode_worker/worker.py submit: pickle.loads can raise ValueError "
-                   "(and TypeError, KeyError...) which the except list misses: handle() raises, no Failed")
 def test_offer_bytes_raising_valueerror_give_a_failed_message(make_pair):
     pair = make_pair()
     bad_work = wpb.DecodeWork(req_id="bad", prompt_token_ids=[5, 6, 7], sampling=_sp(4),
@@ -508,9 +506,6 @@ def test_offer_bytes_raising_valueerror_give_a_failed_message(make_pair):
         pair.assert_all_free()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG decode_worker/worker.py submit: first_token_id is not checked "
-                   "against the vocabulary; the embedding raises in the batched step and every "
-                   "request in that batch fails")
 def test_first_token_outside_the_vocabulary_fails_only_that_request(make_pair, oracle):
     good, other = _prompt(9, seed=80), _prompt(8, seed=81)
     pair = make_pair(forward=False)
@@ -580,9 +575,6 @@ def test_prefill_waits_for_blocks_held_under_a_lease(make_pair, oracle):
     pair.assert_all_free()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG decode_worker/worker.py _admit: the check counts the first token's "
-                   "slot (prompt + 1) but only the prompt's blocks are allocated, so the next admission takes "
-                   "that slot; at the first decode step one request is preempted and its pulled KV recomputed")
 def test_admitted_requests_are_not_preempted_at_their_first_decode_step(make_pair, oracle):
     # block-aligned prompts: the first token needs a third block each; 5 blocks admit both (3 + 3 > 5 though)
     a, b = _prompt(8, seed=95), _prompt(8, seed=96)
@@ -602,8 +594,6 @@ def test_admitted_requests_are_not_preempted_at_their_first_decode_step(make_pai
         pair.assert_all_free()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG decode_worker/worker.py submit: the offer's req_id is not compared "
-                   "with the DecodeWork's; another request's KV of the same length is pulled and decoded")
 def test_an_offer_for_another_request_is_refused(make_pair, oracle):
     other = _prompt(9, seed=97)
     pair = make_pair(forward=False)
@@ -622,9 +612,6 @@ def test_an_offer_for_another_request_is_refused(make_pair, oracle):
         pair.assert_all_free()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG decode_worker/worker.py _land_pulls/_recompute: a second DecodeWork "
-                   "for a request id already running gets to Scheduler.add, whose ValueError escapes step() "
-                   "(the rest of that poll's results are dropped; no Failed is sent)")
 def test_a_duplicate_decode_work_does_not_break_the_step(make_pair, oracle):
     a = _prompt(8, seed=99)
     pair = make_pair(forward=False)
