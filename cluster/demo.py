@@ -8,7 +8,6 @@ request's TTFT, TPOT and phase timings; shuts everything down.
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 DEMO_PROMPTS = [
@@ -24,6 +23,7 @@ def main(max_tokens: int = 48, config_path: str | None = None) -> int:
     from cluster.client import Client
     from cluster.config import load_config
     from cluster.local import Cluster
+    from cluster.serve import describe, stream_answer
 
     path = config_path or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)
     cfg = load_config(path, {"router": {"port": 0}, "ray": {"address": None}})
@@ -32,17 +32,9 @@ def main(max_tokens: int = 48, config_path: str | None = None) -> int:
         print(f"cluster up in {time.monotonic() - start:.1f}s\n", flush=True)
         for question in DEMO_PROMPTS:
             print(f"> {question}", flush=True)
-            for chunk in client.generate(messages=[{"role": "user", "content": question}],
-                                         max_tokens=max_tokens, temperature=0.0):
-                sys.stdout.write(chunk.text)
-                sys.stdout.flush()
-            r = client.last
-            m = r.metrics
-            print(f"\n  [{len(r.token_ids)} tokens, {r.finish_reason}] TTFT {m['ttft_s'] * 1e3:.0f} ms, "
-                  f"TPOT {m['mean_tpot_s'] * 1e3:.1f} ms | queue {m['queue_s'] * 1e3:.1f} ms, "
-                  f"prefill {m['prefill_s'] * 1e3:.0f} ms on {r.prefill_instance}, "
-                  f"KV transfer {m['transfer_s'] * 1e3:.1f} ms, decode {m['decode_s'] * 1e3:.0f} ms "
-                  f"on {r.decode_instance or '-'}\n", flush=True)
+            r = stream_answer(client, messages=[{"role": "user", "content": question}],
+                              max_tokens=max_tokens, temperature=0.0)
+            print(f"\n  {describe(r)}\n", flush=True)
         print("shutting down ...", flush=True)
     print("done", flush=True)
     return 0

@@ -33,19 +33,31 @@ def serve(config_path: str | None, address: str | None, port: int | None) -> int
     return 0
 
 
+def stream_answer(client, **request):
+    """Stream one completion's text to stdout as it comes; return the final result."""
+    for chunk in client.generate(**request):
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+    return client.last
+
+
+def describe(r) -> str:
+    """One line of a result's size and phase timings."""
+    m = r.metrics
+    return (f"[{len(r.token_ids)} tokens, {r.finish_reason}] TTFT {m['ttft_s'] * 1e3:.0f} ms, "
+            f"TPOT {m['mean_tpot_s'] * 1e3:.1f} ms | queue {m['queue_s'] * 1e3:.1f} ms, "
+            f"prefill {m['prefill_s'] * 1e3:.0f} ms on {r.prefill_instance}, "
+            f"KV transfer {m['transfer_s'] * 1e3:.1f} ms, decode {m['decode_s'] * 1e3:.0f} ms "
+            f"on {r.decode_instance or '-'}")
+
+
 def generate(address: str, prompt: str, raw: bool, **sampling) -> int:
     """Stream one completion to the terminal, then its timings on stderr."""
     from cluster.client import Client
     with Client(address) as client:
         kwargs = {"prompt": prompt} if raw else {"messages": [{"role": "user", "content": prompt}]}
-        for chunk in client.generate(**kwargs, **sampling):
-            sys.stdout.write(chunk.text)
-            sys.stdout.flush()
-        result = client.last
-    m = result.metrics
-    print(f"\n[{len(result.token_ids)} tokens, {result.finish_reason}; TTFT {m['ttft_s'] * 1e3:.0f} ms, "
-          f"TPOT {m['mean_tpot_s'] * 1e3:.1f} ms; prefill on {result.prefill_instance}, "
-          f"decode on {result.decode_instance or '-'}]", file=sys.stderr)
+        result = stream_answer(client, **kwargs, **sampling)
+    print(f"\n{describe(result)}", file=sys.stderr)
     return 0
 
 
