@@ -1,7 +1,8 @@
 """One contract, every backend: the whole life of a transfer between two real processes.
 
 Each test ends with every block free on both sides (the sender child reports
-its BlockManager at exit; the receiver's is checked here).
+its BlockManager at exit; the receiver's is checked here). The `ray` tests
+share one local Ray head (conftest.py).
 """
 from __future__ import annotations
 
@@ -12,20 +13,22 @@ import time
 import pytest
 import torch
 
+from kv_transfer import make_receiver
 from kv_transfer.base import TransferError, TransferStatus
-from kv_transfer.channel import ChannelReceiver
 from kv_transfer.faults import FaultSpec
 from kv_transfer.lease import LeaseState
-from tests.contract.harness import ZERO_COPY, Pair, make_layout, ok
+from tests.contract.harness import ZERO_COPY, Pair, make_layout, ok, real_backend
 
-BACKENDS = ["zmq", "shm", ZERO_COPY]
-WIRE_BACKENDS = ["zmq", "shm"]   # fault injection acts on a wire; zero copy has none
+BACKENDS = ["zmq", "shm", ZERO_COPY, "torch_dist", "ray"]
+WIRE_BACKENDS = ["zmq", "shm", "torch_dist", "ray"]   # fault injection acts on a wire; zero copy has none
 
 
 def _close_clean(pair: Pair) -> None:
     free, total, live = pair.close()
     assert (free, live) == (total, 0), f"sender leaked: {total - free} blocks, {live} leases"
     assert pair.dst_blocks.num_free_blocks == pair.dst_blocks.num_blocks, "receiver leaked blocks"
+    for side, left in (("sender", pair.sender.left_open), ("receiver", pair.dst.left_open)):
+        assert left is None or left == {"fds": 0, "threads": 0}, f"the {side}'s close() left open {left}"
 
 
 @contextlib.contextmanager
@@ -142,19 +145,19 @@ def test_injected_faults_are_detected_never_used(backend, fault, expect_ok):
 def test_bad_pulls_are_typed_errors(backend):
     layout = make_layout()
     other = make_layout(head_dim=32)
-    real = "shm" if backend == ZERO_COPY else backend
-    mismatched = ChannelReceiver(torch.zeros(other.cache_shape(8), dtype=other.torch_dtype), other, real)
+    real = real_backend(backend)
+    mismatched = make_receiver(real, torch.zeros(other.cache_shape(8), dtype=other.torch_dtype), other)
     with running(backend, layout) as pair, contextlib.closing(mismatched):
         offer, _ = pair.offer("r", 40)
         with pytest.raises(TransferError, match="need 3 blocks"):
             pair.receiver.pull(offer, [0, 1])
         with pytest.raises(ValueError, match="head_dim"):
             mismatched.pull(offer, [0, 1, 2])
-        wrong = ChannelReceiver(pair.dst_cache, layout, "shm" if real == "zmq" else "zmq")
+        wrong = make_receiver("shm" if real == "zmq" else "zmq", pair.dst_cache, layout)
         with pytest.raises(TransferError, match="backend"):
             wrong.pull(offer, [0, 1, 2])
         wrong.close()
-        pair.cmd_q.put(("abort", offer.transfer_id))
+        pair.sender.abort(offer.transfer_id)
         pair.drive(lambda: offer.transfer_id in pair.ends)
         assert pair.ends[offer.transfer_id].outcome is LeaseState.ABORTED
 
