@@ -4,8 +4,17 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import sys
+from pathlib import Path
 
 import pytest
+
+# The suite imports `tests.contract.harness` from the repository root: `python -m pytest` puts the
+# root on sys.path, the `pytest` script does not (pyproject sets no `pythonpath`). Spawned
+# sender children inherit this sys.path.
+_ROOT = str(Path(__file__).resolve().parents[2])
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
 
 OBJECT_STORE_BYTES = 256 * 2**20
 

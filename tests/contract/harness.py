@@ -140,22 +140,10 @@ def _session(cmd_q, out_q, held, backend, layout, num_blocks, seed, sender_kwarg
             if cmd is not None and cmd[0] == "stop":
                 break
             now = time.monotonic()
-            if cmd is not None and cmd[0] == "offer":
-                _, req_id, num_tokens, ttl, copies = cmd
-                if not blocks.can_allocate(num_tokens):
-                    out_q.put(("full", req_id))
-                else:
-                    # One lease per destination: each end frees one reference of the blocks.
-                    ids = blocks.allocate(num_tokens)
-                    for _ in range(copies - 1):
-                        blocks.share(ids)
-                    offers = [sender.offer(req_id, ids, num_tokens, now, ttl) for _ in range(copies)]
-                    out_q.put(("offer", offers, ids))
-            elif cmd is not None and cmd[0] == "abort":
-                end = sender.abort(cmd[1], now)
-                if end is not None:
-                    blocks.free(end.block_ids)
-                    out_q.put(("end", end))
+            try:
+                _command(cmd, sender, blocks, out_q, now)
+            except Exception as e:   # the test hears of it; the session goes on to its leak checks
+                out_q.put(("error", f"{type(e).__name__}: {e}"))
             for end in sender.poll(now):
                 blocks.free(end.block_ids)
                 out_q.put(("end", end))
@@ -179,6 +167,28 @@ def _session(cmd_q, out_q, held, backend, layout, num_blocks, seed, sender_kwarg
             left = {"fds": now_held[0] - held[0], "threads": now_held[1] - held[1]}
         out_q.put(("final", *final, left))
     return now_held if left is None or left == {"fds": 0, "threads": 0} else None
+
+
+def _command(cmd, sender, blocks: BlockManager, out_q, now: float) -> None:
+    if cmd is None:
+        return
+    if cmd[0] == "offer":
+        _, req_id, num_tokens, ttl, uses = cmd
+        if not blocks.can_allocate(num_tokens):
+            out_q.put(("full", req_id))
+            return
+        ids = blocks.allocate(num_tokens)
+        for _ in range(uses - 1):   # one reference per lease that will hold these blocks
+            blocks.share(ids)
+        out_q.put(("offer", sender.offer(req_id, ids, num_tokens, now, ttl), ids))
+    elif cmd[0] == "reoffer":   # a further lease on blocks a reference still holds
+        _, req_id, ids, num_tokens, ttl = cmd
+        out_q.put(("offer", sender.offer(req_id, ids, num_tokens, now, ttl), ids))
+    elif cmd[0] == "abort":
+        end = sender.abort(cmd[1], now)
+        if end is not None:
+            blocks.free(end.block_ids)
+            out_q.put(("end", end))
 
 
 class _Child:
@@ -228,25 +238,40 @@ class SenderChild:
         assert kind == "endpoint" and self.endpoint.startswith("tcp://127.0.0.1:")
         self.cache = make_cache(layout, num_blocks, seed)   # the child's, rebuilt
         self.ends: dict[str, LeaseEnd] = {}
+        self._final = None
 
     def offer(self, req_id: str, num_tokens: int, ttl_s: float | None = None,
-              copies: int = 1) -> tuple[list[TransferOffer], list[int]]:
-        """`copies` leases over one allocation (one per destination rank)."""
-        self.cmd_q.put(("offer", req_id, num_tokens, ttl_s, copies))
-        while True:
-            event = self.next_event(timeout=30)
-            if event[0] == "offer":
-                return event[1], event[2]
-            if event[0] == "full":
-                raise RuntimeError("sender cache full")
+              uses: int = 1) -> tuple[TransferOffer, list[int]]:
+        """Allocate blocks for a request and offer them. `uses` > 1 keeps that many references,
+        for as many leases over them (`reoffer`), one after another: a lease holds its blocks
+        alone, so a prefill rank feeding several decode ranks offers to one at a time."""
+        self.cmd_q.put(("offer", req_id, num_tokens, ttl_s, uses))
+        event = self._wait_for("offer")
+        return event[1], event[2]
+
+    def reoffer(self, req_id: str, ids: list[int], num_tokens: int, ttl_s: float | None = None) -> TransferOffer:
+        self.cmd_q.put(("reoffer", req_id, ids, num_tokens, ttl_s))
+        return self._wait_for("offer")[1]
 
     def abort(self, transfer_id: str) -> None:
         self.cmd_q.put(("abort", transfer_id))
+
+    def _wait_for(self, kind: str):
+        while True:
+            event = self.next_event(timeout=30)
+            if event[0] == kind:
+                return event
+            if event[0] in ("full", "error"):
+                raise RuntimeError(f"sender session: {event}")
+            if event[0] == "final":
+                raise RuntimeError("sender session ended")
 
     def next_event(self, timeout: float):
         event = self.out_q.get(timeout=timeout)
         if event[0] == "end":
             self.ends[event[1].transfer_id] = event[1]
+        elif event[0] == "final":
+            self._final = event
         return event
 
     def pump(self, timeout: float = 0.002) -> None:
@@ -263,14 +288,13 @@ class SenderChild:
         `self.left_open`: file descriptors and threads its close() left behind (None: not counted)."""
         self.cmd_q.put(("stop",))
         try:
-            while True:
-                event = self.next_event(timeout=60)
-                if event[0] == "final":
-                    break
+            while self._final is None:
+                self.next_event(timeout=60)
         except BaseException:
             self._child.stop()
             raise
         _idle_children.append(self._child)
+        event = self._final
         self.left_open = event[4]
         return event[1], event[2], event[3]
 
@@ -300,8 +324,11 @@ class Receiver:
         self.left_open: dict | None = None
 
     def close(self) -> None:
-        """Close the receiver; `left_open`: file descriptors and threads it left (None: not counted)."""
         self.receiver.close()
+
+    def count_left_open(self) -> None:
+        """`left_open`: the file descriptors and threads this process gained since the receiver
+        was made (None: not counted). Call once every receiver made since is closed too."""
         if self._held is not None:
             threads = _settled_threads(self._held[1])
             # Only growth counts: other things in this process (a child's pipes) may close meanwhile.
@@ -347,8 +374,7 @@ class Pair:
         self.receiver, self.ends, self.results = self.dst.receiver, self.sender.ends, self.dst.results
 
     def offer(self, req_id: str, num_tokens: int, ttl_s: float | None = None) -> tuple[TransferOffer, list[int]]:
-        offers, ids = self.sender.offer(req_id, num_tokens, ttl_s)
-        return offers[0], ids
+        return self.sender.offer(req_id, num_tokens, ttl_s)
 
     def pull(self, offer: TransferOffer) -> list[int]:
         ids = self.dst_blocks.allocate(offer.num_tokens)
@@ -372,6 +398,7 @@ class Pair:
     def close(self) -> tuple[int, int, int]:
         """Stop the child's session; returns its (free blocks, total blocks, live leases)."""
         self.dst.close()
+        self.dst.count_left_open()
         return self.sender.close()
 
 
