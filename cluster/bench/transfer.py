@@ -5,13 +5,17 @@ model's (30 layers, 3 KV heads, head_dim 64, bf16: 23,040 bytes per token);
 this process pulls sequences of about 1, 16 and 128 MB into its own cache.
 Time runs from `pull` to the DONE result (pack, wire, checksum, unpack and
 the acknowledgement included). A plain memcpy of the same number of bytes,
-measured in this process in the same run, is the reference.
+measured in this process in the same run, is the reference. Backend `ray`
+runs against a local Ray head this process starts on 127.0.0.1 (and stops).
 """
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing as mp
+import os
 import queue
+import secrets
 import statistics
 import sys
 import time
@@ -22,6 +26,8 @@ import torch
 from engine.block_manager import blocks_needed
 
 SIZES_MB = (1, 16, 128)
+RAY_OBJECT_STORE_BYTES = 1024 * 2**20   # two 128 MB payloads alive at once, with room
+_RAY_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
 
 
 def _layout():
@@ -30,12 +36,41 @@ def _layout():
                     head_dim=64, block_size=16, dtype="bfloat16")
 
 
-def _sender_main(cmd_q, out_q, backend: str, num_blocks: int, checksum: bool, shared: bool) -> None:
+def _start_ray() -> str:
+    """A local Ray head bound to 127.0.0.1 with token auth; its address."""
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    # Ray swaps a loopback node address for the external one unless it thinks clusters are off.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray
+    from ray._private import ray_constants
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             object_store_memory=RAY_OBJECT_STORE_BYTES, logging_level=logging.WARNING, log_to_driver=False)
+    address = ray.get_runtime_context().gcs_address
+    if not address.startswith("127.0.0.1:"):
+        ray.shutdown()
+        raise RuntimeError(f"Ray came up on {address}, not on 127.0.0.1")
+    return address
+
+
+def _join_ray(address: str, env: dict) -> None:
+    os.environ.update(env)
+    import ray
+    from ray._private import ray_constants
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+
+
+def _sender_main(cmd_q, out_q, backend: str, num_blocks: int, checksum: bool, shared: bool,
+                 ray_at: tuple[str, dict] | None) -> None:
     from engine.cpu_tuning import keep_freed_memory
     from kv_transfer import make_sender
     from kv_transfer.shared_cache import SharedKVCache
     torch.set_num_threads(1)
     keep_freed_memory()   # a worker process does this at start-up (engine.ModelRunner)
+    if ray_at is not None:
+        _join_ray(*ray_at)
     layout = _layout()
     shm = SharedKVCache(layout.cache_shape(num_blocks), torch.bfloat16) if shared else None
     cache = shm.tensor if shm else torch.empty(layout.cache_shape(num_blocks), dtype=torch.bfloat16)
@@ -64,6 +99,9 @@ def _sender_main(cmd_q, out_q, backend: str, num_blocks: int, checksum: bool, sh
         if shm is not None:
             cache = None
             shm.close()
+        if ray_at is not None:
+            import ray
+            ray.shutdown()
 
 
 def _memcpy_gbps(nbytes: int, repeats: int) -> float:
@@ -84,9 +122,14 @@ def _bench_backend(backend: str, sizes_mb, repeats: int, checksum: bool, shared:
     per_token = layout.bytes_per_token
     max_tokens = max(sizes_mb) * 2**20 // per_token + 1
     num_blocks = blocks_needed(max_tokens, layout.block_size) + 1
+    ray_at = None
+    if backend == "ray":
+        import ray
+        ray_at = (ray.get_runtime_context().gcs_address, {k: os.environ[k] for k in _RAY_ENV if k in os.environ})
     ctx = mp.get_context("spawn")
     cmd_q, out_q = ctx.Queue(), ctx.Queue()
-    proc = ctx.Process(target=_sender_main, args=(cmd_q, out_q, backend, num_blocks, checksum, shared), daemon=True)
+    proc = ctx.Process(target=_sender_main, args=(cmd_q, out_q, backend, num_blocks, checksum, shared, ray_at),
+                       daemon=True)
     proc.start()
     endpoint = out_q.get(timeout=120)
     assert endpoint.startswith("tcp://127.0.0.1:")
@@ -126,6 +169,9 @@ VARIANTS = (
     ("shm+crc", "shm", True, False),         # staged through a segment, checksummed
     ("zmq", "zmq", False, False),
     ("zmq+crc", "zmq", True, False),
+    ("torch_dist", "torch_dist", False, False),   # gloo send/recv in a per-pair process group
+    ("torch_dist+crc", "torch_dist", True, False),
+    ("ray", "ray", False, False),                 # Ray's object store, numpy views
 )
 
 
@@ -137,8 +183,17 @@ def run(sizes_mb=SIZES_MB, repeats: int = 5, out: str | None = None) -> dict:
     for mb in sizes_mb:
         results["memcpy"][str(mb)] = _memcpy_gbps(mb * 2**20, repeats)
     backends = [label for label, *_ in VARIANTS]
-    for label, backend, checksum, shared in VARIANTS:
-        results["backends"][label] = _bench_backend(backend, sizes_mb, repeats, checksum, shared)
+    ray_started = False
+    try:
+        for label, backend, checksum, shared in VARIANTS:
+            if backend == "ray" and not ray_started:
+                _start_ray()
+                ray_started = True
+            results["backends"][label] = _bench_backend(backend, sizes_mb, repeats, checksum, shared)
+    finally:
+        if ray_started:
+            import ray
+            ray.shutdown()
     for mb in sizes_mb:
         ref = results["memcpy"][str(mb)]
         line = f"{mb:>4} MB: memcpy {ref:5.2f} GB/s"
