@@ -92,7 +92,12 @@ class ChannelSender(KVSender):
         self._sock.setsockopt(zmq.LINGER, 0)
         port = self._sock.bind_to_random_port(f"tcp://{host}")
         self._endpoint = f"tcp://{host}:{port}"
-        self._path = make_data_path(backend, f"pdkv-{os.getpid()}-{port}", host=host)
+        try:
+            self._path = make_data_path(backend, f"pdkv-{os.getpid()}-{port}", host=host)
+        except BaseException:   # e.g. backend ray without a Ray connection: leave no socket behind
+            self._sock.close(0)
+            self._ctx.term()
+            raise
         self._faults = FaultInjector(faults) if faults else None
         self._delayed: list[tuple[float, str, list, dict, bool]] = []   # (due, tid, msg, extra, has frames)
 
@@ -237,10 +242,10 @@ class ChannelReceiver(KVReceiver):
                  max_attempts: int = 3, timeout_s: float = 10.0, clock=time.monotonic) -> None:
         self.cache_data, self.layout, self.backend = cache_data, layout, backend
         self.max_attempts, self.timeout_s, self._clock = max_attempts, timeout_s, clock
+        self._path = make_data_path(backend, f"pdkv-recv-{os.getpid()}", device=cache_data.device)
         self._ctx = zmq.Context()
         self._socks: dict[str, zmq.Socket] = {}
         self._pending: dict[str, _Pull] = {}
-        self._path = make_data_path(backend, f"pdkv-recv-{os.getpid()}", device=cache_data.device)
         self._attached = AttachedCaches()
 
     def pull(self, offer: TransferOffer, dst_block_ids: Sequence[int]) -> None:

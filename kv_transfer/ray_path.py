@@ -108,8 +108,8 @@ class RayPath(DataPath):
         entry = self._incoming.get((header["transfer_id"], header.get("attempt")))
         if entry is None:
             raise ValueError(f"no ray object for {header['transfer_id']} attempt {header.get('attempt')}")
-        # Ready, so this returns at once (an error object raises: the attempt fails).
-        arrays = _ray().get(entry[1], timeout=10.0)
+        # Ready, so this returns at once (a freed or failed object raises: the attempt fails).
+        arrays = _ray().get(entry[1], timeout=1.0)
         meta = header["payload"]
         if not isinstance(arrays, list) or len(arrays) != len(meta):
             raise ValueError(f"ray object holds {type(arrays).__name__}, not {len(meta)} arrays")

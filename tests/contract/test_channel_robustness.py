@@ -9,7 +9,8 @@ import pytest
 import torch
 import zmq
 
-from kv_transfer.base import TransferError, TransferStatus
+from kv_transfer import make_receiver, make_sender
+from kv_transfer.base import TransferError, TransferOffer, TransferStatus
 from kv_transfer.channel import ChannelReceiver, ChannelSender
 from kv_transfer.lease import LeaseState
 from kv_transfer.shared_cache import SharedKVCache
@@ -146,3 +147,61 @@ def test_bad_endpoints_and_blocks_fail_without_blocking():
         receiver.close()
         if sender is not None:
             sender.close()
+
+
+def test_ray_backend_without_a_ray_connection_is_a_typed_error():
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        pytest.skip("this process is connected to Ray")
+    src = make_cache(LAYOUT, 4, seed=5)
+    for make in (make_sender, make_receiver):
+        with pytest.raises(TransferError, match="Ray cluster"):
+            make("ray", src, LAYOUT)
+
+
+@pytest.mark.parametrize("dist", [
+    None,                                                        # no torch_dist section at all
+    {"store": "not-an-address", "group": "g", "backend": "gloo", "tags": [1]},
+    {"store": "127.0.0.1:1", "group": "g", "backend": "nccl", "tags": [1]},   # NCCL into a CPU cache
+    {"store": "127.0.0.1:1", "group": "g", "backend": "gloo", "tags": [0]},   # a tag no sender uses
+])
+def test_torch_dist_headers_it_cannot_follow_fail_the_attempt_without_blocking(dist):
+    """A rogue sender answers every PULL with a DATA header the receiver cannot act on: each
+    attempt fails at once, the pull ends FAILED naming the problem, and no poll blocks."""
+    dst = torch.zeros(LAYOUT.cache_shape(8), dtype=LAYOUT.torch_dtype)
+    receiver = make_receiver("torch_dist", dst, LAYOUT, timeout_s=5.0, max_attempts=2)
+    ctx = zmq.Context()
+    rogue = ctx.socket(zmq.ROUTER)
+    rogue.setsockopt(zmq.LINGER, 0)
+    port = rogue.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        offer = TransferOffer("t-1", "r", 8, LAYOUT, f"tcp://127.0.0.1:{port}", "torch_dist")
+        receiver.pull(offer, [0, 1])
+        results, slowest = [], 0.0
+        stop_at = time.monotonic() + 5
+        while not results:
+            assert time.monotonic() < stop_at
+            try:
+                identity, kind, raw = rogue.recv_multipart(zmq.NOBLOCK)
+                head = json.loads(raw)
+                if kind == b"PULL":
+                    meta = [{"shape": [LAYOUT.local_layers, 2, 8, LAYOUT.local_heads, LAYOUT.head_dim],
+                             "dtype": LAYOUT.dtype, "offset": 0, "nbytes": 8 * LAYOUT.bytes_per_token}]
+                    reply = {"transfer_id": "t-1", "attempt": head["attempt"], "payload": meta}
+                    if dist is not None:
+                        reply["dist"] = dist
+                    rogue.send_multipart([identity, b"DATA", json.dumps(reply).encode()])
+            except zmq.Again:
+                pass
+            start = time.monotonic()
+            results = receiver.poll()
+            slowest = max(slowest, time.monotonic() - start)
+            time.sleep(0.001)
+        assert results[0].status is TransferStatus.FAILED and results[0].attempts == 2, results
+        assert "torch_dist" in results[0].error or "NCCL" in results[0].error or "address" in results[0].error
+        assert slowest < 0.1, f"a poll took {slowest:.3f}s"
+        assert torch.count_nonzero(dst) == 0
+    finally:
+        receiver.close()
+        rogue.close(0)
+        ctx.term()
