@@ -25,15 +25,30 @@ def start_ray(address: str | None, host: str, num_cpus: int) -> bool:
         # it is imported, so this comes first.
         os.environ["RAY_AUTH_MODE"] = "token"
         os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+        if _is_loopback(host):
+            # _node_ip_address="127.0.0.1" alone is not honoured: Ray swaps a loopback
+            # address for the machine's external one unless single-node mode is on.
+            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
     if ray.is_initialized():
         return False
+    if not address and _is_loopback(host):
+        from ray._private import ray_constants
+        ray_constants.ENABLE_RAY_CLUSTER = False   # where ray was imported before the env was set
     if address:   # the cluster's token comes from the user's environment or ~/.ray/auth_token
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
         return False
     ray.init(num_cpus=num_cpus, _node_ip_address=None if host == "auto" else host, include_dashboard=False,
              object_store_memory=OBJECT_STORE_BYTES, logging_level=logging.WARNING, log_to_driver=True)
+    gcs = ray.get_runtime_context().gcs_address
+    if host != "auto" and not gcs.startswith(f"{host}:"):
+        ray.shutdown()
+        raise ConfigError(f"ray.host: Ray came up on {gcs}, not on {host}")
     return True
+
+
+def _is_loopback(host: str) -> bool:
+    return host in ("127.0.0.1", "localhost")
 
 
 def stop_ray() -> None:

@@ -60,6 +60,8 @@ def stop_and_check_nothing_left(cluster: Cluster) -> None:
     import ray
     assert all_blocks_free(cluster), cluster.worker_stats()
     assert all(s["loop_error"] is None for s in cluster.worker_stats().values())
+    assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+    assert all(n["NodeManagerAddress"] == "127.0.0.1" for n in ray.nodes())
     pids = [info["pid"] for info in cluster.infos.values()]
     port = cluster.router.port
     cluster.stop()
