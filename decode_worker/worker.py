@@ -194,6 +194,7 @@ class DecodeWorker:
                 self._recompute(pull.seq, result.error or "transfer failed")
 
     def _recompute(self, seq: Sequence, why: str) -> None:
+        log.warning("%s recomputes request %r locally: %s", self.name, seq.req_id, why)
         self.blocks.free(seq.block_ids)
         seq.block_ids = []
         seq.num_preemptions += 1

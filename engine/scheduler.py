@@ -32,6 +32,38 @@ class SchedulerConfig:
     max_model_len: int = 8192            # prompt + output tokens per sequence
 
 
+def admit_prefill_batch(waiting: deque[Sequence], blocks: BlockManager, max_seqs: int,
+                        max_batched_tokens: int, now: float) -> list[Sequence]:
+    """Take waiting requests in order while the sequence limit, the token budget and the
+    free blocks allow; allocate their blocks and mark them RUNNING. Shared with the
+    prefill worker's scheduler."""
+    batch: list[Sequence] = []
+    num_tokens = 0
+    while waiting and len(batch) < max_seqs:
+        seq = waiting[0]
+        n = seq.num_tokens
+        # A prompt over the budget still runs, alone, so that it cannot starve.
+        if batch and num_tokens + n > max_batched_tokens:
+            break
+        if not blocks.can_allocate(n):
+            break
+        waiting.popleft()
+        seq.block_ids = blocks.allocate(n, seq.all_token_ids)
+        seq.status = SeqStatus.RUNNING
+        if seq.first_scheduled_time is None:
+            seq.first_scheduled_time = now
+        batch.append(seq)
+        num_tokens += n
+    return batch
+
+
+def prefill_plan(batch: list[Sequence]) -> StepPlan:
+    """One packed prefill step over every token of each sequence (prompt + any output)."""
+    return StepPlan(True, tuple(
+        SeqWork(s.req_id, tuple(s.all_token_ids), 0, tuple(s.block_ids), s.sampling,
+                len(s.output_token_ids)) for s in batch))
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, blocks: BlockManager,
                  eos_token_ids: frozenset[int]) -> None:
@@ -107,29 +139,12 @@ class Scheduler:
 
     # -- internals ------------------------------------------------------------
     def _schedule_prefill(self, now: float) -> StepPlan | None:
-        batch: list[Sequence] = []
-        num_tokens = 0
-        while self.waiting and len(self.running) + len(batch) < self.config.max_num_seqs:
-            seq = self.waiting[0]
-            n = seq.num_tokens
-            # A prompt over the budget still runs, alone, so that it cannot starve.
-            if batch and num_tokens + n > self.config.max_num_batched_tokens:
-                break
-            if not self.blocks.can_allocate(n):
-                break
-            self.waiting.popleft()
-            seq.block_ids = self.blocks.allocate(n, seq.all_token_ids)
-            seq.status = SeqStatus.RUNNING
-            if seq.first_scheduled_time is None:
-                seq.first_scheduled_time = now
-            batch.append(seq)
-            num_tokens += n
+        batch = admit_prefill_batch(self.waiting, self.blocks, self.config.max_num_seqs - len(self.running),
+                                    self.config.max_num_batched_tokens, now)
         if not batch:
             return None
         self.running.extend(batch)
-        return StepPlan(True, tuple(
-            SeqWork(s.req_id, tuple(s.all_token_ids), 0, tuple(s.block_ids), s.sampling,
-                    len(s.output_token_ids)) for s in batch))
+        return prefill_plan(batch)
 
     def _schedule_decode(self) -> StepPlan | None:
         scheduled: list[Sequence] = []

@@ -12,7 +12,8 @@ from collections import deque
 from dataclasses import dataclass
 
 from engine.block_manager import BlockManager
-from engine.sequence import SeqStatus, Sequence, SeqWork, StepPlan
+from engine.scheduler import admit_prefill_batch, prefill_plan
+from engine.sequence import Sequence, StepPlan
 
 
 @dataclass(frozen=True)
@@ -46,24 +47,9 @@ class PrefillScheduler:
         return self._queued_tokens
 
     def schedule(self, now: float) -> tuple[StepPlan, list[Sequence]] | None:
-        batch: list[Sequence] = []
-        num_tokens = 0
-        while self.waiting and len(batch) < self.config.max_num_seqs:
-            seq = self.waiting[0]
-            n = seq.num_tokens
-            if batch and num_tokens + n > self.config.max_num_batched_tokens:
-                break
-            if not self.blocks.can_allocate(n):
-                break
-            self.waiting.popleft()
-            self._queued_tokens -= n
-            seq.block_ids = self.blocks.allocate(n, seq.all_token_ids)
-            seq.status = SeqStatus.RUNNING
-            seq.first_scheduled_time = now
-            batch.append(seq)
-            num_tokens += n
+        batch = admit_prefill_batch(self.waiting, self.blocks, self.config.max_num_seqs,
+                                    self.config.max_num_batched_tokens, now)
         if not batch:
             return None
-        plan = StepPlan(True, tuple(
-            SeqWork(s.req_id, tuple(s.all_token_ids), 0, tuple(s.block_ids), s.sampling, 0) for s in batch))
-        return plan, batch
+        self._queued_tokens -= sum(s.num_tokens for s in batch)
+        return prefill_plan(batch), batch

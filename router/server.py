@@ -145,7 +145,7 @@ class Router(pb_grpc.GenerationServicer, pb_grpc.AdminServicer):
                                 max_active_requests=self.settings.max_active_requests,
                                 transfer_backend=self.model.transfer_backend)
         for v in self.views.values():
-            load = getattr(v, "load", None) or wpb.Load()
+            load = v.load or wpb.Load()
             state.instances.append(pb.InstanceState(
                 name=v.name, role=v.role, plan=v.plan, num_waiting=load.num_waiting,
                 num_running=load.num_running, queued_prompt_tokens=load.queued_prompt_tokens,
