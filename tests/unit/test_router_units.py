@@ -246,6 +246,44 @@ def test_real_tokenizer_emoji_split_and_stop_after_it(smollm_tokenizer):
     assert all("\ufffd" not in d for d in deltas)
 
 
+@pytest.mark.slow
+def test_real_tokenizer_random_ids_in_random_chunks_match_the_full_decode(smollm_tokenizer):
+    import random
+    tok = smollm_tokenizer
+    rng = random.Random(7)
+    for _ in range(20):
+        ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randrange(1, 120))]
+        detok = Detokenizer(tok)
+        out, i = [], 0
+        while i < len(ids):
+            n = rng.randrange(1, 5)
+            out.append(detok.add(ids[i:i + n], final=i + n >= len(ids)))
+            i += n
+        assert "".join(out) == tok.decode(ids, skip_special_tokens=True)
+
+
+class _CountingTokenizer:
+    """The real tokenizer, counting how many token ids each decode is given."""
+
+    def __init__(self, tok):
+        self.tok, self.decoded = tok, 0
+
+    def decode(self, ids, **kw):
+        self.decoded += len(ids)
+        return self.tok.decode(ids, **kw)
+
+
+@pytest.mark.slow
+def test_detokenizer_work_is_linear_in_the_output(smollm_tokenizer):
+    tok = _CountingTokenizer(smollm_tokenizer)
+    ids = smollm_tokenizer.encode("The capital of France is Paris. " * 200, add_special_tokens=False)
+    detok = Detokenizer(tok, ("never-there",))
+    text = "".join(detok.add([i]) for i in ids) + detok.add([], final=True)
+    assert text == smollm_tokenizer.decode(ids)
+    # a full re-decode per token would be ~len(ids)**2 / 2 ids
+    assert tok.decoded < 8 * len(ids), (tok.decoded, len(ids))
+
+
 # -- validate_request -----------------------------------------------------------------------------------
 def test_validate_request_accepts_what_fits():
     validate_request([1, 2, 3], SamplingParams(max_tokens=5), vocab_size=10, max_model_len=8)
