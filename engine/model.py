@@ -24,8 +24,10 @@ class Attention(nn.Module):
                  dtype: torch.dtype) -> None:
         super().__init__()
         self.par = par
-        self.num_heads = par.split(cfg.num_heads, "num_attention_heads")
-        self.num_kv_heads = par.split(cfg.num_kv_heads, "num_key_value_heads")
+        # whole GQA groups per rank, possibly uneven (see engine.parallel)
+        self.q_heads = par.q_heads(cfg.num_heads, cfg.num_kv_heads)
+        self.kv_heads = par.kv_heads(cfg.num_kv_heads)
+        self.num_heads, self.num_kv_heads = len(self.q_heads), len(self.kv_heads)
         self.head_dim = cfg.head_dim
         self.q_size = self.num_heads * cfg.head_dim
         self.kv_size = self.num_kv_heads * cfg.head_dim
@@ -51,7 +53,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, par: ParallelContext, dtype: torch.dtype) -> None:
         super().__init__()
         self.par = par
-        self.inter = par.split(cfg.intermediate_size, "intermediate_size")
+        self.columns = par.columns(cfg.intermediate_size, "intermediate_size")
+        self.inter = len(self.columns)
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * self.inter, False, dtype)
         self.down_proj = Linear(self.inter, cfg.hidden_size, False, dtype)
 
@@ -106,12 +109,15 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 kv_caches: list[KVLayer] | None, meta: AttentionMetadata,
-                hidden: torch.Tensor | None = None, last_rows: list[int] | None = None) -> torch.Tensor:
+                hidden: torch.Tensor | None = None, last_rows: list[int] | None = None,
+                on_layer=None) -> torch.Tensor:
         """input_ids: [tokens] on the first stage, else hidden: [tokens, hidden].
 
         On the last stage of a prefill, `last_rows` (each sequence's last token)
         trims the final layer: it still stores every token's K/V, but attention
         output, MLP and norm run for those rows only, and only they are returned.
+        `on_layer(i)`, if given, runs once local layer i has stored its K/V (layer-wise
+        KV streaming sends it while the later layers compute).
         """
         h = nn.functional.embedding(input_ids, self.embed_tokens) if self.par.is_first_stage else hidden
         last = len(self.layers) - 1
@@ -119,6 +125,8 @@ class CausalLM(nn.Module):
         for i, layer in enumerate(self.layers):
             kv = kv_caches[i] if kv_caches is not None else None
             h = layer(positions, h, kv, meta, trim if i == last else None)
+            if on_layer is not None:
+                on_layer(i)
         return self.norm(h) if self.norm is not None else h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,9 @@
 
 Checkpoint names are mapped onto our fused parameters: q/k/v into qkv_proj,
 gate/up into gate_up_proj. Column-parallel weights keep this rank's rows
-(heads, MLP columns), row-parallel ones this rank's columns; layers outside
-this pipeline stage are skipped. Every parameter must be filled exactly once.
+(heads, MLP columns), row-parallel ones this rank's columns, at the ranges
+the layers got from `engine.parallel` (uneven where heads do not divide);
+layers outside this pipeline stage are skipped. Every parameter must be filled exactly once.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def load_weights(model: CausalLM, path: str) -> None:
 
 
 def _load_one(model: CausalLM, name: str, t: torch.Tensor, filled: set[str]) -> None:
-    cfg, par = model.cfg, model.par
+    cfg = model.cfg
     if name == "model.embed_tokens.weight":
         if model.embed_tokens is not None:
             _copy(model.embed_tokens, t, "embed_tokens", filled)
@@ -62,25 +63,25 @@ def _load_one(model: CausalLM, name: str, t: torch.Tensor, filled: set[str]) -> 
     if rest.startswith("self_attn.") and rest.split(".")[1] in ("q_proj", "k_proj", "v_proj"):
         proj = rest.split(".")[1][0]
         heads = {"q": cfg.num_heads, "k": cfg.num_kv_heads, "v": cfg.num_kv_heads}[proj]
-        local_heads = {"q": attn.num_heads, "k": attn.num_kv_heads, "v": attn.num_kv_heads}[proj]
+        local = attn.q_heads if proj == "q" else attn.kv_heads   # this rank's heads (maybe uneven)
         offset = {"q": 0, "k": attn.q_size, "v": attn.q_size + attn.kv_size}[proj]
         if t.shape[0] != heads * cfg.head_dim:
             raise ModelLoadError(f"weight {name}: shape {tuple(t.shape)} does not fit {heads} heads "
                                  f"of {cfg.head_dim}")
-        shard = _rows(t, par.tp_rank * local_heads * cfg.head_dim, local_heads * cfg.head_dim)
+        shard = _rows(t, local.start * cfg.head_dim, len(local) * cfg.head_dim)
         getattr(attn.qkv_proj, kind).data[offset:offset + shard.shape[0]].copy_(shard)
         filled.add(f"{prefix}self_attn.qkv_proj.{kind}#{proj}")
     elif rest == "self_attn.o_proj.weight":
-        _copy(attn.o_proj.weight, _cols(t, par.tp_rank * attn.q_size, attn.q_size),
+        _copy(attn.o_proj.weight, _cols(t, attn.q_heads.start * cfg.head_dim, attn.q_size),
               prefix + "self_attn.o_proj.weight", filled)
     elif rest in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
         piece = rest.split(".")[1][:-5]   # gate | up
         offset = 0 if piece == "gate" else mlp.inter
         mlp.gate_up_proj.weight.data[offset:offset + mlp.inter].copy_(
-            _rows(t, par.tp_rank * mlp.inter, mlp.inter))
+            _rows(t, mlp.columns.start, mlp.inter))
         filled.add(f"{prefix}mlp.gate_up_proj.weight#{piece}")
     elif rest == "mlp.down_proj.weight":
-        _copy(mlp.down_proj.weight, _cols(t, par.tp_rank * mlp.inter, mlp.inter),
+        _copy(mlp.down_proj.weight, _cols(t, mlp.columns.start, mlp.inter),
               prefix + "mlp.down_proj.weight", filled)
     elif rest in ("input_layernorm.weight", "post_attention_layernorm.weight"):
         _copy(getattr(layer, rest.split(".")[0]).weight, t, prefix + rest, filled)

@@ -17,6 +17,7 @@ import torch
 
 import kernels
 from engine.block_manager import blocks_needed
+from engine.parallel import split_range
 
 BlockIds = Sequence[int] | torch.Tensor
 
@@ -93,7 +94,8 @@ class KVLayout:
     @classmethod
     def for_rank(cls, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: str, *,
                  tp_rank: int = 0, tp_size: int = 1, pp_rank: int = 0, pp_size: int = 1) -> KVLayout:
-        """A rank's share under the split rule of engine.parallel: earlier ranks take the remainder."""
+        """A rank's share under the engine's own split rule (`engine.parallel.split_range`: earlier
+        ranks take the remainder, 3 KV heads over tp 2 -> 2 + 1), so it is the cache that rank holds."""
         layers = _share(num_layers, pp_rank, pp_size, "pp")
         heads = _share(num_kv_heads, tp_rank, tp_size, "tp")
         return cls(num_layers, layers.start, layers.stop, num_kv_heads, heads.start, heads.stop,
@@ -101,13 +103,8 @@ class KVLayout:
 
 
 def _share(total: int, rank: int, size: int, what: str) -> range:
-    if not 0 <= rank < size:
-        raise ValueError(f"{what}_rank={rank} is outside {what}_size={size}")
-    base, extra = divmod(total, size)
-    if base == 0:
-        raise ValueError(f"{what}_size={size} leaves rank(s) with nothing of {total}")
-    start = rank * base + min(rank, extra)
-    return range(start, start + base + (1 if rank < extra else 0))
+    # ParallelPlanError is a ValueError; the message names the plan field at fault
+    return split_range(total, rank, size, f"{what}_rank={rank} of {what}_size={size}")
 
 
 def check_compatible(src: KVLayout, dst: KVLayout) -> None:
