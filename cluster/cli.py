@@ -33,6 +33,9 @@ def _bench(args: argparse.Namespace) -> int:
         from cluster.bench.overhead import run
         run(repeats=args.repeats, out=args.out or "bench-results/overhead.json")
         return 0
+    if args.what == "serve":
+        from cluster.bench.serve import main as serve_main
+        return serve_main(args)
     print(f"unknown benchmark {args.what!r}", file=sys.stderr)
     return 2
 
@@ -81,9 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(fn=_generate)
 
     bench = sub.add_parser("bench", help="run a benchmark")
-    bench.add_argument("what", choices=["engine", "transfer", "overhead"])
+    bench.add_argument("what", choices=["engine", "transfer", "overhead", "serve"])
     bench.add_argument("--repeats", type=int, default=3)
-    bench.add_argument("--out", default=None, help="JSON results file")
+    bench.add_argument("--out", default=None, help="JSON results file (serve: a directory)")
+    from cluster.bench.serve import add_arguments as add_serve_arguments
+    add_serve_arguments(bench)
     bench.set_defaults(fn=_bench)
 
     demo = sub.add_parser("demo", help="answer a few prompts on the default model and print timings")
@@ -96,10 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from cluster.client import ClientError
+    from cluster.bench.serve_metrics import BenchError
     from engine.errors import EngineError
+    from router.workload import WorkloadError
     try:
         return args.fn(args)
-    except (EngineError, ClientError) as e:
+    except (EngineError, ClientError, BenchError, WorkloadError) as e:
         print(f"pdcluster: error: {e}", file=sys.stderr)
         return 2
 

@@ -172,6 +172,20 @@ class AsyncClient:
         except grpc.RpcError as e:
             raise _error(e) from None
 
+    async def stream(self, prompt: str | None = None, **kwargs) -> AsyncIterator[Chunk | Completion]:
+        """Chunks as they arrive, then the final `Completion` (for callers that time the chunks)."""
+        collector = _Collector()
+        try:
+            async for resp in self._gen.Generate(make_request(prompt, **kwargs), timeout=self.timeout_s):
+                chunk = collector.add(resp)
+                if chunk is not None:
+                    yield chunk
+        except grpc.RpcError as e:
+            raise _error(e) from None
+        if collector.final is None:
+            raise Unavailable(grpc.StatusCode.UNAVAILABLE, "the stream ended without a final result")
+        yield collector.completion()
+
     async def complete(self, prompt: str | None = None, **kwargs) -> Completion:
         collector = _Collector()
         try:
