@@ -1,0 +1,258 @@
+"""Plan search: (t, p) per phase and the prefill:decode instance ratio, maximising goodput per GPU.
+
+DistServe's two regimes (OSDI'24, Sec. 4):
+
+  * high node affinity (fast links between nodes): the phases are planned
+    independently. Each phase's (t, p) is simulated alone (prefill judged on
+    TTFT, decode on TPOT) to get a per-instance goodput; the best few per GPU
+    are combined into units of n_p prefill + n_d decode instances whose
+    estimated goodput is min(n_p * G_p, n_d * G_d); the best estimates are
+    then simulated together (joint SLOs, KV over the inter-node link) and the
+    unit is replicated over the cluster.
+  * low node affinity (slow links between nodes): a prefill and a decode
+    instance share the pipeline degree p, and stage s of every instance of a
+    unit sits on node s, so the KV of each layer range moves over the intra-node
+    link. Per node, n_p * t_p + n_d * t_d <= GPUs per node; a unit spans p nodes.
+
+Pruning, to plan 4 nodes x 8 GPUs in well under a minute: tensor degrees are
+powers of two within a node, pipeline degrees 1, 2, 4 (and within the
+cluster); per-phase goodputs are cached and shared by both regimes; only the
+top `keep` configurations per phase and the top `joint` units per regime are
+simulated jointly; every simulation uses `num_requests` requests.
+
+The colocated baseline (vLLM-style, prefill first) is searched over (t, p)
+with the same joint SLOs, so the plan can be compared per GPU.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+from router.planner.goodput import Goodput, at_rate, attainment, goodput, unit_rate_requests
+from router.planner.profile import PlannerError, Profile
+from router.planner.simulator import PoolSpec, SimConfig, decode_round_s, simulate
+
+REGIMES = ("high", "low")
+
+
+@dataclass(frozen=True)
+class ClusterShape:
+    nodes: int
+    gpus_per_node: int
+    intra_node_gb_s: float
+    inter_node_gb_s: float
+
+    @property
+    def num_gpus(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    def check(self) -> ClusterShape:
+        for key in ("nodes", "gpus_per_node"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise PlannerError(f"{key} must be an integer >= 1, got {v!r}")
+        for key in ("intra_node_gb_s", "inter_node_gb_s"):
+            v = getattr(self, key)
+            if not (v > 0 and math.isfinite(v)):
+                raise PlannerError(f"{key} must be > 0, got {v!r}")
+        if self.num_gpus < 2:
+            raise PlannerError("a disaggregated plan needs at least 2 GPUs (one per phase)")
+        return self
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    ttft_slo: float
+    tpot_slo: float
+    workload: str = "chatbot"
+    target: float = 0.9
+    num_requests: int = 160       # at least this many requests per simulation ...
+    horizon_s: float = 8.0        # ... and enough to span this long, so a fast unit reaches steady state
+    max_requests: int = 2000      # ... but no more than this
+    seed: int = 0
+    burstiness: float = 1.0
+    keep: int = 3                 # configurations per phase carried into the unit search
+    joint: int = 4                # units per regime simulated jointly
+    max_instances: int = 4        # per phase in one unit
+    sim: SimConfig = field(default_factory=SimConfig)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    regime: str                   # "high", "low" or "colocated"
+    prefill: PoolSpec | None      # one unit: pools with their instance counts
+    decode: PoolSpec | None
+    colocated: PoolSpec | None
+    num_units: int                # copies of the unit that fit the cluster
+    goodput: float                # req/s of one unit (simulated)
+    attainment: float             # at that rate
+    transfer_gb_s: float = 0.0
+
+    @property
+    def unit_gpus(self) -> int:
+        return sum(p.num_gpus for p in (self.prefill, self.decode, self.colocated) if p is not None)
+
+    @property
+    def per_gpu(self) -> float:
+        return self.goodput / self.unit_gpus
+
+    def describe(self) -> str:
+        if self.colocated is not None:
+            c = self.colocated
+            unit = f"{c.num_instances} colocated tp{c.tp}-pp{c.pp}"
+        else:
+            p, d = self.prefill, self.decode
+            unit = f"{p.num_instances} prefill tp{p.tp}-pp{p.pp} + {d.num_instances} decode tp{d.tp}-pp{d.pp}"
+        return (f"[{self.regime}] {unit} ({self.unit_gpus} GPUs) x {self.num_units}: "
+                f"{self.goodput:.2f} req/s per unit, {self.per_gpu:.3f} req/s per GPU, "
+                f"attainment {self.attainment:.1%}")
+
+
+@dataclass
+class SearchResult:
+    best: Candidate
+    runners_up: list[Candidate]
+    best_colocated: Candidate | None
+    num_plans: int                # distinct configurations simulated
+    num_sims: int                 # simulations run
+    settings: SearchSettings
+    shape: ClusterShape
+
+
+class _Search:
+    def __init__(self, profile: Profile, shape: ClusterShape, s: SearchSettings) -> None:
+        self.profile, self.shape, self.s = profile, shape, s
+        self.unit = unit_rate_requests(s.workload, max(s.num_requests, s.max_requests), seed=s.seed,
+                                       burstiness=s.burstiness)
+        self.max_tokens = max(r.prompt_tokens + r.output_tokens for r in self.unit)
+        self.mean_prompt = sum(r.prompt_tokens for r in self.unit) / len(self.unit)
+        self.mean_output = sum(r.output_tokens for r in self.unit) / len(self.unit)
+        self.num_sims = 0
+        self.plans: set = set()
+        self._phase_cache: dict = {}
+
+    # -- candidate (t, p) --------------------------------------------------------------------------
+    def configs(self, max_gpus: int) -> list[tuple[int, int]]:
+        out = []
+        for t in (1, 2, 4, 8, 16):
+            for p in (1, 2, 4):
+                if t <= self.shape.gpus_per_node and t * p <= max_gpus and self.profile.kv_capacity_tokens(t, p) >= self.max_tokens:
+                    out.append((t, p))
+        return out
+
+    def _goodput(self, key, mode: str, pools: dict, slos: tuple[float, float], transfer: float = 1.0) -> Goodput:
+        cfg = replace(self.s.sim, transfer_gb_s=transfer)
+        self.plans.add(key)
+
+        def attain(rate: float) -> float:
+            self.num_sims += 1
+            n = min(self.s.max_requests, max(self.s.num_requests, math.ceil(rate * self.s.horizon_s)))
+            return attainment(simulate(mode, self.profile, at_rate(self.unit[:n], rate), config=cfg, **pools),
+                              *slos)
+        return goodput(attain, self.s.target, start_rate=max(0.5 * self.capacity(mode, pools), 1e-3))
+
+    def capacity(self, mode: str, pools: dict) -> float:
+        """An upper bound on the rate (req/s) the pools can sustain, to start the goodput search near it."""
+        cfg = self.s.sim
+
+        def prefill_rate(pool: PoolSpec) -> float:
+            lat, b = self.profile.latency(pool.tp, pool.pp), cfg.max_num_batched_tokens
+            return pool.num_instances * pool.pp * b / lat.prefill(b, b * self.mean_prompt) / self.mean_prompt
+
+        def decode_rate(pool: PoolSpec) -> float:
+            lat = self.profile.latency(pool.tp, pool.pp)
+            per_req = self.mean_prompt + self.mean_output
+            m = max(1, min(cfg.max_num_seqs, self.profile.kv_capacity_tokens(pool.tp, pool.pp) // per_req))
+            step = decode_round_s(lat, pool.pp, int(m), int(m * (self.mean_prompt + self.mean_output / 2)))
+            return pool.num_instances * m / (step * self.mean_output)
+
+        if mode.startswith("colocated"):
+            pool = pools["colocated"]
+            return 1.0 / (1.0 / prefill_rate(pool) + 1.0 / decode_rate(pool))
+        rates = [f(pools[k]) for k, f in (("prefill", prefill_rate), ("decode", decode_rate)) if k in pools]
+        return min(rates)
+
+    def phase_goodput(self, phase: str, t: int, p: int) -> float:
+        """One instance of one phase alone, judged on that phase's SLO only."""
+        if (phase, t, p) not in self._phase_cache:
+            big = 1e9
+            slos = (self.s.ttft_slo, big) if phase == "prefill" else (big, self.s.tpot_slo)
+            g = self._goodput((phase, t, p), f"{phase}_only", {phase: PoolSpec(t, p, 1)}, slos)
+            self._phase_cache[(phase, t, p)] = g.rate
+        return self._phase_cache[(phase, t, p)]
+
+    def best_phase(self, phase: str, configs: list[tuple[int, int]]) -> list[tuple[float, int, int]]:
+        ranked = sorted(((self.phase_goodput(phase, t, p) / (t * p), t, p) for t, p in configs), reverse=True)
+        return [x for x in ranked if x[0] > 0][:self.s.keep]
+
+    # -- units -------------------------------------------------------------------------------------
+    def estimate_units(self, regime: str) -> list[tuple[float, PoolSpec, PoolSpec]]:
+        """(estimated unit goodput per GPU, prefill pool, decode pool) for every unit that fits."""
+        g_node, total = self.shape.gpus_per_node, self.shape.num_gpus
+        configs = self.configs(total - 1)
+        pre, dec = self.best_phase("prefill", configs), self.best_phase("decode", configs)
+        out = []
+        for _, tp_, pp_ in pre:
+            for _, td, pd in dec:
+                if regime == "low" and (pp_ != pd or pp_ > self.shape.nodes):
+                    continue
+                gp, gd = self.phase_goodput("prefill", tp_, pp_), self.phase_goodput("decode", td, pd)
+                for n_p in range(1, self.s.max_instances + 1):
+                    for n_d in range(1, self.s.max_instances + 1):
+                        if regime == "low":
+                            fits = n_p * tp_ + n_d * td <= g_node
+                        else:
+                            fits = n_p * tp_ * pp_ + n_d * td * pd <= total
+                        if fits:
+                            gpus = n_p * tp_ * pp_ + n_d * td * pd
+                            est = min(n_p * gp, n_d * gd) / gpus
+                            out.append((est, PoolSpec(tp_, pp_, n_p), PoolSpec(td, pd, n_d)))
+        out.sort(key=lambda x: (-x[0], x[1].num_gpus + x[2].num_gpus))
+        return out
+
+    def joint(self, regime: str) -> list[Candidate]:
+        transfer = self.shape.intra_node_gb_s if regime == "low" else self.shape.inter_node_gb_s
+        out = []
+        for est, pre, dec in self.estimate_units(regime)[:self.s.joint]:
+            g = self._goodput((regime, pre, dec), "disaggregated", {"prefill": pre, "decode": dec},
+                              (self.s.ttft_slo, self.s.tpot_slo), transfer=transfer)
+            out.append(Candidate(regime, pre, dec, None, self.num_units(regime, pre, dec), g.rate,
+                                 g.attainment, transfer))
+        return out
+
+    def num_units(self, regime: str, pre: PoolSpec, dec: PoolSpec) -> int:
+        if regime == "low":
+            return self.shape.nodes // pre.pp
+        return self.shape.num_gpus // (pre.num_gpus + dec.num_gpus)
+
+    def colocated(self) -> Candidate | None:
+        best = None
+        for t, p in self.configs(self.shape.num_gpus):
+            g = self._goodput(("colocated", t, p), "colocated", {"colocated": PoolSpec(t, p, 1)},
+                              (self.s.ttft_slo, self.s.tpot_slo))
+            c = Candidate("colocated", None, None, PoolSpec(t, p, 1), self.shape.num_gpus // (t * p),
+                          g.rate, g.attainment)
+            if best is None or c.per_gpu > best.per_gpu:
+                best = c
+        return best
+
+
+def search_plan(profile: Profile, shape: ClusterShape, settings: SearchSettings,
+                regimes: tuple[str, ...] = REGIMES, with_colocated: bool = True) -> SearchResult:
+    """The best disaggregated plan over the regimes asked for, its runners-up and the best colocated plan."""
+    shape.check()
+    for r in regimes:
+        if r not in REGIMES:
+            raise PlannerError(f"unknown affinity regime {r!r}; known: {list(REGIMES)}")
+    if not regimes:
+        raise PlannerError("no affinity regime to search")
+    search = _Search(profile, shape, settings)
+    candidates = [c for r in regimes for c in search.joint(r)]
+    candidates = [c for c in candidates if c.goodput > 0]
+    if not candidates:
+        raise PlannerError(f"no plan meets TTFT {settings.ttft_slo}s and TPOT {settings.tpot_slo}s for "
+                           f"{settings.target:.0%} of requests at any rate: loosen the SLOs")
+    candidates.sort(key=lambda c: (-c.per_gpu, c.unit_gpus))
+    coloc = search.colocated() if with_colocated else None
+    return SearchResult(candidates[0], candidates[1:], coloc, len(search.plans), search.num_sims,
+                        settings, shape)

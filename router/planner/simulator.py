@@ -1,0 +1,446 @@
+"""A discrete-event simulator of the serving cluster, driven by a latency profile.
+
+    results = simulate("disaggregated", profile, requests, prefill=PoolSpec(1, 1, 2),
+                       decode=PoolSpec(2, 1, 1), config=SimConfig(transfer_gb_s=25))
+    attainment(results, ttft_slo=0.25, tpot_slo=0.1)
+
+Modes:
+  * "disaggregated": prefill instances batch prompts FCFS under a token budget
+    and hold each prompt's KV until it is handed off; the router sends the
+    prefilled request to the decode instance with the most room; decode admits
+    it when its KV fits (FCFS, so a big head-of-line request waits for blocks),
+    then pulls the KV (bytes / link bandwidth), then joins its continuous batch.
+  * "colocated": each instance runs both phases, prefill steps first whenever a
+    prompt fits (vLLM's default scheduler), decode steps otherwise.
+  * "colocated_chunked": Sarathi-Serve: every step carries all running decodes
+    plus prompt chunks filling the rest of the token budget.
+  * "prefill_only" / "decode_only": one phase alone (decode as if prompts
+    arrived already prefilled), for the search's per-phase estimate.
+
+Timing. A pipeline instance (p stages) runs a prefill batch in one pass
+latency but frees its first stage after latency/p, so batches overlap; a decode
+step splits the batch into p micro-batches in flight, so one round (one token
+for every running request) takes the latency of one micro-batch. Colocated
+instances do not overlap steps (conservative for p > 1).
+
+The first token comes out of the prefill (as in router/server.py), so TTFT is
+arrival -> prefill done, and the KV transfer and decode admission wait fall
+into TPOT; SimConfig.ttft_includes_transfer=True counts TTFT at the end of the
+transfer instead (DistServe's convention when the first token streams from
+decode). TPOT = (e2e - ttft) / (output_tokens - 1).
+
+Memory: decode reserves KV for prompt + output at admission (the simulator
+knows the output length; the real worker grows blocks and may preempt, which
+this does not model). Prefill holds a prompt's KV until its transfer ends.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from router.planner.profile import PlanLatency, PlannerError, Profile
+from router.workload import RequestSpec
+
+MODES = ("disaggregated", "colocated", "colocated_chunked", "prefill_only", "decode_only")
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    tp: int = 1
+    pp: int = 1
+    num_instances: int = 1
+
+    @property
+    def num_gpus(self) -> int:
+        return self.tp * self.pp * self.num_instances
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    max_num_batched_tokens: int = 4096   # prefill batch / chunked step token budget
+    max_num_seqs: int = 64               # requests per prefill batch and per decode batch
+    chunk_budget: int = 512              # colocated_chunked: tokens per step (decodes + chunks)
+    block_size: int = 16
+    transfer_gb_s: float = 25.0          # the link between a prefill and a decode instance
+    ttft_includes_transfer: bool = False
+    kv_capacity_tokens: int | None = None   # per instance; None: from the profile's memory
+
+
+@dataclass(frozen=True)
+class RequestResult:
+    arrival_s: float
+    prompt_tokens: int
+    output_tokens: int
+    ttft_s: float
+    tpot_s: float
+    e2e_s: float
+
+
+class _Req:
+    __slots__ = ("spec", "first", "finish", "blocks", "done_prompt", "left", "src", "ready")
+
+    def __init__(self, spec: RequestSpec) -> None:
+        self.spec = spec
+        self.first = self.finish = self.ready = math.nan
+        self.blocks = 0
+        self.done_prompt = 0        # chunked prefill: prompt tokens already run
+        self.left = spec.output_tokens - 1   # tokens still to decode after the first
+        self.src = None             # the prefill instance holding its KV
+
+
+class _Sim:
+    """The event queue and the shared helpers of every instance kind."""
+
+    def __init__(self, profile: Profile, cfg: SimConfig) -> None:
+        self.profile, self.cfg = profile, cfg
+        self.events: list = []
+        self.seq = itertools.count()
+
+    def at(self, t: float, fn: Callable, *args) -> None:
+        heapq.heappush(self.events, (t, next(self.seq), fn, args))
+
+    def run(self) -> None:
+        while self.events:
+            t, _, fn, args = heapq.heappop(self.events)
+            fn(t, *args)
+
+    def blocks(self, tokens: int) -> int:
+        return -(-tokens // self.cfg.block_size)
+
+    def capacity_blocks(self, pool: PoolSpec) -> int:
+        tokens = self.cfg.kv_capacity_tokens
+        if tokens is None:
+            tokens = self.profile.kv_capacity_tokens(pool.tp, pool.pp)
+        if tokens < self.cfg.block_size:
+            raise PlannerError(f"a {pool.tp}x{pool.pp} instance has no room for KV "
+                               f"({tokens} tokens): the weights do not fit")
+        return tokens // self.cfg.block_size
+
+
+def decode_round_s(lat: PlanLatency, pp: int, batch: int, context: int) -> float:
+    """One token for each of `batch` requests: p micro-batches in flight, one pass each."""
+    mb = -(-batch // pp)
+    return lat.decode(mb, context * mb / batch)
+
+
+class _Prefill:
+    """A prefill instance: FCFS batches under the token budget and its KV memory."""
+
+    def __init__(self, sim: _Sim, pool: PoolSpec, on_done: Callable) -> None:
+        self.sim, self.pp, self.on_done = sim, pool.pp, on_done
+        self.lat = sim.profile.latency(pool.tp, pool.pp)
+        self.total_blocks = self.free_blocks = sim.capacity_blocks(pool)
+        self.waiting: deque[_Req] = deque()
+        self.queued_tokens = 0
+        self.stage_busy = False
+
+    def add(self, now: float, r: _Req) -> None:
+        if self.sim.blocks(r.spec.prompt_tokens) > self.total_blocks:
+            raise PlannerError(f"a {r.spec.prompt_tokens}-token prompt can never fit a prefill instance's KV")
+        self.waiting.append(r)
+        self.queued_tokens += r.spec.prompt_tokens
+        self.kick(now)
+
+    def kick(self, now: float) -> None:
+        if self.stage_busy or not self.waiting:
+            return
+        cfg, batch, tokens = self.sim.cfg, [], 0
+        while self.waiting and len(batch) < cfg.max_num_seqs:
+            r = self.waiting[0]
+            need = self.sim.blocks(r.spec.prompt_tokens)
+            n = r.spec.prompt_tokens
+            if (batch and tokens + n > cfg.max_num_batched_tokens) or need > self.free_blocks:
+                break
+            self.waiting.popleft()
+            self.free_blocks -= need
+            r.blocks, r.src = need, self
+            batch.append(r)
+            tokens += n
+        if not batch:
+            return      # waits for KV held by earlier prompts to be handed off
+        self.queued_tokens -= tokens
+        latency = self.lat.prefill(tokens, sum(r.spec.prompt_tokens ** 2 for r in batch))
+        self.stage_busy = True
+        self.sim.at(now + latency / self.pp, self._stage_free)
+        self.sim.at(now + latency, self._done, batch)
+
+    def _stage_free(self, now: float) -> None:
+        self.stage_busy = False
+        self.kick(now)
+
+    def _done(self, now: float, batch: list[_Req]) -> None:
+        for r in batch:
+            r.first = now
+            self.on_done(now, r)
+
+    def release(self, now: float, r: _Req) -> None:
+        self.free_blocks += r.blocks
+        r.blocks, r.src = 0, None
+        self.kick(now)
+
+
+class _Decode:
+    """A decode instance: FCFS admission by KV room, KV pull, continuous batching."""
+
+    def __init__(self, sim: _Sim, pool: PoolSpec, pull: bool, on_finish: Callable) -> None:
+        self.sim, self.pp, self.pull, self.on_finish = sim, pool.pp, pull, on_finish
+        self.lat = sim.profile.latency(pool.tp, pool.pp)
+        self.total_blocks = self.free_blocks = sim.capacity_blocks(pool)
+        self.waiting: deque[_Req] = deque()
+        self.admitted = 0          # transferring + running
+        self.ready: list[_Req] = []
+        self.running: list[_Req] = []
+        self.stepping = False
+
+    def room(self) -> int:
+        return self.free_blocks - sum(self.sim.blocks(r.spec.prompt_tokens + r.spec.output_tokens)
+                                      for r in self.waiting)
+
+    def add(self, now: float, r: _Req) -> None:
+        if self.sim.blocks(r.spec.prompt_tokens + r.spec.output_tokens) > self.total_blocks:
+            raise PlannerError(f"a request of {r.spec.prompt_tokens}+{r.spec.output_tokens} tokens can never "
+                               "fit a decode instance's KV")
+        self.waiting.append(r)
+        self.admit(now)
+
+    def admit(self, now: float) -> None:
+        cfg = self.sim.cfg
+        while self.waiting and self.admitted < cfg.max_num_seqs:
+            r = self.waiting[0]
+            need = self.sim.blocks(r.spec.prompt_tokens + r.spec.output_tokens)
+            if need > self.free_blocks:
+                return
+            self.waiting.popleft()
+            self.free_blocks -= need
+            self.admitted += 1
+            delay = r.spec.prompt_tokens * self.sim.profile.kv_bytes_per_token / (cfg.transfer_gb_s * 1e9) \
+                if self.pull else 0.0
+            self.sim.at(now + delay, self._pulled, r, need)
+
+    def _pulled(self, now: float, r: _Req, need: int) -> None:
+        if r.src is not None:
+            r.src.release(now, r)
+        r.blocks, r.ready = need, now
+        self.ready.append(r)
+        if not self.stepping:
+            self._step(now)
+
+    def _step(self, now: float) -> None:
+        self.running.extend(self.ready)
+        self.ready.clear()
+        if not self.running:
+            self.stepping = False
+            return
+        self.stepping = True
+        ctx = sum(r.spec.prompt_tokens + r.spec.output_tokens - r.left for r in self.running)
+        self.sim.at(now + decode_round_s(self.lat, self.pp, len(self.running), ctx), self._stepped)
+
+    def _stepped(self, now: float) -> None:
+        still = []
+        for r in self.running:
+            r.left -= 1
+            if r.left > 0:
+                still.append(r)
+                continue
+            r.finish = now
+            self.free_blocks += r.blocks
+            self.admitted -= 1
+            self.on_finish(now, r)
+        self.running = still
+        self.admit(now)
+        self._step(now)
+
+
+class _Colocated:
+    """One instance running both phases: vLLM's prefill-first steps, or Sarathi's chunked steps."""
+
+    def __init__(self, sim: _Sim, pool: PoolSpec, chunked: bool, on_finish: Callable) -> None:
+        self.sim, self.pp, self.chunked, self.on_finish = sim, pool.pp, chunked, on_finish
+        self.lat = sim.profile.latency(pool.tp, pool.pp)
+        self.total_blocks = self.free_blocks = sim.capacity_blocks(pool)
+        self.waiting: deque[_Req] = deque()
+        self.partial: list[_Req] = []     # admitted, prompt not fully run (chunked)
+        self.running: list[_Req] = []
+        self.queued_tokens = 0
+        self.stepping = False
+
+    def load(self) -> int:
+        return self.queued_tokens + len(self.running) + len(self.partial)
+
+    def add(self, now: float, r: _Req) -> None:
+        if self.sim.blocks(r.spec.prompt_tokens + r.spec.output_tokens) > self.total_blocks:
+            raise PlannerError(f"a request of {r.spec.prompt_tokens}+{r.spec.output_tokens} tokens can never "
+                               "fit an instance's KV")
+        self.waiting.append(r)
+        self.queued_tokens += r.spec.prompt_tokens
+        if not self.stepping:
+            self._step(now)
+
+    def _admit_head(self, tokens_so_far: int, first: bool) -> _Req | None:
+        cfg = self.sim.cfg
+        if not self.waiting or len(self.running) + len(self.partial) >= cfg.max_num_seqs:
+            return None
+        r = self.waiting[0]
+        need = self.sim.blocks(r.spec.prompt_tokens + r.spec.output_tokens)
+        if need > self.free_blocks:
+            return None
+        if not self.chunked and not first and tokens_so_far + r.spec.prompt_tokens > cfg.max_num_batched_tokens:
+            return None
+        self.waiting.popleft()
+        self.free_blocks -= need
+        r.blocks = need
+        self.queued_tokens -= r.spec.prompt_tokens
+        return r
+
+    def _plan(self) -> tuple[float, list, list] | None:
+        """(duration, [(request, prompt tokens this step)], requests decoding this step) or None if idle."""
+        ctx = sum(r.spec.prompt_tokens + r.spec.output_tokens - r.left for r in self.running)
+        chunks: list[tuple[_Req, int]] = []
+        if not self.chunked:
+            tokens = 0
+            while (r := self._admit_head(tokens, not chunks)) is not None:
+                chunks.append((r, r.spec.prompt_tokens))
+                tokens += r.spec.prompt_tokens
+            if chunks:       # prefill-only step: running decodes wait (the interference)
+                return self.lat.prefill(tokens, sum(n * n for _, n in chunks)), chunks, []
+            if self.running:
+                return decode_round_s(self.lat, self.pp, len(self.running), ctx), [], list(self.running)
+            return None
+        budget = self.sim.cfg.chunk_budget - len(self.running)
+        for r in self.partial:
+            if budget <= 0:
+                break
+            n = min(budget, r.spec.prompt_tokens - r.done_prompt)
+            chunks.append((r, n))
+            budget -= n
+        while budget > 0 and (r := self._admit_head(0, True)) is not None:
+            self.partial.append(r)
+            n = min(budget, r.spec.prompt_tokens)
+            chunks.append((r, n))
+            budget -= n
+        if not chunks:
+            if not self.running:
+                return None
+            return decode_round_s(self.lat, self.pp, len(self.running), ctx), [], list(self.running)
+        tokens = sum(n for _, n in chunks)
+        attn = sum(n * (2 * r.done_prompt + n) for r, n in chunks)   # sums to l^2 over a prompt's chunks
+        # Decode rows ride in the same GEMMs as prompt tokens; only their KV reads are extra.
+        duration = self.lat.prefill(tokens + len(self.running), attn) + self.lat.decode.c * ctx
+        return duration, chunks, list(self.running)
+
+    def _step(self, now: float) -> None:
+        plan = self._plan()
+        self.stepping = plan is not None
+        if plan is not None:
+            self.sim.at(now + plan[0], self._stepped, plan[1], plan[2])
+
+    def _stepped(self, now: float, chunks: list, decoding: list[_Req]) -> None:
+        for r in decoding:
+            r.left -= 1
+            if r.left <= 0:
+                self._finish(now, r)
+        self.running = [r for r in self.running if r.left > 0]
+        for r, n in chunks:
+            r.done_prompt += n
+            if r.done_prompt < r.spec.prompt_tokens:
+                continue
+            if self.chunked:
+                self.partial.remove(r)
+            r.first = now
+            if r.left > 0:
+                self.running.append(r)
+            else:
+                self._finish(now, r)
+        self._step(now)
+
+    def _finish(self, now: float, r: _Req) -> None:
+        r.finish = now
+        self.free_blocks += r.blocks
+        r.blocks = 0
+        self.on_finish(now, r)
+
+
+def simulate(mode: str, profile: Profile, requests: Sequence[RequestSpec], prefill: PoolSpec | None = None,
+             decode: PoolSpec | None = None, colocated: PoolSpec | None = None,
+             config: SimConfig = SimConfig()) -> list[RequestResult]:
+    """Run the requests through the cluster; one result per request, in input order."""
+    if mode not in MODES:
+        raise PlannerError(f"unknown simulation mode {mode!r}; known: {list(MODES)}")
+    _check_config(config)
+    sim = _Sim(profile, config)
+    reqs = [_Req(_check_request(i, s)) for i, s in enumerate(requests)]
+    route = _build(mode, sim, prefill, decode, colocated)
+    for r in reqs:
+        sim.at(r.spec.arrival_s, route, r)
+    sim.run()
+    return [_result(r, config) for r in reqs]
+
+
+def _build(mode: str, sim: _Sim, prefill: PoolSpec | None, decode: PoolSpec | None,
+           colocated: PoolSpec | None) -> Callable:
+    """Instances for the mode; returns the router: arrival time, request -> an instance."""
+    def finished(now: float, r: _Req) -> None:
+        pass
+
+    if mode.startswith("colocated"):
+        pool = _need(colocated, "colocated", mode)
+        insts = [_Colocated(sim, pool, mode == "colocated_chunked", finished) for _ in range(pool.num_instances)]
+        return lambda now, r: min(insts, key=_Colocated.load).add(now, r)
+    decodes = []
+    if mode != "prefill_only":
+        pool = _need(decode, "decode", mode)
+        decodes = [_Decode(sim, pool, mode == "disaggregated", finished) for _ in range(pool.num_instances)]
+
+    def to_decode(now: float, r: _Req) -> None:
+        if r.left <= 0 or not decodes:      # done at its first token (or no decode phase simulated)
+            r.finish = now
+            if r.src is not None:
+                r.src.release(now, r)
+            return
+        max(decodes, key=_Decode.room).add(now, r)
+
+    if mode == "decode_only":
+        def arrive(now: float, r: _Req) -> None:
+            r.first = now
+            to_decode(now, r)
+        return arrive
+    pool = _need(prefill, "prefill", mode)
+    prefills = [_Prefill(sim, pool, to_decode) for _ in range(pool.num_instances)]
+    return lambda now, r: min(prefills, key=lambda p: (p.queued_tokens, len(p.waiting))).add(now, r)
+
+
+def _need(pool: PoolSpec | None, name: str, mode: str) -> PoolSpec:
+    if pool is None:
+        raise PlannerError(f"mode {mode!r} needs a {name} pool")
+    for key in ("tp", "pp", "num_instances"):
+        v = getattr(pool, key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise PlannerError(f"{name}.{key} must be an integer >= 1, got {v!r}")
+    return pool
+
+
+def _check_config(c: SimConfig) -> None:
+    for key in ("max_num_batched_tokens", "max_num_seqs", "chunk_budget", "block_size"):
+        if getattr(c, key) < 1:
+            raise PlannerError(f"SimConfig.{key} must be >= 1, got {getattr(c, key)}")
+    if not (c.transfer_gb_s > 0 and math.isfinite(c.transfer_gb_s)):
+        raise PlannerError(f"SimConfig.transfer_gb_s must be > 0, got {c.transfer_gb_s}")
+
+
+def _check_request(i: int, s: RequestSpec) -> RequestSpec:
+    if s.prompt_tokens < 1 or s.output_tokens < 1 or not (s.arrival_s >= 0 and math.isfinite(s.arrival_s)):
+        raise PlannerError(f"request {i}: needs prompt_tokens >= 1, output_tokens >= 1 and a finite "
+                           f"arrival >= 0, got {s}")
+    return s
+
+
+def _result(r: _Req, cfg: SimConfig) -> RequestResult:
+    first = r.ready if cfg.ttft_includes_transfer and not math.isnan(r.ready) else r.first
+    ttft, e2e = first - r.spec.arrival_s, r.finish - r.spec.arrival_s
+    n = r.spec.output_tokens
+    tpot = (e2e - ttft) / (n - 1) if n > 1 else 0.0
+    return RequestResult(r.spec.arrival_s, r.spec.prompt_tokens, n, ttft, tpot, e2e)
