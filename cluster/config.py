@@ -18,6 +18,10 @@ from dataclasses import dataclass, field
 from engine.errors import ConfigError
 
 TRANSFER_BACKENDS = ("shm", "zmq", "torch_dist", "ray")
+# disaggregated: a prefill pool and a decode pool with KV moved between them; the two
+# colocated modes are the baselines: one pool whose instances run both phases.
+MODES = ("disaggregated", "colocated", "colocated_chunked")
+CHUNKED_DEFAULT_BUDGET = 512           # Sarathi-Serve-sized token budget per step
 DTYPES = ("bfloat16", "float32", "float16")
 
 
@@ -62,6 +66,27 @@ class PoolConfig:
     @property
     def plan(self) -> str:
         return f"tp{self.tp_size}-pp{self.pp_size}"
+
+
+@dataclass(frozen=True)
+class ColocatedPoolConfig(PoolConfig):
+    """The one pool of the colocated modes: every instance prefills and decodes.
+
+    `max_num_batched_tokens` is the tokens of one step; None takes the mode's
+    default (4096 for whole prefills, CHUNKED_DEFAULT_BUDGET for chunked ones).
+    """
+    max_num_batched_tokens: int | None = None
+
+    def budget(self, mode: str) -> int:
+        if self.max_num_batched_tokens is not None:
+            return self.max_num_batched_tokens
+        return CHUNKED_DEFAULT_BUDGET if mode == "colocated_chunked" else PoolConfig.max_num_batched_tokens
+
+    def check(self, key: str) -> None:
+        PoolConfig.check(dataclasses.replace(self, max_num_batched_tokens=self.budget("colocated")), key)
+        if self.tp_size * self.pp_size != 1:   # the colocated worker runs one rank
+            raise ConfigError(f"{key}.tp_size/pp_size: colocated instances run 1 x 1 plans only "
+                              f"(got {self.tp_size} x {self.pp_size})")
 
 
 @dataclass(frozen=True)
@@ -110,17 +135,36 @@ class RayConfig:
 
 @dataclass(frozen=True)
 class ClusterConfig:
+    mode: str = "disaggregated"         # disaggregated | colocated | colocated_chunked
     model: ModelSection = field(default_factory=ModelSection)
     prefill: PoolConfig = field(default_factory=PoolConfig)
     decode: PoolConfig = field(default_factory=PoolConfig)
+    colocated: ColocatedPoolConfig = field(default_factory=ColocatedPoolConfig)   # the colocated modes' pool
     transfer: TransferConfig = field(default_factory=TransferConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     def check(self) -> ClusterConfig:
+        _one_of(self.mode, MODES, "mode")
         for f in dataclasses.fields(self):
-            getattr(self, f.name).check(f.name)
+            section = getattr(self, f.name)
+            if dataclasses.is_dataclass(section):
+                section.check(f.name)
+        if self.mode == "colocated_chunked" and self.colocated.budget(self.mode) < self.colocated.max_num_seqs:
+            # every running request decodes one token per step inside the budget: it must hold them all
+            raise ConfigError(f"colocated.max_num_batched_tokens ({self.colocated.budget(self.mode)}) must be >= "
+                              f"colocated.max_num_seqs ({self.colocated.max_num_seqs}) in mode colocated_chunked")
         return self
+
+    @property
+    def is_colocated(self) -> bool:
+        return self.mode != "disaggregated"
+
+    def pools(self) -> dict[str, PoolConfig]:
+        """The pools this mode runs, by role."""
+        if self.is_colocated:
+            return {"colocated": self.colocated}
+        return {"prefill": self.prefill, "decode": self.decode}
 
     def replace(self, **sections: dict) -> ClusterConfig:
         """A copy with some keys changed: cfg.replace(router={"port": 0})."""

@@ -75,10 +75,12 @@ class Cluster:
         cfg = self.config
         t0 = time.monotonic()
         model_path = cfg.model.path or default_model_path()
-        need = sum(p.num_instances * p.num_threads * p.tp_size * p.pp_size for p in (cfg.prefill, cfg.decode))
+        pools = cfg.pools()
+        need = sum(p.num_instances * p.num_threads * p.tp_size * p.pp_size for p in pools.values())
         self._started_ray = start_ray(cfg.ray.address, cfg.ray.host, cfg.ray.num_cpus or max(need, os.cpu_count() or 1))
-        self.log(f"ray ready in {time.monotonic() - t0:.1f}s; starting {cfg.prefill.num_instances} prefill + "
-                 f"{cfg.decode.num_instances} decode instance(s) of {model_path}")
+        counts = " + ".join(f"{p.num_instances} {role}" for role, p in pools.items())
+        self.log(f"ray ready in {time.monotonic() - t0:.1f}s; mode {cfg.mode}: starting {counts} "
+                 f"instance(s) of {model_path}")
         self._loop = _LoopThread()
         self._links = links = self._loop.run(_make_links(self._bind_host()), timeout=30)
         self._start_actors(model_path, links.endpoint)
@@ -100,7 +102,7 @@ class Cluster:
         from cluster.ray_cluster import placement_group_for
         cfg, cfg_dict = self.config, to_dict(self.config)
         pending = {}
-        for role, pool in (("prefill", cfg.prefill), ("decode", cfg.decode)):
+        for role, pool in cfg.pools().items():
             for i in range(pool.num_instances):
                 name = f"{role}-{i}"
                 pg = placement_group_for(name, pool.num_threads, pool.num_gpus, pool.tp_size * pool.pp_size)
@@ -127,15 +129,16 @@ class Cluster:
         cfg = self.config
         mc = load_model_config(model_path)
         max_len = min(cfg.model.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
-        decode_infos = [i for i in self.infos.values() if i["role"] == "decode"]
+        last_role = "colocated" if cfg.is_colocated else "decode"   # the pool that streams the tokens
+        decode_infos = [i for i in self.infos.values() if i["role"] == last_role]
         smallest = min(self.infos.values(), key=lambda i: i["num_blocks"] * i["block_size"])
         model = ModelInfo(name=model_path, vocab_size=mc.vocab_size, max_model_len=max_len,
                           num_blocks=smallest["num_blocks"], block_size=smallest["block_size"],
                           transfer_backend=cfg.transfer.backend)
         if not decode_infos:
-            raise ConfigError("decode.num_instances must be >= 1")
-        self.router = Router(cfg.router, model, load_tokenizer(model_path), links)
-        pools = {"prefill": cfg.prefill, "decode": cfg.decode}
+            raise ConfigError(f"{last_role}.num_instances must be >= 1")
+        self.router = Router(cfg.router, model, load_tokenizer(model_path), links, mode=cfg.mode)
+        pools = cfg.pools()
         for name, info in self.infos.items():
             self.router.add_instance(InstanceInfo(name, info["role"], pools[info["role"]].plan,
                                                   info["command_endpoint"]))

@@ -1,4 +1,4 @@
-"""Builds a prefill or decode worker object from the cluster config (used inside the actors)."""
+"""Builds a prefill, decode or colocated worker object from the cluster config (used inside the actors)."""
 from __future__ import annotations
 
 import gc
@@ -6,9 +6,10 @@ import gc
 import torch
 
 from cluster.config import ClusterConfig
+from decode_worker.colocated import ColocatedWorker
 from decode_worker.worker import DecodeWorker
 from engine.instance import build_engine
-from engine.scheduler import SchedulerConfig
+from engine.scheduler import Scheduler, SchedulerConfig
 from kv_transfer import make_receiver, make_sender
 from kv_transfer.layout import KVLayout
 from kv_transfer.shared_cache import SharedKVCache
@@ -23,6 +24,8 @@ def zero_copy(cfg: ClusterConfig) -> bool:
 
 
 def build_worker(role: str, name: str, cfg: ClusterConfig, model_path: str, host: str = "127.0.0.1"):
+    if role == "colocated":
+        return build_colocated_worker(name, cfg, model_path)
     pool = cfg.prefill if role == "prefill" else cfg.decode
     shared: list[SharedKVCache] = []
 
@@ -58,3 +61,19 @@ def build_worker(role: str, name: str, cfg: ClusterConfig, model_path: str, host
     receiver = make_receiver(t.backend, cache, layout)
     return DecodeWorker(name, parts.runner, parts.blocks, receiver, **common,
                         config=SchedulerConfig(pool.max_num_seqs, pool.max_num_batched_tokens))
+
+
+def build_colocated_worker(name: str, cfg: ClusterConfig, model_path: str) -> ColocatedWorker:
+    """Both phases on one instance: the engine's scheduler (chunked in colocated_chunked), no transfer."""
+    pool = cfg.colocated
+    parts = build_engine(model_path, cfg.model.dtype, pool.block_size, pool.kv_cache_memory_gb,
+                         cfg.model.max_model_len, pool.num_threads)
+    mc = parts.model_config
+    sched_cfg = SchedulerConfig(pool.max_num_seqs, pool.budget(cfg.mode), parts.max_model_len)
+    if cfg.mode == "colocated_chunked":
+        from engine.chunked_scheduler import ChunkedScheduler
+        scheduler = ChunkedScheduler(sched_cfg, parts.blocks, mc.eos_token_ids)
+    else:
+        scheduler = Scheduler(sched_cfg, parts.blocks, mc.eos_token_ids)
+    return ColocatedWorker(name, parts.runner, parts.blocks, scheduler, vocab_size=mc.vocab_size,
+                           max_model_len=parts.max_model_len)

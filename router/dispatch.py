@@ -13,7 +13,7 @@ from dataclasses import dataclass
 @dataclass
 class InstanceView:
     name: str
-    role: str                      # "prefill" | "decode"
+    role: str                      # "prefill" | "decode" | "colocated"
     plan: str = "tp1-pp1"
     alive: bool = True
     queued_tokens: int = 0         # router: prompt tokens sent, prefill not done yet
@@ -43,3 +43,10 @@ def pick_decode(views: list[InstanceView], blocks_needed: int) -> InstanceView |
         return v.free_blocks - v.assigned_blocks
 
     return max(live, key=lambda v: (room(v) >= blocks_needed, room(v), -v.active, v.name), default=None)
+
+
+def pick_colocated(views: list[InstanceView]) -> InstanceView | None:
+    """The live colocated instance with the least load: prompt tokens still to prefill plus
+    requests running there (each costs a token of every step), then the fewest requests."""
+    live = [v for v in views if v.role == "colocated" and v.alive]
+    return min(live, key=lambda v: (v.queued_tokens + v.active, v.active, v.name), default=None)

@@ -8,6 +8,11 @@ message with the phase timings. A request that ends early (client cancel,
 `Abort`, stop string, error) sends Abort to every instance it touched, which
 frees its blocks there. The router sees only worker snapshots and plain
 messages; it never reaches into a worker.
+
+In the colocated modes (the baselines) there is one pool whose instances run
+both phases: the request goes to the instance with the least load (prompt
+tokens still to prefill + requests running), which streams the first token
+(PrefillDone, no KV offer) and then the rest; the transfer time stays 0.
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ from protos import pdcluster_pb2 as pb
 from protos import pdcluster_pb2_grpc as pb_grpc
 from protos import worker_pb2 as wpb
 from router.detokenizer import Detokenizer
-from router.dispatch import InstanceView, pick_decode, pick_prefill
+from router.dispatch import InstanceView, pick_colocated, pick_decode, pick_prefill
 from router.links import WorkerLinks
 from router.request_state import RequestState
 
@@ -52,15 +57,18 @@ class ModelInfo:
 @dataclass(frozen=True)
 class InstanceInfo:
     name: str
-    role: str                  # prefill | decode
+    role: str                  # prefill | decode | colocated
     plan: str
     command_endpoint: str
 
 
 class Router(pb_grpc.GenerationServicer, pb_grpc.AdminServicer):
-    def __init__(self, settings, model: ModelInfo, tokenizer, links: WorkerLinks) -> None:
-        """`settings`: host, port, max_active_requests, request_timeout_s (cluster.config.RouterConfig)."""
+    def __init__(self, settings, model: ModelInfo, tokenizer, links: WorkerLinks,
+                 mode: str = "disaggregated") -> None:
+        """`settings`: host, port, max_active_requests, request_timeout_s (cluster.config.RouterConfig);
+        `mode`: disaggregated, or colocated / colocated_chunked (one pool runs both phases)."""
         self.settings, self.model, self.tokenizer, self.links = settings, model, tokenizer, links
+        self.colocated = mode != "disaggregated"
         self.views: dict[str, InstanceView] = {}
         self.requests: dict[str, RequestState] = {}
         self._ids = itertools.count()
@@ -120,9 +128,13 @@ class Router(pb_grpc.GenerationServicer, pb_grpc.AdminServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"{len(self.requests)} requests in flight, the limit is "
                                 f"{self.settings.max_active_requests}; retry later")
-        prefill = pick_prefill(self._live_views())
+        if self.colocated:
+            prefill = pick_colocated(self._live_views())
+        else:
+            prefill = pick_prefill(self._live_views())
         if prefill is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "no live prefill instance")
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"no live {'colocated' if self.colocated else 'prefill'} instance")
         st = RequestState(req_id, ids, params, Detokenizer(self.tokenizer, params.stop), time.monotonic())
         self.requests[req_id] = st
         try:
@@ -210,6 +222,8 @@ class Router(pb_grpc.GenerationServicer, pb_grpc.AdminServicer):
                 yield st.chunk([msg.first_token_id], now, final=ends)
                 if st.detok.stopped or ends:
                     yield self._finish(st, "stop" if st.detok.stopped else msg.finish_reason, now)
+                elif self.colocated:
+                    continue   # the same instance decodes on: its tokens follow
                 elif not self._send_decode(st, msg, sampling):
                     await context.abort(grpc.StatusCode.UNAVAILABLE, "no live decode instance")
             elif kind == "tokens":
@@ -232,6 +246,8 @@ class Router(pb_grpc.GenerationServicer, pb_grpc.AdminServicer):
 
     def _send_prefill(self, st: RequestState, view: InstanceView, sampling: pb.SamplingParams) -> None:
         st.prefill = view.name
+        if self.colocated:   # both phases here: counted active until the request ends (`_end`)
+            st.decode = view.name
         view.queued_tokens += len(st.prompt_ids)
         view.active += 1
         work = wpb.PrefillWork(req_id=st.req_id, prompt_token_ids=st.prompt_ids, sampling=sampling)
@@ -263,12 +279,13 @@ class Router(pb_grpc.GenerationServicer, pb_grpc.AdminServicer):
         if not st.prefill_done and st.prefill in self.views:
             view = self.views[st.prefill]
             view.queued_tokens -= len(st.prompt_ids)
-            view.active -= 1
+            if not self.colocated:
+                view.active -= 1
         st.prefill_done = True
 
     def _abort_everywhere(self, st: RequestState) -> None:
         msg = wpb.ToWorker(abort=wpb.Abort(req_id=st.req_id))
-        for name in (st.prefill, st.decode):
+        for name in dict.fromkeys((st.prefill, st.decode)):   # colocated: the same instance, once
             if name:
                 self.links.send(name, msg)
 

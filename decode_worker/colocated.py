@@ -1,0 +1,154 @@
+"""The colocated worker (the baselines): one instance runs both phases of its requests.
+
+Lifecycle of a request here:
+  1. `submit` (router -> PrefillWork, the same message a prefill worker takes):
+     validated, queued in WAITING (FCFS) of the engine's continuous-batching
+     scheduler.
+  2. `step` -> scheduler.schedule. `colocated`: waiting prompts are admitted
+     first whenever the budget and free blocks allow and run as one packed
+     prefill step while the running batch waits (vLLM's default scheduler);
+     otherwise every running request decodes one token. `colocated_chunked`
+     (Sarathi-Serve): each step holds every running decode plus prefill
+     chunks that fill the token budget, so decodes never stall behind a
+     long prompt.
+  3. The first token goes back as PrefillDone (its queue and prefill times,
+     no KV offer: nothing moves) -> RUNNING; a first token that ends the
+     request (EOS, max_tokens = 1, context full) carries its finish reason.
+  4. RUNNING: one token per step, streamed back as Tokens; EOS, max_tokens or
+     a full context end it and free its blocks. A request short of blocks
+     preempts the newest one, which is recomputed later.
+  5. `abort` at any point frees whatever the request holds.
+
+A plain object: the step loop and the sockets live in `cluster.worker_host`,
+the Ray actor in `cluster.actors`; tests step it in-process.
+"""
+from __future__ import annotations
+
+import time
+
+from engine.block_manager import BlockManager
+from engine.errors import EngineError
+from engine.sampling_params import SamplingParams
+from engine.sequence import Sequence
+from engine.validation import validate_request
+from protos import worker_pb2 as wpb
+
+NO_TOKEN = -1   # a row of a step that sampled nothing (a prefill chunk before the prompt's last)
+
+
+class ColocatedWorker:
+    role = "colocated"
+
+    def __init__(self, name: str, runner, blocks: BlockManager, scheduler, *, vocab_size: int,
+                 max_model_len: int, on_close=None) -> None:
+        """`scheduler`: an `engine.scheduler.Scheduler` or its chunked variant over `blocks`."""
+        self.name = name
+        self.runner, self.blocks, self.scheduler = runner, blocks, scheduler
+        self.vocab_size, self.max_model_len = vocab_size, max_model_len
+        self._prefill_s: dict[str, float] = {}     # req_id -> time spent in its prefill steps
+        self._out = wpb.FromWorker(instance=name)
+        self._on_close = on_close
+        self.num_steps, self._step_time = 0, 0.0
+
+    # -- commands ---------------------------------------------------------------------
+    def handle(self, msg: wpb.ToWorker, now: float) -> None:
+        kind = msg.WhichOneof("kind")
+        if kind == "prefill":
+            self.submit(msg.prefill, now)
+        elif kind == "abort":
+            self.abort(msg.abort.req_id)
+        else:
+            self._fail(getattr(msg, kind).req_id if kind else "", f"a colocated worker cannot take {kind!r}")
+
+    def submit(self, work: wpb.PrefillWork, now: float) -> None:
+        if self.scheduler.get(work.req_id) is not None:
+            self._fail(work.req_id, f"request id {work.req_id!r} is already running here")
+            return
+        try:
+            params = SamplingParams.from_message(work.sampling)
+            ids = list(work.prompt_token_ids)
+            validate_request(ids, params, self.vocab_size, self.max_model_len, self.blocks.num_blocks,
+                             self.blocks.block_size)
+        except EngineError as e:
+            self._fail(work.req_id, str(e))
+            return
+        self.scheduler.add(Sequence(work.req_id, ids, params, arrival_time=now))
+
+    def abort(self, req_id: str) -> None:
+        self._prefill_s.pop(req_id, None)
+        self.scheduler.abort(req_id)
+
+    # -- the step -----------------------------------------------------------------------
+    def step(self, now: float) -> wpb.FromWorker | None:
+        """Run one scheduled step (prefill, decode or mixed); return the router's news."""
+        plan = self.scheduler.schedule(now) if self.scheduler.has_unfinished() else None
+        if plan is None:
+            return self._flush(False)
+        start = time.monotonic()
+        try:
+            result = self.runner.execute(plan)
+        except Exception as e:   # the batch fails, the worker and later requests go on
+            for work in plan.seqs:
+                self.abort(work.req_id)
+                self._fail(work.req_id, f"step failed: {type(e).__name__}: {e}")
+            return self._flush(True)
+        done = time.monotonic()
+        self._step_time += done - start
+        self.num_steps += 1
+        finished = {s.req_id: s for s in self.scheduler.update(plan, result)}
+        for work, token in zip(plan.seqs, result.token_ids, strict=True):
+            seq = finished.get(work.req_id) or self.scheduler.get(work.req_id)
+            if seq is None:
+                continue   # aborted while the step ran
+            if seq.first_token_time is None:
+                # a prefill (or one of its chunks): its time counts towards the prefill phase
+                self._prefill_s[seq.req_id] = self._prefill_s.get(seq.req_id, 0.0) + done - start
+            if token != NO_TOKEN:
+                self._report(seq, token, work.req_id in finished, done)
+        return self._flush(True)
+
+    def _report(self, seq: Sequence, token: int, finished: bool, now: float) -> None:
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+            first = seq.first_scheduled_time if seq.first_scheduled_time is not None else now
+            msg = wpb.PrefillDone(req_id=seq.req_id, first_token_id=token,
+                                  queue_s=first - seq.arrival_time,
+                                  prefill_s=self._prefill_s.pop(seq.req_id, 0.0))
+            if finished:
+                msg.finish_reason = seq.finish_reason.value
+            self._out.prefilled.append(msg)
+            return
+        tokens = wpb.Tokens(req_id=seq.req_id, token_ids=[token])
+        if finished:
+            tokens.finish_reason = seq.finish_reason.value
+        self._out.tokens.append(tokens)
+
+    def _fail(self, req_id: str, error: str) -> None:
+        self._out.failed.append(wpb.Failed(req_id=req_id, error=error))
+
+    def _flush(self, stepped: bool) -> wpb.FromWorker | None:
+        out = self._out
+        if not (stepped or out.prefilled or out.tokens or out.failed):
+            return None
+        out.load.CopyFrom(self.load())
+        self._out = wpb.FromWorker(instance=self.name)
+        return out
+
+    # -- state ------------------------------------------------------------------------------
+    def load(self) -> wpb.Load:
+        s = self.scheduler
+        return wpb.Load(num_waiting=len(s.waiting), num_running=len(s.running),
+                        queued_prompt_tokens=sum(q.num_tokens for q in s.waiting),
+                        num_free_blocks=self.blocks.num_free_blocks, num_blocks=self.blocks.num_blocks,
+                        num_steps=self.num_steps,
+                        mean_step_s=self._step_time / self.num_steps if self.num_steps else 0.0)
+
+    def is_idle(self) -> bool:
+        return not self.scheduler.has_unfinished()
+
+    def next_wakeup(self, now: float) -> float | None:
+        return 0.0 if self.scheduler.has_unfinished() else None
+
+    def close(self) -> None:
+        if self._on_close is not None:
+            self._on_close()
