@@ -188,26 +188,33 @@ class _Search:
     # -- units -------------------------------------------------------------------------------------
     def estimate_units(self, regime: str) -> list[tuple[float, PoolSpec, PoolSpec]]:
         """(estimated unit goodput per GPU, prefill pool, decode pool) for every unit that fits."""
-        g_node, total = self.shape.gpus_per_node, self.shape.num_gpus
-        configs = self.configs(total - 1)
-        pre, dec = self.best_phase("prefill", configs), self.best_phase("decode", configs)
+        configs = self.configs(self.shape.num_gpus - 1)
+        if regime == "high":
+            groups = [configs]
+        else:   # both phases share p, one stage per node of the unit
+            groups = [[c for c in configs if c[1] == p] for p in sorted({c[1] for c in configs})
+                      if p <= self.shape.nodes]
         out = []
-        for _, tp_, pp_ in pre:
-            for _, td, pd in dec:
-                if regime == "low" and (pp_ != pd or pp_ > self.shape.nodes):
-                    continue
-                gp, gd = self.phase_goodput("prefill", tp_, pp_), self.phase_goodput("decode", td, pd)
-                for n_p in range(1, self.s.max_instances + 1):
-                    for n_d in range(1, self.s.max_instances + 1):
-                        if regime == "low":
-                            fits = n_p * tp_ + n_d * td <= g_node
-                        else:
-                            fits = n_p * tp_ * pp_ + n_d * td * pd <= total
-                        if fits:
-                            gpus = n_p * tp_ * pp_ + n_d * td * pd
-                            est = min(n_p * gp, n_d * gd) / gpus
-                            out.append((est, PoolSpec(tp_, pp_, n_p), PoolSpec(td, pd, n_d)))
+        for group in groups:
+            for _, tp_, pp_ in self.best_phase("prefill", group):
+                for _, td, pd in self.best_phase("decode", group):
+                    out.extend(self._units(regime, PoolSpec(tp_, pp_, 1), PoolSpec(td, pd, 1)))
         out.sort(key=lambda x: (-x[0], x[1].num_gpus + x[2].num_gpus))
+        return out
+
+    def _units(self, regime: str, pre: PoolSpec, dec: PoolSpec) -> list[tuple[float, PoolSpec, PoolSpec]]:
+        gp, gd = self.phase_goodput("prefill", pre.tp, pre.pp), self.phase_goodput("decode", dec.tp, dec.pp)
+        out = []
+        for n_p in range(1, self.s.max_instances + 1):
+            for n_d in range(1, self.s.max_instances + 1):
+                if regime == "low":
+                    fits = n_p * pre.tp + n_d * dec.tp <= self.shape.gpus_per_node
+                else:
+                    fits = n_p * pre.tp * pre.pp + n_d * dec.tp * dec.pp <= self.shape.num_gpus
+                if fits:
+                    gpus = n_p * pre.tp * pre.pp + n_d * dec.tp * dec.pp
+                    out.append((min(n_p * gp, n_d * gd) / gpus, replace(pre, num_instances=n_p),
+                                replace(dec, num_instances=n_d)))
         return out
 
     def joint(self, regime: str) -> list[Candidate]:

@@ -1,0 +1,112 @@
+"""router.planner.profile: the JSON format, its validation, the least-squares fit, the TP/PP scaling."""
+import json
+import random
+
+import pytest
+
+from router.planner.profile import (FORMAT, PhaseModel, PlannerError, ProfileError, Scaling, derive,
+                                    fit_decode, fit_prefill, load_profile, profile_from_dict)
+
+SHIPPED = "router/planner/profiles/llama13b-a100-80g.json"
+
+
+def make_profile_dict(**over) -> dict:
+    d = {"format": FORMAT, "name": "toy", "source": "made up for tests",
+         "model": {"name": "toy", "num_layers": 2, "weight_bytes": 1e9, "kv_bytes_per_token": 1e5},
+         "hardware": {"name": "toy", "device_memory_gb": 2.0, "memory_utilization": 1.0},
+         "plans": {"1x1": {"prefill": {"a": 0.01, "b": 1e-3, "c": 1e-7},
+                           "decode": {"a": 0.02, "b": 1e-3, "c": 1e-6}}}}
+    d.update(over)
+    return d
+
+
+def test_fit_recovers_known_prefill_coefficients():
+    rng = random.Random(0)
+    a, b, c = 0.004, 2.5e-4, 3e-8
+    samples = []
+    for _ in range(30):
+        lens = [rng.randint(16, 1024) for _ in range(rng.randint(1, 6))]
+        t = a + b * sum(lens) + c * sum(x * x for x in lens)
+        samples.append((lens, t * (1 + rng.uniform(-0.002, 0.002))))
+    m, err = fit_prefill(samples)
+    assert m.a == pytest.approx(a, rel=0.1)
+    assert m.b == pytest.approx(b, rel=0.02)
+    assert m.c == pytest.approx(c, rel=0.1)
+    assert err < 0.01
+
+
+def test_fit_recovers_known_decode_coefficients_exactly_without_noise():
+    a, b, c = 0.02, 5e-4, 2e-7
+    samples = [(bs, ctx, a + b * bs + c * ctx) for bs in (1, 4, 16, 32) for ctx in (bs * 64, bs * 512)]
+    m, err = fit_decode(samples)
+    assert (m.a, m.b, m.c) == pytest.approx((a, b, c), rel=1e-6)
+    assert err < 1e-9
+
+
+def test_fit_never_returns_a_negative_coefficient():
+    # Times that fall slightly with batch size: the batch term is dropped, not made negative.
+    samples = [(bs, 100 * bs, 0.05 - 1e-5 * bs + 1e-7 * 100 * bs) for bs in (1, 2, 4, 8, 16)]
+    m, _ = fit_decode(samples)
+    assert min(m.a, m.b, m.c) >= 0
+
+
+def test_fit_rejects_too_few_or_bad_samples():
+    with pytest.raises(PlannerError, match="at least 3"):
+        fit_decode([(1, 10, 0.1), (2, 20, 0.2)])
+    with pytest.raises(PlannerError, match="positive"):
+        fit_prefill([([10], 0.1), ([20], -0.2), ([30], 0.3)])
+
+
+def test_round_trip_and_shipped_profile(tmp_path):
+    p = profile_from_dict(make_profile_dict())
+    again = profile_from_dict(json.loads(json.dumps(p.to_dict())))
+    assert again == p
+    shipped = load_profile(SHIPPED)
+    assert shipped.kv_capacity_tokens(1, 1) > 10_000        # a 13B model leaves room for KV on one 80 GB GPU
+    assert shipped.latency(1, 1).measured and not shipped.latency(2, 1).measured
+
+
+@pytest.mark.parametrize("mutate, key", [
+    (lambda d: d.pop("model"), "missing key model"),
+    (lambda d: d["model"].pop("kv_bytes_per_token"), "model.kv_bytes_per_token"),
+    (lambda d: d["hardware"].update(memory_utilization=1.5), "hardware.memory_utilization"),
+    (lambda d: d["plans"]["1x1"]["decode"].update(b=-1), "plans.1x1.decode.b"),
+    (lambda d: d["plans"]["1x1"]["prefill"].update(c="fast"), "plans.1x1.prefill.c"),
+    (lambda d: d["plans"].update({"2by1": {}}), "plans.2by1"),
+    (lambda d: d.update(format="v0"), "format"),
+    (lambda d: d["hardware"].update(device_kind="tpu"), "hardware.device_kind"),
+])
+def test_bad_profile_names_the_key(mutate, key):
+    d = make_profile_dict()
+    mutate(d)
+    with pytest.raises(ProfileError, match=key.replace(".", r"\.")):
+        profile_from_dict(d)
+
+
+def test_load_profile_errors_name_the_file(tmp_path):
+    with pytest.raises(ProfileError, match="cannot read"):
+        load_profile(str(tmp_path / "nope.json"))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ProfileError, match="not valid JSON"):
+        load_profile(str(bad))
+
+
+def test_tp_and_pp_scaling_assumption():
+    base = profile_from_dict(make_profile_dict()).latency(1, 1)
+    s = Scaling(tp_efficiency=0.8, tp_step_latency_s=0.001, tp_s_per_token=1e-6, pp_stage_latency_s=0.002)
+    t2 = derive(base, 2, 1, s)
+    assert t2.prefill.b == pytest.approx(1e-3 / 1.6 + 1e-6)      # split over 2 ranks at 80%, plus all-reduce
+    assert t2.decode.a == pytest.approx(0.02 / 1.6 + 0.001)
+    p2 = derive(base, 1, 2, s)                                  # one pass is no shorter with stages
+    assert p2.prefill(100, 1e4) == pytest.approx(base.prefill(100, 1e4) + 0.002)
+    with pytest.raises(PlannerError):
+        derive(base, 0, 1, s)
+
+
+def test_kv_capacity_grows_with_devices_and_is_negative_when_weights_do_not_fit():
+    p = profile_from_dict(make_profile_dict(model={"name": "big", "num_layers": 2, "weight_bytes": 3 * 2**30,
+                                                   "kv_bytes_per_token": 1e5}))
+    assert p.kv_capacity_tokens(1, 1) < 0
+    assert p.kv_capacity_tokens(2, 1) > 0 and p.kv_capacity_tokens(2, 1) == p.kv_capacity_tokens(1, 2)
+    assert isinstance(p.latency(1, 1).prefill, PhaseModel)

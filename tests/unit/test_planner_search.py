@@ -1,0 +1,68 @@
+"""router.planner.search and plan_file: a searched plan is valid, loadable, and beats nothing it should not."""
+import pytest
+import yaml
+
+from cluster.config import load_config
+from router.planner.plan_file import plan_sections, render, write_plan
+from router.planner.profile import PlannerError, load_profile, profile_from_dict
+from router.planner.search import ClusterShape, SearchSettings, search_plan
+from tests.unit.test_planner_profile import SHIPPED, make_profile_dict
+
+TOY = profile_from_dict(make_profile_dict())
+FAST = dict(num_requests=80, max_requests=300, horizon_s=4.0, keep=2, joint=2, max_instances=2)
+
+
+def test_plan_for_one_gpu_per_node_loads_as_a_cluster_config(tmp_path):
+    shape = ClusterShape(nodes=3, gpus_per_node=1, intra_node_gb_s=10.0, inter_node_gb_s=1.0)
+    res = search_plan(TOY, shape, SearchSettings(2.0, 0.06, **FAST))
+    b = res.best
+    assert b.goodput > 0 and b.attainment >= 0.9
+    assert b.prefill.tp == b.decode.tp == 1                     # one GPU per node: no tensor parallelism
+    assert b.unit_gpus * b.num_units <= shape.num_gpus
+    path = tmp_path / "plans" / "toy.yaml"
+    write_plan(str(path), render(res, TOY, "pdcluster plan (test)"))
+    text = path.read_text()
+    assert "# predicted goodput:" in text and "runner-up 1" in text and "best colocated" in text
+    cfg = load_config(str(path))
+    assert cfg.prefill.num_instances == b.prefill.num_instances * b.num_units
+    assert cfg.decode.num_instances == b.decode.num_instances * b.num_units
+    assert cfg.prefill.num_gpus == 1.0 and cfg.decode.kv_cache_memory_gb > 0
+    assert res.num_plans >= 4 and res.num_sims >= res.num_plans
+
+
+def test_ranked_by_goodput_per_gpu_and_both_regimes_searched():
+    shape = ClusterShape(nodes=2, gpus_per_node=4, intra_node_gb_s=50.0, inter_node_gb_s=1.0)
+    res = search_plan(TOY, shape, SearchSettings(2.0, 0.06, **FAST))
+    ranked = [res.best] + res.runners_up
+    assert [c.per_gpu for c in ranked] == sorted((c.per_gpu for c in ranked), reverse=True)
+    assert {c.regime for c in ranked} == {"high", "low"}
+    for c in ranked:
+        if c.regime == "low":     # one unit's stage segments share a node, both phases the same p
+            assert c.prefill.pp == c.decode.pp
+            assert c.prefill.num_instances * c.prefill.tp + c.decode.num_instances * c.decode.tp <= 4
+            assert c.transfer_gb_s == 50.0
+    assert res.best_colocated is not None and res.best_colocated.regime == "colocated"
+
+
+def test_shipped_13b_profile_plans_a_cluster_section_per_phase():
+    p = load_profile(SHIPPED)
+    shape = ClusterShape(1, 4, p.intra_node_gb_s, p.inter_node_gb_s)
+    res = search_plan(p, shape, SearchSettings(0.25, 0.1, **FAST), regimes=("high",), with_colocated=False)
+    body = yaml.safe_load(render(res, p, "test"))
+    assert set(body) == {"prefill", "decode"}
+    assert body["prefill"]["tp_size"] * body["prefill"]["pp_size"] * body["prefill"]["num_instances"] \
+        + body["decode"]["tp_size"] * body["decode"]["pp_size"] * body["decode"]["num_instances"] <= 4
+    with pytest.raises(ValueError):
+        plan_sections(res.best.__class__("colocated", None, None, res.best.prefill, 1, 1.0, 1.0), p, 16, 64, 4096)
+
+
+@pytest.mark.parametrize("shape, settings, regimes, match", [
+    (ClusterShape(1, 1, 1.0, 1.0), SearchSettings(1.0, 1.0), ("high",), "at least 2 GPUs"),
+    (ClusterShape(0, 4, 1.0, 1.0), SearchSettings(1.0, 1.0), ("high",), "nodes"),
+    (ClusterShape(1, 2, 0.0, 1.0), SearchSettings(1.0, 1.0), ("high",), "intra_node_gb_s"),
+    (ClusterShape(1, 2, 1.0, 1.0), SearchSettings(1.0, 1.0), ("medium",), "affinity regime"),
+    (ClusterShape(1, 2, 1.0, 1.0), SearchSettings(1e-4, 1e-4, **FAST), ("high",), "loosen the SLOs"),
+])
+def test_bad_search_inputs_raise_typed_errors(shape, settings, regimes, match):
+    with pytest.raises(PlannerError, match=match):
+        search_plan(TOY, shape, settings, regimes=regimes)
