@@ -95,11 +95,16 @@ class TransferConfig:
     lease_ttl_s: float = 30.0
     checksum: bool = False              # shm with checksum off reads the prefill cache in place
     compress: str | None = None         # None or "int8"
+    stream_layers: bool = False         # prefill sends each layer's KV as soon as it is computed
 
     def check(self, key: str) -> None:
         _one_of(self.backend, TRANSFER_BACKENDS, f"{key}.backend")
         if self.compress is not None:
             _one_of(self.compress, ("int8",), f"{key}.compress")
+        if self.stream_layers and not (self.backend == "zmq" or
+                                       (self.backend == "shm" and not self.checksum and self.compress is None)):
+            raise ConfigError(f"{key}.stream_layers needs backend zmq, or shm with checksum false and no "
+                              f"compress (zero copy); got backend {self.backend!r}")
         if not self.lease_ttl_s > 0 or not math.isfinite(self.lease_ttl_s):
             raise ConfigError(f"{key}.lease_ttl_s must be > 0, got {self.lease_ttl_s}")
 

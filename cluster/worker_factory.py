@@ -57,7 +57,7 @@ def build_worker(role: str, name: str, cfg: ClusterConfig, model_path: str, host
 
         return PrefillWorker(name, parts.runner, parts.blocks, sender, **common,
                              config=PrefillSchedulerConfig(pool.max_num_batched_tokens, pool.max_num_seqs),
-                             on_close=release)
+                             on_close=release, stream_layers=t.stream_layers)
     receiver = make_receiver(t.backend, cache, layout)
     return DecodeWorker(name, parts.runner, parts.blocks, receiver, **common,
                         config=SchedulerConfig(pool.max_num_seqs, pool.max_num_batched_tokens))

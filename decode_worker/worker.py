@@ -18,6 +18,13 @@ Lifecycle of a request here:
   5. `abort` at any point frees whatever the request holds (PULLING: the pull
      is aborted, which also ends the prefill side's lease).
 
+Layer-wise streaming: `prefetch(offer)` takes the early offer of a prefill that
+is still running (before any DecodeWork) and starts pulling at once, into
+blocks for the prompt plus the first token; each layer lands as it is sent.
+The DecodeWork that follows joins that pull (step 2 without the wait), or finds
+its KV already in place. An early pull nobody claims within `early_ttl_s`, or
+that fails, frees its blocks; its DecodeWork, if it comes, takes the path above.
+
 A plain object: the step loop and the sockets live in `cluster.worker_host`,
 the Ray actor in `cluster.actors`; tests step it in-process.
 """
@@ -67,12 +74,22 @@ class _Pull:
     started: float
 
 
+@dataclass
+class _EarlyPull:
+    """A pull started from an early (streamed) offer, before its DecodeWork came."""
+
+    offer: TransferOffer
+    block_ids: list[int]
+    started: float
+    done_at: float | None = None   # KV landed (monotonic), waiting for the DecodeWork
+
+
 class DecodeWorker:
     role = "decode"
 
     def __init__(self, name: str, runner, blocks: BlockManager, receiver: KVReceiver, *, vocab_size: int,
                  eos_token_ids: frozenset[int], max_model_len: int,
-                 config: SchedulerConfig = SchedulerConfig(), on_close=None) -> None:
+                 config: SchedulerConfig = SchedulerConfig(), on_close=None, early_ttl_s: float = 60.0) -> None:
         self.name = name
         self.runner, self.blocks, self.receiver = runner, blocks, receiver
         self.vocab_size, self.max_model_len = vocab_size, max_model_len
@@ -82,6 +99,8 @@ class DecodeWorker:
         self._pulls: dict[str, _Pull] = {}          # transfer_id -> pull
         self._pull_of: dict[str, str] = {}          # req_id -> transfer_id
         self._transfer_s: dict[str, float] = {}     # reported with the request's next tokens
+        self._early: dict[str, _EarlyPull] = {}     # req_id -> a pull from an early offer
+        self.early_ttl_s = early_ttl_s
         self._out = wpb.FromWorker(instance=name)
         self._on_close = on_close
         self.num_steps, self._step_time = 0, 0.0
@@ -116,13 +135,62 @@ class DecodeWorker:
             return
         seq = Sequence(work.req_id, ids, params, arrival_time=now)
         seq.output_token_ids.append(work.first_token_id)
+        early = self._early.pop(work.req_id, None)
+        if early is not None and early.offer.transfer_id == offer.transfer_id:
+            self._claim(seq, early)
+            return
+        if early is not None:   # another transfer: that early pull is of no use
+            self._drop_early(early)
         self.pending.append((seq, offer))
+
+    def prefetch(self, offer: TransferOffer | bytes, now: float) -> bool:
+        """Start pulling a streamed offer before its DecodeWork; False when it is not taken
+        (no room now, a bad offer, a request known here): the DecodeWork then pulls as usual."""
+        try:
+            offer = load_offer(offer) if isinstance(offer, bytes) else offer
+        except Exception as e:
+            log.warning("%s ignored an early offer it cannot load: %s", self.name, e)
+            return False
+        if self._knows(offer.req_id) or offer.req_id in self._early:
+            return False
+        busy = len(self.scheduler.running) + len(self._pulls) + len(self._early)
+        need = offer.num_tokens + 1   # the prompt's KV and the first token's slot
+        if busy >= self.scheduler.config.max_num_seqs or need > self.max_model_len \
+                or blocks_needed(need, self.blocks.block_size) > self.blocks.num_free_blocks:
+            return False
+        block_ids = self.blocks.allocate(need)
+        try:
+            self.receiver.pull(offer, block_ids)
+        except Exception as e:
+            log.warning("%s could not start an early pull of %r: %s", self.name, offer.req_id, e)
+            self.blocks.free(block_ids)
+            return False
+        self._early[offer.req_id] = _EarlyPull(offer, block_ids, time.monotonic())
+        return True
+
+    def _claim(self, seq: Sequence, early: _EarlyPull) -> None:
+        """The DecodeWork of an early pull: join it, or run at once if its KV is here."""
+        seq.block_ids = early.block_ids
+        if early.done_at is None:
+            self._pulls[early.offer.transfer_id] = _Pull(seq, early.offer, early.started)
+            self._pull_of[seq.req_id] = early.offer.transfer_id
+            return
+        self._transfer_s[seq.req_id] = early.done_at - early.started
+        self.scheduler.add_running(seq)
+
+    def _drop_early(self, early: _EarlyPull) -> None:
+        if early.done_at is None:
+            self.receiver.abort(early.offer.transfer_id)
+        self.blocks.free(early.block_ids)
 
     def _knows(self, req_id: str) -> bool:
         return (req_id in self._pull_of or self.scheduler.get(req_id) is not None
                 or any(seq.req_id == req_id for seq, _ in self.pending))
 
     def abort(self, req_id: str) -> None:
+        early = self._early.pop(req_id, None)
+        if early is not None:
+            self._drop_early(early)
         for entry in self.pending:
             if entry[0].req_id == req_id:
                 self.pending.remove(entry)
@@ -141,6 +209,7 @@ class DecodeWorker:
         """Admit what fits, land finished pulls, run one decode step; return the router's news."""
         self._admit(now)
         self._land_pulls(time.monotonic())   # durations are measured on the monotonic clock
+        self._expire_early(time.monotonic())
         stepped = False
         if self.scheduler.has_unfinished():
             plan = self.scheduler.schedule(now)
@@ -165,7 +234,7 @@ class DecodeWorker:
     def _admit(self, now: float) -> None:
         while self.pending:
             seq, offer = self.pending[0]
-            if len(self.scheduler.running) + len(self._pulls) >= self.scheduler.config.max_num_seqs:
+            if len(self.scheduler.running) + len(self._pulls) + len(self._early) >= self.scheduler.config.max_num_seqs:
                 return
             # blocks for the prompt's KV and the slot of the first token, fed in the first step
             if blocks_needed(seq.num_tokens, self.blocks.block_size) > self.blocks.num_free_blocks:
@@ -182,7 +251,12 @@ class DecodeWorker:
             self._pull_of[seq.req_id] = offer.transfer_id
 
     def _land_pulls(self, now: float) -> None:
+        early_of = {e.offer.transfer_id: e for e in self._early.values() if e.done_at is None}
         for result in self.receiver.poll():
+            early = early_of.get(result.transfer_id)
+            if early is not None:
+                self._landed_early(early, result, now)
+                continue
             pull = self._pulls.pop(result.transfer_id, None)
             if pull is None:
                 continue   # aborted meanwhile; its blocks are already free
@@ -192,6 +266,21 @@ class DecodeWorker:
                 self.scheduler.add_running(pull.seq)
             else:
                 self._recompute(pull.seq, result.error or "transfer failed")
+
+    def _landed_early(self, early: _EarlyPull, result, now: float) -> None:
+        if result.status is TransferStatus.DONE:
+            early.done_at = now
+            return
+        # failed (or the request ended at its first token): the DecodeWork, if any, pulls again
+        log.info("%s dropped the early pull of %r: %s", self.name, early.offer.req_id, result.error)
+        del self._early[early.offer.req_id]
+        self.blocks.free(early.block_ids)
+
+    def _expire_early(self, now: float) -> None:
+        for req_id in [r for r, e in self._early.items() if e.done_at is not None
+                       and now - e.done_at > self.early_ttl_s]:
+            log.warning("%s freed the early KV of %r: no DecodeWork came", self.name, req_id)
+            self.blocks.free(self._early.pop(req_id).block_ids)
 
     def _recompute(self, seq: Sequence, why: str) -> None:
         log.warning("%s recomputes request %r locally: %s", self.name, seq.req_id, why)
@@ -232,13 +321,15 @@ class DecodeWorker:
                         mean_step_s=self._step_time / self.num_steps if self.num_steps else 0.0)
 
     def is_idle(self) -> bool:
-        return not (self.pending or self._pulls or self.scheduler.has_unfinished())
+        return not (self.pending or self._pulls or self._early or self.scheduler.has_unfinished())
 
     def next_wakeup(self, now: float) -> float | None:
         if self.scheduler.has_unfinished():
             return 0.0
-        if self._pulls:
+        if self._pulls or any(e.done_at is None for e in self._early.values()):
             return 0.0002
+        if self._early:
+            return 1.0   # only to free unclaimed early KV in time
         return 0.005 if self.pending else None
 
     def close(self) -> None:

@@ -55,11 +55,12 @@ class ModelRunner:
         self._kv_layers = self.kv_cache.layers()
         self.generator = torch.Generator().manual_seed(seed)
 
-    def execute(self, plan: StepPlan) -> StepResult:
-        return self.prefill(plan.seqs) if plan.is_prefill else self.decode_step(plan.seqs)
+    def execute(self, plan: StepPlan, on_layer=None) -> StepResult:
+        """`on_layer(i)`: called in a prefill once local layer i's KV is stored (streaming)."""
+        return self.prefill(plan.seqs, on_layer) if plan.is_prefill else self.decode_step(plan.seqs)
 
     @torch.inference_mode()
-    def prefill(self, seqs: Sequence[SeqWork]) -> StepResult:
+    def prefill(self, seqs: Sequence[SeqWork], on_layer=None) -> StepResult:
         """Run whole prompts packed together, store their KV, sample each first token."""
         ids, pos, slots, bounds = [], [], [], []
         start = 0
@@ -76,7 +77,7 @@ class ModelRunner:
         meta = AttentionMetadata(True, torch.cat(slots), bounds, None, None)
         last_rows = [end - 1 for _, end in bounds]
         hidden = self.model(torch.tensor(ids), torch.cat(pos), self._kv_layers, meta,
-                            last_rows=last_rows)                  # [seqs, hidden]
+                            last_rows=last_rows, on_layer=on_layer)   # [seqs, hidden]
         return self._sample(hidden, seqs)
 
     @torch.inference_mode()

@@ -10,6 +10,9 @@ Life of one transfer:
   4. Both sides call `poll` from their step loops: the receiver's returns
      finished `TransferResult`s (KV now in its blocks, or failed); the
      sender's returns `LeaseEnd`s whose blocks it must free now.
+  Layer-wise streaming: `offer(..., stream=True)` before the prefill runs, then
+     `sender.layers_ready(ids, n, now)` from the model's per-layer hook; a
+     receiver that pulled early lands each layer as it comes.
   5. A lease ends exactly once: the receiver acknowledged (DONE), reported a
      failure (FAILED), either side aborted (ABORTED), or it expired (EXPIRED).
 
@@ -40,6 +43,7 @@ class TransferOffer:
     layout: KVLayout      # the source rank's share of the model (layers x heads)
     endpoint: str         # the sender's control address (handshake)
     backend: str
+    streamed: bool = False   # offered before prefill ran: layers arrive as they are computed
 
 
 class TransferStatus(enum.Enum):
@@ -64,9 +68,15 @@ class KVSender(ABC):
     @abstractmethod
     def endpoint(self) -> str: ...
 
+    supports_streaming: bool = False   # whether offer(stream=True) / layers_ready work
+
     @abstractmethod
     def offer(self, req_id: str, block_ids: Sequence[int], num_tokens: int, now: float,
-              ttl_s: float | None = None) -> TransferOffer: ...
+              ttl_s: float | None = None, stream: bool = False) -> TransferOffer: ...
+
+    def layers_ready(self, transfer_ids: Sequence[str], num_layers: int | None, now: float) -> None:
+        """Local layers [0, num_layers) of these streamed transfers hold their KV (None: all)."""
+        raise TransferError(f"{type(self).__name__} does not stream layers")
 
     @abstractmethod
     def poll(self, now: float) -> list[LeaseEnd]: ...

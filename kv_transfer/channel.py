@@ -41,6 +41,7 @@ from kv_transfer.faults import FaultInjector, FaultSpec
 from kv_transfer.lease import LeaseEnd, LeaseState, LeaseTable
 from kv_transfer.shared_cache import AttachedCaches, SharedKVCache, copy_block_runs
 from kv_transfer.staging import StagingPool
+from kv_transfer.stream import LayerProgress, LayerStream, layer_payload, layer_range
 
 COMPRESSIONS = (None, "int8")
 
@@ -100,19 +101,56 @@ class ChannelSender(KVSender):
             raise
         self._faults = FaultInjector(faults) if faults else None
         self._delayed: list[tuple[float, str, list, dict, bool]] = []   # (due, tid, msg, extra, has frames)
+        self._streams: dict[str, LayerStream] = {}
+        self._ended: list[LeaseEnd] = []   # ended inside layers_ready, reported by the next poll
 
     @property
     def endpoint(self) -> str:
         return self._endpoint
 
+    @property
+    def supports_streaming(self) -> bool:
+        # bytes that ride in the DATA message (zmq frames) or are named by it (zero copy)
+        return self.backend == "zmq" or self.zero_copy
+
     def offer(self, req_id: str, block_ids: Sequence[int], num_tokens: int, now: float,
-              ttl_s: float | None = None) -> TransferOffer:
+              ttl_s: float | None = None, stream: bool = False) -> TransferOffer:
+        if stream and not self.supports_streaming:
+            raise TransferError(f"backend {self.backend!r} cannot stream layers (zmq, or shm zero copy)")
         tid = f"{req_id}-{uuid.uuid4().hex[:12]}"
         self.leases.offer(tid, req_id, tuple(block_ids), now, ttl_s)
         self._num_tokens[tid] = num_tokens
-        return TransferOffer(tid, req_id, num_tokens, self.layout, self._endpoint, self.backend)
+        if stream:
+            self._streams[tid] = LayerStream(self.layout.local_layers)
+        return TransferOffer(tid, req_id, num_tokens, self.layout, self._endpoint, self.backend, stream)
+
+    def layers_ready(self, transfer_ids: Sequence[str], num_layers: int | None, now: float) -> None:
+        """Called from the model's per-layer hook: takes in pulls that came meanwhile and
+        sends every newly ready layer to its receiver. Leases that end here are freed by
+        the caller after its next `poll` (the forward still writes their blocks)."""
+        for tid in transfer_ids:
+            stream = self._streams.get(tid)
+            if stream is not None:
+                stream.mark_ready(num_layers)
+        ends = self._receive(now)
+        for end in ends:
+            self._forget(end)
+        self._ended.extend(ends)
+        self._push_streams(now)
 
     def poll(self, now: float) -> list[LeaseEnd]:
+        ends, self._ended = self._ended, []
+        fresh = self._receive(now)
+        self._flush_delayed(now)
+        self._path.poll(now)
+        self._push_streams(now)
+        fresh.extend(self.leases.expire(now))
+        for end in fresh:
+            self._forget(end)
+        return ends + fresh
+
+    def _receive(self, now: float) -> list[LeaseEnd]:
+        """Handle every message waiting on the socket; the leases they ended."""
         ends: list[LeaseEnd] = []
         while True:
             try:
@@ -130,16 +168,15 @@ class ChannelSender(KVSender):
                 end = self._fail_serving(identity, head, now, e)
             if end is not None:
                 ends.append(end)
-        self._flush_delayed(now)
-        self._path.poll(now)
-        ends.extend(self.leases.expire(now))
-        for end in ends:
-            self._forget(end)
         return ends
 
     def abort(self, transfer_id: str, now: float) -> LeaseEnd | None:
+        stream = self._streams.get(transfer_id)
         end = self.leases.abort(transfer_id, now)
         if end is not None:
+            if stream is not None and stream.peer is not None:   # it is waiting for layers: tell it now
+                _send(self._sock, [stream.peer, b"ERROR", _message(
+                    {"transfer_id": transfer_id, "attempt": stream.attempt, "error": "the prefill side aborted"})])
             self._forget(end)
         return end
 
@@ -170,11 +207,14 @@ class ChannelSender(KVSender):
             _send(self._sock, [identity, b"ERROR", _message(
                 {"transfer_id": tid, "attempt": attempt, "error": f"transfer {tid} is unknown, ended or expired"})])
             return
+        stream = self._streams.get(tid)
+        if stream is not None:
+            stream.serve(identity, attempt)
+            self._push(tid, stream, now)
+            return
         head = {"transfer_id": tid, "attempt": attempt}
         if self.zero_copy:
-            head["zero_copy"] = {"name": self._shared.name, "shape": list(self.cache_data.shape),
-                                 "dtype": self.layout.dtype, "block_ids": list(lease.block_ids),
-                                 "generations": self._shared.generations[list(lease.block_ids)].tolist()}
+            head["zero_copy"] = self._zero_copy_head(lease)
             _send(self._sock, [identity, b"DATA", _message(head)])
             return
         n = self._num_tokens[tid]
@@ -182,6 +222,47 @@ class ChannelSender(KVSender):
         wire = kvl.pack(self.cache_data, self.layout, list(lease.block_ids), n, out=staging)
         payload = list(codec.quantize_int8(wire)) if self.compress == "int8" else [wire]
         head["compress"] = self.compress
+        self._dispatch(tid, identity, head, payload, now)
+
+    def _zero_copy_head(self, lease) -> dict:
+        return {"name": self._shared.name, "shape": list(self.cache_data.shape), "dtype": self.layout.dtype,
+                "block_ids": list(lease.block_ids),
+                "generations": self._shared.generations[list(lease.block_ids)].tolist()}
+
+    def _push_streams(self, now: float) -> None:
+        for tid, stream in list(self._streams.items()):
+            if stream.peer is not None and stream.sent < stream.ready:
+                try:
+                    self._push(tid, stream, now)
+                except Exception as e:   # one bad transfer must not take the worker down
+                    end = self._fail_serving(stream.peer, {"transfer_id": tid, "attempt": stream.attempt}, now, e)
+                    if end is not None:
+                        self._forget(end)
+                        self._ended.append(end)
+
+    def _push(self, tid: str, stream: LayerStream, now: float) -> None:
+        """Send the ready layers the current attempt has not had yet."""
+        lease = self.leases.get(tid)
+        if lease is None or stream.sent >= stream.ready:
+            return
+        if self.zero_copy:   # one message names every newly ready layer; the receiver copies them
+            head = {"transfer_id": tid, "attempt": stream.attempt, "layers": [stream.sent, stream.ready],
+                    "zero_copy": self._zero_copy_head(lease)}
+            _send(self._sock, [stream.peer, b"DATA", _message(head)])
+            stream.sent = stream.ready
+            return
+        n = self._num_tokens[tid]
+        staging = self._staging.take(tid, self.layout.wire_shape(n), self.layout.torch_dtype)
+        for layer in range(stream.sent, stream.ready):
+            payload = layer_payload(stream, self.cache_data, self.layout, list(lease.block_ids), n, staging,
+                                    layer, self.compress)
+            head = {"transfer_id": tid, "attempt": stream.attempt, "layers": [layer, layer + 1],
+                    "compress": self.compress}
+            self._dispatch(tid, stream.peer, head, payload, now)
+        stream.sent = stream.ready
+
+    def _dispatch(self, tid: str, identity, head: dict, payload: list, now: float) -> None:
+        """Checksum, faults, then send (or hold back for an injected delay) one DATA message."""
         if self.checksum:
             head["checksums"] = [codec.checksum(t) for t in payload]
         if self._faults is not None:
@@ -224,6 +305,7 @@ class ChannelSender(KVSender):
         if self._shared is not None:
             self._shared.bump(end.block_ids)   # before the worker can reuse them
         self._num_tokens.pop(tid, None)
+        self._streams.pop(tid, None)
         self._delayed = [d for d in self._delayed if d[1] != tid]
         self._path.release(tid)
         self._staging.give_back(tid)
@@ -235,6 +317,7 @@ class _Pull:
     dst_block_ids: list[int]
     attempts: int = 1
     sent_at: float = 0.0
+    layers: LayerProgress | None = None   # a layer by layer delivery (streamed offers)
 
 
 class ChannelReceiver(KVReceiver):
@@ -285,6 +368,17 @@ class ChannelReceiver(KVReceiver):
         results.extend(self._timeouts())
         return results
 
+    def wait(self, timeout_s: float) -> None:
+        """Block until a sender's message may be waiting, or `timeout_s` passed: a step
+        loop with nothing else to do sleeps here instead of spinning on `poll`."""
+        poller = zmq.Poller()
+        for sock in self._socks.values():
+            poller.register(sock, zmq.POLLIN)
+        if self._socks:
+            poller.poll(max(0, int(timeout_s * 1000)))
+        else:
+            time.sleep(timeout_s)
+
     def abort(self, transfer_id: str) -> None:
         pull = self._pending.pop(transfer_id, None)
         if pull is not None:
@@ -319,6 +413,7 @@ class ChannelReceiver(KVReceiver):
 
     def _request(self, pull: _Pull) -> None:
         pull.sent_at = self._clock()
+        pull.layers = None   # a new attempt gets every layer again
         self._control(pull.offer.endpoint, b"PULL",
                       {"transfer_id": pull.offer.transfer_id, "attempt": pull.attempts})
 
@@ -334,6 +429,8 @@ class ChannelReceiver(KVReceiver):
             return self._finish(pull, False, str(head.get("error", "sender error")), ack=False)
         if kind != b"DATA":
             return None
+        if "layers" in head:
+            return self._deliver_layers(pull, head, frames)
         return self._deliver(pull, head, frames)
 
     def _announced(self, pull: _Pull | None, head: dict, frames: list) -> TransferResult | None:
@@ -367,13 +464,36 @@ class ChannelReceiver(KVReceiver):
             return self._retry_or_fail(pull, f"{type(e).__name__}: {e}")
         return self._finish(pull, True, None, nbytes=nbytes)
 
-    def _land(self, pull: _Pull, head: dict, frames: list) -> int:
-        """Verify the payload and write it into this worker's blocks; returns the bytes received."""
+    def _deliver_layers(self, pull: _Pull, head: dict, frames: list) -> TransferResult | None:
+        """One message of a streamed transfer: some of the source's layers; DONE once all are in."""
+        num_layers = pull.offer.layout.local_layers
+        try:
+            layers = layer_range(head, num_layers)
+            if "zero_copy" in head:
+                self._copy_in_place(pull, head["zero_copy"], layers)
+                nbytes = len(layers) * pull.offer.num_tokens * pull.offer.layout.bytes_per_token // num_layers
+            else:
+                if len(layers) != 1:
+                    raise ValueError(f"a streamed payload carries one layer, not {len(layers)}")
+                nbytes = self._land(pull, head, frames, layer=layers.start)
+        except Exception as e:   # anything wrong with one payload fails this attempt only
+            return self._retry_or_fail(pull, f"{type(e).__name__}: {e}")
+        if pull.layers is None:
+            pull.layers = LayerProgress(num_layers)
+        pull.sent_at = self._clock()   # the timeout counts silence, not the whole prefill
+        if not pull.layers.add(layers, nbytes):
+            return None
+        return self._finish(pull, True, None, nbytes=pull.layers.nbytes)
+
+    def _land(self, pull: _Pull, head: dict, frames: list, layer: int | None = None) -> int:
+        """Verify the payload and write it into this worker's blocks; returns the bytes received.
+        `layer`: the payload is that one local layer of the source (streaming)."""
         tid = pull.offer.transfer_id
         payload = wire = None
         try:
             payload = self._path.open(head, frames)
             expected = pull.offer.layout.wire_shape(pull.offer.num_tokens)
+            expected = expected if layer is None else expected[1:]
             if list(payload[0].shape) != list(expected):
                 raise ValueError(f"payload shape {list(payload[0].shape)} != expected {list(expected)}")
             for t, want in zip(payload, head.get("checksums") or []):
@@ -383,23 +503,35 @@ class ChannelReceiver(KVReceiver):
                 wire = codec.dequantize_int8(payload[0], payload[1], self.layout.torch_dtype)
             else:
                 wire = payload[0]
-            kvl.unpack_into(self.cache_data, self.layout, pull.dst_block_ids, wire, pull.offer.layout)
+            src = pull.offer.layout
+            if layer is None:
+                kvl.unpack_into(self.cache_data, self.layout, pull.dst_block_ids, wire, src)
+            else:
+                kvl.unpack_layer_into(self.cache_data, self.layout, pull.dst_block_ids, wire, src,
+                                      src.layer_start + layer)
             return sum(codec.wire_nbytes(t) for t in payload)
         finally:
             payload = wire = None   # views of a shared segment must go before it is unmapped
             self._path.close_import(tid, head.get("attempt"))
 
-    def _copy_in_place(self, pull: _Pull, zc: dict) -> None:
-        """Copy the leased blocks straight out of the sender's shared cache, then check
-        that their lease held throughout (generations unchanged)."""
+    def _copy_in_place(self, pull: _Pull, zc: dict, layers: range | None = None) -> None:
+        """Copy the leased blocks (of local `layers` only, when streaming) straight out of the
+        sender's shared cache, then check that their lease held throughout (generations unchanged)."""
         src_layout, n = pull.offer.layout, pull.offer.num_tokens
         src, generations = self._attached.view(zc["name"], zc["shape"], zc["dtype"])
+        layers = range(src_layout.local_layers) if layers is None else layers
         if _same_shard(src_layout, self.layout):
             num_blocks = blocks_needed(n, src_layout.block_size)
-            copy_block_runs(src, zc["block_ids"][:num_blocks], self.cache_data, pull.dst_block_ids[:num_blocks])
-        else:
+            copy_block_runs(src[layers.start:layers.stop], zc["block_ids"][:num_blocks],
+                            self.cache_data[layers.start:layers.stop], pull.dst_block_ids[:num_blocks])
+        elif len(layers) == src_layout.local_layers:
             wire = kvl.pack(src, src_layout, zc["block_ids"], n)
             kvl.unpack_into(self.cache_data, self.layout, pull.dst_block_ids, wire, src_layout)
+        else:
+            for layer in layers:
+                wire = kvl.pack_layer(src, src_layout, layer, zc["block_ids"], n)
+                kvl.unpack_layer_into(self.cache_data, self.layout, pull.dst_block_ids, wire, src_layout,
+                                      src_layout.layer_start + layer)
         if generations[zc["block_ids"]].tolist() != zc["generations"]:
             raise ValueError("the source blocks were released while being copied (lease ended)")
 

@@ -15,8 +15,8 @@ class StagingPool:
         self.max_free = max_free
         self._free: list[torch.Tensor] = []
         self._lent: dict[str, torch.Tensor] = {}
-        self._draining: list[tuple[torch.Tensor, object]] = []   # (buffer, zmq MessageTracker)
-        self._trackers: dict[str, object] = {}
+        self._draining: list[tuple[torch.Tensor, list]] = []   # (buffer, zmq MessageTrackers)
+        self._trackers: dict[str, list] = {}
 
     def take(self, tid: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A [shape] view for transfer `tid`; a retry of the same transfer gets its own buffer
@@ -34,23 +34,25 @@ class StagingPool:
         return buf[:nbytes].view(dtype)[:numel].view(shape)
 
     def sending(self, tid: str, tracker) -> None:
-        """zmq is sending from tid's buffer until `tracker.done`."""
-        self._trackers[tid] = tracker
+        """zmq is sending from tid's buffer until `tracker.done` (a streamed transfer sends
+        each layer from its own slice: every tracker must be done)."""
+        trackers = [t for t in self._trackers.get(tid, []) if not t.done]
+        self._trackers[tid] = [*trackers, tracker]
 
     def give_back(self, tid: str) -> None:
         buf = self._lent.pop(tid, None)
-        tracker = self._trackers.pop(tid, None)
+        trackers = self._trackers.pop(tid, [])
         if buf is not None:
-            self._draining.append((buf, tracker))
+            self._draining.append((buf, trackers))
         self._reclaim()
 
     def _reclaim(self) -> None:
         still = []
-        for buf, tracker in self._draining:
-            if tracker is None or tracker.done:
+        for buf, trackers in self._draining:
+            if all(t.done for t in trackers):
                 self._free.append(buf)
             else:
-                still.append((buf, tracker))
+                still.append((buf, trackers))
         self._draining = still
         while len(self._free) > self.max_free:
             self._free.pop(min(range(len(self._free)), key=lambda i: self._free[i].numel()))

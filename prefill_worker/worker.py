@@ -13,6 +13,12 @@ Lifecycle of a request here:
      lease expired): `sender.poll` reports it and the blocks are freed.
   6. `abort` at any point: WAITING -> dropped; LEASED -> lease aborted, freed.
 
+With `stream_layers` the lease of step 4 starts before the forward pass
+(`offer(stream=True)`): `on_offer(req_id, offer_bytes)` hands the offer out at
+once, so a decode worker can pull while the prompt runs, and the model's
+per-layer hook sends each layer's KV as soon as it is stored. PrefillDone
+carries the same offer; a first token that ends the request aborts it.
+
 A plain object: the step loop and the sockets live in `cluster.worker_host`,
 the Ray actor in `cluster.actors`; tests step it in-process.
 """
@@ -36,13 +42,19 @@ class PrefillWorker:
 
     def __init__(self, name: str, runner, blocks: BlockManager, sender: KVSender, *, vocab_size: int,
                  eos_token_ids: frozenset[int], max_model_len: int,
-                 config: PrefillSchedulerConfig = PrefillSchedulerConfig(), on_close=None) -> None:
+                 config: PrefillSchedulerConfig = PrefillSchedulerConfig(), on_close=None,
+                 stream_layers: bool = False, on_offer=None) -> None:
+        if stream_layers and not sender.supports_streaming:
+            raise EngineError(f"stream_layers: the {type(sender).__name__} cannot stream layers "
+                              f"(transfer backend zmq, or shm zero copy)")
         self.name = name
+        self.stream_layers, self._on_offer = stream_layers, on_offer
         self.runner, self.blocks, self.sender = runner, blocks, sender
         self.vocab_size, self.eos_token_ids, self.max_model_len = vocab_size, eos_token_ids, max_model_len
         self.scheduler = PrefillScheduler(config, blocks)
         self._leases: dict[str, str] = {}            # req_id -> transfer_id
         self._lease_blocks: dict[str, tuple[str, list[int]]] = {}  # transfer_id -> (req_id, blocks)
+        self._offers: dict[str, bytes] = {}          # transfer_id -> the pickled offer
         self._arrival: dict[str, float] = {}
         self._out = wpb.FromWorker(instance=name)
         self._on_close = on_close
@@ -91,12 +103,10 @@ class PrefillWorker:
             plan, seqs = scheduled
             start = time.monotonic()
             try:
-                result = self.runner.execute(plan)
+                result = self._execute(plan, seqs, start)
             except Exception as e:   # the batch fails, the worker and other requests go on
                 for seq in seqs:
-                    self.blocks.free(seq.block_ids)
-                    seq.block_ids = []
-                    self._arrival.pop(seq.req_id, None)
+                    self._drop_batch_seq(seq, now)
                     self._fail(seq.req_id, f"prefill failed: {type(e).__name__}: {e}")
                 return self._flush(True)
             elapsed = time.monotonic() - start
@@ -107,20 +117,55 @@ class PrefillWorker:
                 self._hand_off(seq, token, elapsed, done)
         return self._flush(scheduled is not None)
 
+    def _execute(self, plan, seqs: list[Sequence], now: float):
+        if not self.stream_layers:
+            return self.runner.execute(plan)
+        tids = []
+        for seq in seqs:   # offered before the forward: layers go out as they are computed
+            offer = self._offer(seq, now, stream=True)
+            tids.append(offer.transfer_id)
+            if self._on_offer is not None:
+                self._on_offer(seq.req_id, pickle.dumps(offer))
+        result = self.runner.execute(
+            plan, on_layer=lambda i: self.sender.layers_ready(tids, i + 1, time.monotonic()))
+        self.sender.layers_ready(tids, None, time.monotonic())   # all of them, whatever the runner called
+        return result
+
+    def _offer(self, seq: Sequence, now: float, stream: bool = False):
+        # The KV of the prompt is what decode needs; the first token's KV is made there.
+        offer = self.sender.offer(seq.req_id, seq.block_ids, len(seq.prompt_token_ids), now, stream=stream)
+        self._leases[seq.req_id] = offer.transfer_id
+        self._lease_blocks[offer.transfer_id] = (seq.req_id, seq.block_ids)
+        self._offers[offer.transfer_id] = pickle.dumps(offer)
+        return offer
+
+    def _drop_batch_seq(self, seq: Sequence, now: float) -> None:
+        """A sequence of a failed batch: its lease (streaming) or its blocks go."""
+        tid = self._leases.get(seq.req_id)
+        if tid is not None:
+            self.sender.abort(tid, now)
+            self._free_lease(tid)
+        else:
+            self.blocks.free(seq.block_ids)
+        seq.block_ids = []
+        self._arrival.pop(seq.req_id, None)
+
     def _hand_off(self, seq: Sequence, token: int, elapsed: float, now: float) -> None:
         seq.output_token_ids.append(token)
         queue_s = seq.first_scheduled_time - self._arrival.pop(seq.req_id, seq.first_scheduled_time)
         done = wpb.PrefillDone(req_id=seq.req_id, first_token_id=token, queue_s=queue_s, prefill_s=elapsed)
         reason = self._first_token_ends(seq, token)
+        streamed = self._leases.get(seq.req_id)
         if reason is not None:
-            self.blocks.free(seq.block_ids)
+            if streamed is not None:   # an early receiver learns it at once (ERROR)
+                self.sender.abort(streamed, now)
+                self._free_lease(streamed)
+            else:
+                self.blocks.free(seq.block_ids)
             done.finish_reason = reason.value
         else:
-            # The KV of the prompt is what decode needs; the first token's KV is made there.
-            offer = self.sender.offer(seq.req_id, seq.block_ids, len(seq.prompt_token_ids), now)
-            self._leases[seq.req_id] = offer.transfer_id
-            self._lease_blocks[offer.transfer_id] = (seq.req_id, seq.block_ids)
-            done.offer = pickle.dumps(offer)
+            tid = streamed if streamed is not None else self._offer(seq, now).transfer_id
+            done.offer = self._offers[tid]
         seq.block_ids = []
         self._out.prefilled.append(done)
 
@@ -135,6 +180,7 @@ class PrefillWorker:
 
     def _free_lease(self, tid: str) -> None:
         entry = self._lease_blocks.pop(tid, None)
+        self._offers.pop(tid, None)
         if entry is not None:
             req_id, block_ids = entry
             self.blocks.free(block_ids)

@@ -173,14 +173,21 @@ def _command(cmd, sender, blocks: BlockManager, out_q, now: float) -> None:
     if cmd is None:
         return
     if cmd[0] == "offer":
-        _, req_id, num_tokens, ttl, uses = cmd
+        _, req_id, num_tokens, ttl, uses, stream = cmd
         if not blocks.can_allocate(num_tokens):
             out_q.put(("full", req_id))
             return
         ids = blocks.allocate(num_tokens)
         for _ in range(uses - 1):   # one reference per lease that will hold these blocks
             blocks.share(ids)
-        out_q.put(("offer", sender.offer(req_id, ids, num_tokens, now, ttl), ids))
+        try:
+            offer = sender.offer(req_id, ids, num_tokens, now, ttl, stream=stream)
+        except BaseException:
+            blocks.free(ids)
+            raise
+        out_q.put(("offer", offer, ids))
+    elif cmd[0] == "layers":   # a streamed prefill computed layers [0, n) of these transfers
+        sender.layers_ready(cmd[1], cmd[2], now)
     elif cmd[0] == "reoffer":   # a further lease on blocks a reference still holds
         _, req_id, ids, num_tokens, ttl = cmd
         out_q.put(("offer", sender.offer(req_id, ids, num_tokens, now, ttl), ids))
@@ -241,13 +248,17 @@ class SenderChild:
         self._final = None
 
     def offer(self, req_id: str, num_tokens: int, ttl_s: float | None = None,
-              uses: int = 1) -> tuple[TransferOffer, list[int]]:
+              uses: int = 1, stream: bool = False) -> tuple[TransferOffer, list[int]]:
         """Allocate blocks for a request and offer them. `uses` > 1 keeps that many references,
         for as many leases over them (`reoffer`), one after another: a lease holds its blocks
-        alone, so a prefill rank feeding several decode ranks offers to one at a time."""
-        self.cmd_q.put(("offer", req_id, num_tokens, ttl_s, uses))
+        alone, so a prefill rank feeding several decode ranks offers to one at a time.
+        `stream`: offered before its layers are ready (`layers_ready` releases them)."""
+        self.cmd_q.put(("offer", req_id, num_tokens, ttl_s, uses, stream))
         event = self._wait_for("offer")
         return event[1], event[2]
+
+    def layers_ready(self, transfer_ids: list[str], num_layers: int | None) -> None:
+        self.cmd_q.put(("layers", list(transfer_ids), num_layers))
 
     def reoffer(self, req_id: str, ids: list[int], num_tokens: int, ttl_s: float | None = None) -> TransferOffer:
         self.cmd_q.put(("reoffer", req_id, ids, num_tokens, ttl_s))
@@ -373,8 +384,9 @@ class Pair:
         self.src_cache, self.dst_cache, self.dst_blocks = self.sender.cache, self.dst.cache, self.dst.blocks
         self.receiver, self.ends, self.results = self.dst.receiver, self.sender.ends, self.dst.results
 
-    def offer(self, req_id: str, num_tokens: int, ttl_s: float | None = None) -> tuple[TransferOffer, list[int]]:
-        return self.sender.offer(req_id, num_tokens, ttl_s)
+    def offer(self, req_id: str, num_tokens: int, ttl_s: float | None = None,
+              stream: bool = False) -> tuple[TransferOffer, list[int]]:
+        return self.sender.offer(req_id, num_tokens, ttl_s, stream=stream)
 
     def pull(self, offer: TransferOffer) -> list[int]:
         ids = self.dst_blocks.allocate(offer.num_tokens)

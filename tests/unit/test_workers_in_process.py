@@ -88,9 +88,9 @@ class Pair:
     def __init__(self, model_dir: str, backend: str = "zmq", prefill_blocks: int = 64,
                  decode_blocks: int = 64, lease_ttl_s: float = 30.0, decode_max_seqs: int = 64,
                  forward: bool = True, decode_block_size: int = BLOCK_SIZE, prefill_max_tokens: int = 4096,
-                 prefill_max_seqs: int = 64) -> None:
+                 prefill_max_seqs: int = 64, stream_layers: bool = False) -> None:
         transfer = {"backend": "zmq" if backend == "zmq" else "shm", "lease_ttl_s": lease_ttl_s,
-                    "checksum": backend == "shm-copy", "compress": None}
+                    "checksum": backend == "shm-copy", "compress": None, "stream_layers": stream_layers}
         cfg = load_config(None, {
             "model": {"path": model_dir, "dtype": "float32"},
             "prefill": {"block_size": BLOCK_SIZE, "kv_cache_memory_gb": _gb_for(model_dir, prefill_blocks),
