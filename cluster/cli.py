@@ -29,6 +29,10 @@ def _bench(args: argparse.Namespace) -> int:
         from cluster.bench.transfer import run
         run(repeats=args.repeats, out=args.out or "bench-results/transfer.json")
         return 0
+    if args.what == "stream":
+        from cluster.bench.stream import run
+        run(repeats=args.repeats, out=args.out or "bench-results/stream.json")
+        return 0
     if args.what == "overhead":
         from cluster.bench.overhead import run
         run(repeats=args.repeats, out=args.out or "bench-results/overhead.json")
@@ -84,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(fn=_generate)
 
     bench = sub.add_parser("bench", help="run a benchmark")
-    bench.add_argument("what", choices=["engine", "transfer", "overhead", "serve"])
+    bench.add_argument("what", choices=["engine", "transfer", "overhead", "serve", "stream"])
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--out", default=None, help="JSON results file (serve: a directory)")
     from cluster.bench.serve import add_arguments as add_serve_arguments
