@@ -31,14 +31,14 @@ from pathlib import Path
 
 from cluster.bench.serve_metrics import (CANCELLED, FAILED, OK, SLO, BenchError, RequestResult, goodput,
                                          goodput_interpolated, next_bisection_rate, summarize)
-from router.workload import RequestSpec, load_trace, sample_requests
+from router.workload import RequestSpec, Workload, load_trace, sample_requests
 
 IDLE_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True)
 class SweepSpec:
-    workload: str
+    workload: str | Workload           # a named workload or one built by hand
     rates: tuple[float, ...]
     num_requests: int
     slo: SLO
@@ -60,6 +60,12 @@ class SweepSpec:
             raise BenchError(f"time_limit_s must be > 0, got {self.time_limit_s}")
         if self.refine < 0 or self.warmup < 0:
             raise BenchError("refine and warmup must be >= 0")
+
+    @property
+    def workload_name(self) -> str:
+        if self.trace is not None:
+            return self.trace
+        return self.workload if isinstance(self.workload, str) else self.workload.name
 
     def requests(self, rate: float) -> list[RequestSpec]:
         if self.trace is None:
@@ -306,7 +312,7 @@ def write_results(out_dir: str, spec: SweepSpec, modes: list[dict], load_before:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     result = {
-        "workload": spec.trace or spec.workload, "rates": list(spec.rates), "num_requests": spec.num_requests,
+        "workload": spec.workload_name, "rates": list(spec.rates), "num_requests": spec.num_requests,
         "slo": {"ttft_s": spec.slo.ttft_s, "tpot_s": spec.slo.tpot_s}, "target": spec.target,
         "burstiness": spec.burstiness, "seed": spec.seed,
         "time_limit_s": spec.time_limit_s, "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
