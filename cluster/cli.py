@@ -51,7 +51,17 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from cluster.serve import serve
-    return serve(args.config, args.address, args.port)
+    return serve(args.config, args.address, args.port, plan_path=args.plan)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from cluster.planning import plan_main
+    return plan_main(args)
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from cluster.planning import profile_main
+    return profile_main(args)
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -67,7 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--config", default=None, help="cluster YAML (default: built-in defaults)")
     srv.add_argument("--address", default=None, help="join this running Ray cluster instead of starting one")
     srv.add_argument("--port", type=int, default=None, help="router port (overrides router.port)")
+    srv.add_argument("--plan", default=None, help="a plan YAML from `pdcluster plan`, merged over the config")
     srv.set_defaults(fn=_serve)
+
+    from cluster.planning import add_plan_arguments
+    pl = sub.add_parser("plan", help="search the best per-phase parallelism plan for a workload and SLOs")
+    add_plan_arguments(pl)
+    pl.set_defaults(fn=_plan)
+
+    prof = sub.add_parser("profile", help="measure this engine here and fit the planner's latency model")
+    prof.add_argument("--out", default="bench-results/profile-cpu.json", help="profile JSON")
+    prof.add_argument("--repeats", type=int, default=3, help="timed runs per point (the fastest is kept)")
+    prof.set_defaults(fn=_profile)
 
     st = sub.add_parser("status", help="show the pools, their load and plans")
     st.add_argument("--address", default="127.0.0.1:50051", help="the router's host:port")

@@ -6,15 +6,32 @@ import sys
 import threading
 
 
-def serve(config_path: str | None, address: str | None, port: int | None) -> int:
+def plan_fragment(path: str) -> dict:
+    """A plan YAML (`pdcluster plan`): config sections to merge over the base config."""
+    import yaml
+
+    from engine.errors import ConfigError
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read plan {path!r}: {e.strerror}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"plan {path!r} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"plan {path!r} must be a mapping of config sections, got {type(data).__name__}")
+    return data
+
+
+def serve(config_path: str | None, address: str | None, port: int | None, plan_path: str | None = None) -> int:
     """Start the cluster in the foreground; Ctrl-C (or SIGTERM) drains it and stops."""
-    from cluster.config import load_config
+    from cluster.config import _merge, load_config
     from cluster.local import Cluster
-    overrides: dict = {}
+    overrides: dict = plan_fragment(plan_path) if plan_path else {}
     if address:
-        overrides["ray"] = {"address": address}
+        overrides = _merge(overrides, {"ray": {"address": address}})
     if port is not None:
-        overrides["router"] = {"port": port}
+        overrides = _merge(overrides, {"router": {"port": port}})
     cfg = load_config(config_path, overrides)
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}

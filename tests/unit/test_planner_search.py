@@ -66,3 +66,33 @@ def test_shipped_13b_profile_plans_a_cluster_section_per_phase():
 def test_bad_search_inputs_raise_typed_errors(shape, settings, regimes, match):
     with pytest.raises(PlannerError, match=match):
         search_plan(TOY, shape, settings, regimes=regimes)
+
+
+def test_cli_plan_writes_a_plan_that_serve_merges_over_the_config(tmp_path, capsys):
+    from cluster.cli import build_parser, main
+    from cluster.serve import plan_fragment
+    out = tmp_path / "plan.yaml"
+    rc = main(["plan", "--profile", SHIPPED, "--workload", "code", "--ttft-slo", "0.25", "--tpot-slo", "0.1",
+               "--nodes", "2", "--gpus-per-node", "1", "--num-requests", "80", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr()
+    assert "# best:" in printed.out and "wrote" in printed.err
+    base = tmp_path / "base.yaml"
+    base.write_text("router:\n  port: 0\nprefill:\n  num_threads: 1\n")
+    cfg = load_config(str(base), plan_fragment(str(out)))
+    assert cfg.router.port == 0 and cfg.prefill.num_instances >= 1 and cfg.decode.num_gpus == 1.0
+    assert build_parser().parse_args(["serve", "--plan", str(out)]).plan == str(out)
+    assert main(["plan", "--profile", "no-such-profile", "--ttft-slo", "1", "--tpot-slo", "1",
+                 "--nodes", "1", "--gpus-per-node", "2"]) == 2
+    assert "no-such-profile" in capsys.readouterr().err
+
+
+def test_plan_fragment_rejects_bad_files(tmp_path):
+    from cluster.serve import plan_fragment
+    from engine.errors import ConfigError
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        plan_fragment(str(bad))
+    with pytest.raises(ConfigError, match="cannot read"):
+        plan_fragment(str(tmp_path / "missing.yaml"))

@@ -1,0 +1,130 @@
+"""`pdcluster profile`: measure this engine on this machine and fit the planner's latency model.
+
+One process, one torch thread, the default model (bf16), driving the engine's
+ModelRunner directly (what a prefill or decode worker's step runs):
+  * prefill: packed batches of prompts of several lengths and shapes, so the
+    fit separates the per-token term from the quadratic attention term;
+  * decode: one step at several batch sizes and context lengths. The KV
+    blocks a step reads hold zeros rather than a real prompt's KV; the step
+    does the same work either way, and this skips prefilling every context.
+Each point is the fastest of `repeats` runs after a warm-up: the machine is
+shared, and the minimum is the least disturbed estimate of the step itself. The fit is
+router.planner.profile.fit_prefill / fit_decode; the profile has plan 1x1
+only: the planner derives (t, p) > 1 by its stated scaling assumption
+(tensor/pipeline-parallel instances are not measured here).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+# (prompt lengths of one packed batch); singles first, then batches of the same total
+PREFILL_SHAPES = ([16], [64], [128], [256], [512], [1024], [64] * 4, [64] * 8, [256] * 2, [256] * 4,
+                  [512] * 2, [128] * 8, [32, 480], [16] * 16)
+DECODE_BATCHES = (1, 4, 16, 32)
+DECODE_CONTEXTS = (64, 512, 1024)          # tokens per sequence
+KV_CACHE_GB = 1.0                          # enough for 32 x 1024 tokens of the default model
+TRANSFER_GB_S = 2.0                        # shm between workers at a few MB (docs/benchmarks.md)
+
+
+def _min_time(fn, repeats: int) -> float:
+    fn()                                   # warm-up: allocator, oneDNN primitive caches
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def _works(lengths: list[int], block_size: int, start_pos: int | None, vocab: int):
+    """SeqWork for sequences laid out in consecutive blocks from block 0."""
+    from engine import SamplingParams
+    from engine.sequence import SeqWork
+    greedy = SamplingParams(max_tokens=1, temperature=0.0)
+    out, next_block = [], 0
+    for i, n in enumerate(lengths):
+        blocks = -(-(n + 1) // block_size)
+        ids = tuple(range(next_block, next_block + blocks))
+        next_block += blocks
+        tokens = tuple(100 + (7 * i + j) % (vocab - 200) for j in range(n if start_pos is None else 1))
+        out.append(SeqWork(f"r{i}", tokens, 0 if start_pos is None else n, ids, greedy, 0))
+    return out
+
+
+def measure(repeats: int = 3, log=print):
+    """(prefill samples, decode samples, the engine's parts) measured here."""
+    import torch
+
+    from engine.instance import build_engine
+    parts = build_engine(None, "bfloat16", 16, KV_CACHE_GB, None, 1, 0)
+    runner, cfg = parts.runner, parts.model_config
+    bs, vocab = runner.block_size, cfg.vocab_size
+    log(f"profiling {cfg.path} on {torch.get_num_threads()} thread(s), bf16, {repeats} repeats per point")
+    prefill = []
+    for lens in PREFILL_SHAPES:
+        works = _works(lens, bs, None, vocab)
+        t = _min_time(lambda: runner.prefill(works), repeats)
+        prefill.append((list(lens), t))
+        log(f"  prefill {len(lens)} x {lens[0]}{'..' if len(set(lens)) > 1 else ''} "
+            f"({sum(lens)} tokens): {t * 1e3:.1f} ms")
+    decode = []
+    for batch in DECODE_BATCHES:
+        for ctx in DECODE_CONTEXTS:
+            works = _works([ctx] * batch, bs, ctx, vocab)
+            t = _min_time(lambda: runner.decode_step(works), repeats)
+            decode.append((batch, batch * (ctx + 1), t))
+            log(f"  decode batch {batch:>2} x context {ctx:>4}: {t * 1e3:.1f} ms/step")
+    return prefill, decode, parts
+
+
+def build_profile(prefill, decode, parts, kv_cache_memory_gb: float = 0.5) -> dict:
+    """The profile JSON (format pdcluster-profile/1) from measured samples."""
+    from router.planner.profile import FORMAT, fit_decode, fit_prefill
+    cfg, runner = parts.model_config, parts.runner
+    element = runner.dtype.itemsize
+    weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+    pm, perr = fit_prefill(prefill)
+    dm, derr = fit_decode(decode)
+    return {
+        "format": FORMAT,
+        "name": "smollm2-135m-cpu",
+        "source": (f"measured by `pdcluster profile` on this machine ({time.strftime('%Y-%m-%d')}): "
+                   f"{len(prefill)} prefill and {len(decode)} decode points, 1 torch thread, bf16, fitted by "
+                   f"weighted least squares (relative RMSE prefill {perr:.1%}, decode {derr:.1%}). Only 1x1 "
+                   "measured; (t, p) > 1 derived by the scaling block, whose values are assumptions: "
+                   "tp_efficiency 0.8, a gloo all-reduce per layer pair ~0.1 ms, stage hand-off 0.5 ms."),
+        "model": {"name": cfg.path.rstrip('/').split('/')[-1], "num_layers": cfg.num_layers,
+                  "weight_bytes": float(weight_bytes),
+                  "kv_bytes_per_token": float(cfg.kv_bytes_per_token(element))},
+        # device memory = weights + the KV cache a worker is configured with, so capacity = kv_cache_memory_gb
+        "hardware": {"name": "cpu core", "device_kind": "cpu",
+                     "device_memory_gb": weight_bytes / 2**30 + kv_cache_memory_gb, "memory_utilization": 1.0,
+                     "intra_node_gb_s": TRANSFER_GB_S, "inter_node_gb_s": TRANSFER_GB_S},
+        "scaling": {"tp_efficiency": 0.8, "tp_step_latency_s": 2 * cfg.num_layers * 1e-4,
+                    "tp_s_per_token": 2 * cfg.num_layers * cfg.hidden_size * element / 1e9,
+                    "pp_stage_latency_s": 5e-4},
+        "plans": {"1x1": {"prefill": pm.to_dict(), "decode": dm.to_dict()}},
+        "fit": {"prefill_rel_rmse": perr, "decode_rel_rmse": derr},
+        "samples": {"prefill": [{"lengths": ls, "s": t} for ls, t in prefill],
+                    "decode": [{"batch": b, "context_tokens": c, "s": t} for b, c, t in decode]},
+    }
+
+
+def run(out: str = "bench-results/profile-cpu.json", repeats: int = 3) -> dict:
+    from router.planner.profile import profile_from_dict
+    t0 = time.perf_counter()
+    prefill, decode, parts = measure(repeats, log=lambda m: print(m, flush=True))
+    data = build_profile(prefill, decode, parts)
+    profile_from_dict(data)                # what we write must load
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(data, indent=2) + "\n")
+    p, d = data["plans"]["1x1"]["prefill"], data["plans"]["1x1"]["decode"]
+    print(f"prefill(s) = {p['a']:.4g} + {p['b']:.4g} * tokens + {p['c']:.4g} * sum(l^2)   "
+          f"(rel. RMSE {data['fit']['prefill_rel_rmse']:.1%})")
+    print(f"decode(s)  = {d['a']:.4g} + {d['b']:.4g} * batch + {d['c']:.4g} * context   "
+          f"(rel. RMSE {data['fit']['decode_rel_rmse']:.1%})")
+    print(f"wrote {out} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return data
