@@ -62,7 +62,7 @@ def render(result: SearchResult, profile: Profile, command: str) -> str:
         lines.append(f"# runner-up {i}: {c.describe()}")
     if result.best_colocated is not None:
         c = result.best_colocated
-        lines.append(f"# best colocated (vLLM-style, prefill first): {c.describe()}; "
+        lines.append(f"# best colocated: {c.describe()}; "
                      f"disaggregated / colocated per GPU = {b.per_gpu / c.per_gpu:.2f}x"
                      if c.per_gpu > 0 else f"# best colocated: {c.describe()}")
     body = plan_sections(b, profile, s.sim.block_size, s.sim.max_num_seqs, s.sim.max_num_batched_tokens)

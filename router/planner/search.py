@@ -20,8 +20,9 @@ cluster); per-phase goodputs are cached and shared by both regimes; only the
 top `keep` configurations per phase and the top `joint` units per regime are
 simulated jointly; every simulation uses `num_requests` requests.
 
-The colocated baseline (vLLM-style, prefill first) is searched over (t, p)
-with the same joint SLOs, so the plan can be compared per GPU.
+The colocated baselines (vLLM-style prefill first, and Sarathi-Serve chunked
+prefill) are searched over (t, p) with the same joint SLOs, so the plan can be
+compared per GPU.
 """
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ class SearchSettings:
 
 @dataclass(frozen=True)
 class Candidate:
-    regime: str                   # "high", "low" or "colocated"
+    regime: str                   # "high", "low", "colocated" or "colocated_chunked"
     prefill: PoolSpec | None      # one unit: pools with their instance counts
     decode: PoolSpec | None
     colocated: PoolSpec | None
@@ -228,19 +229,22 @@ class _Search:
         return out
 
     def num_units(self, regime: str, pre: PoolSpec, dec: PoolSpec) -> int:
-        if regime == "low":
-            return self.shape.nodes // pre.pp
+        if regime == "low":     # units side by side on a group of p nodes, as many groups as fit
+            per_node = pre.num_instances * pre.tp + dec.num_instances * dec.tp
+            return (self.shape.nodes // pre.pp) * (self.shape.gpus_per_node // per_node)
         return self.shape.num_gpus // (pre.num_gpus + dec.num_gpus)
 
     def colocated(self) -> Candidate | None:
+        """The best colocated instance per GPU, prefill-first (vLLM) or chunked (Sarathi-Serve)."""
         best = None
-        for t, p in self.configs(self.shape.num_gpus):
-            g = self._goodput(("colocated", t, p), "colocated", {"colocated": PoolSpec(t, p, 1)},
-                              (self.s.ttft_slo, self.s.tpot_slo))
-            c = Candidate("colocated", None, None, PoolSpec(t, p, 1), self.shape.num_gpus // (t * p),
-                          g.rate, g.attainment)
-            if best is None or c.per_gpu > best.per_gpu:
-                best = c
+        for mode in ("colocated", "colocated_chunked"):
+            for t, p in self.configs(self.shape.num_gpus):
+                g = self._goodput((mode, t, p), mode, {"colocated": PoolSpec(t, p, 1)},
+                                  (self.s.ttft_slo, self.s.tpot_slo))
+                c = Candidate(mode, None, None, PoolSpec(t, p, 1), self.shape.num_gpus // (t * p),
+                              g.rate, g.attainment)
+                if best is None or c.per_gpu > best.per_gpu:
+                    best = c
         return best
 
 

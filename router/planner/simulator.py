@@ -9,7 +9,9 @@ Modes:
     and hold each prompt's KV until it is handed off; the router sends the
     prefilled request to the decode instance with the most room; decode admits
     it when its KV fits (FCFS, so a big head-of-line request waits for blocks),
-    then pulls the KV (bytes / link bandwidth), then joins its continuous batch.
+    then pulls the KV (bytes / link bandwidth; the transfers through one
+    instance's link, sending or receiving, run one after another), then joins
+    its continuous batch.
   * "colocated": each instance runs both phases, prefill steps first whenever a
     prompt fits (vLLM's default scheduler), decode steps otherwise.
   * "colocated_chunked": Sarathi-Serve: every step carries all running decodes
@@ -137,6 +139,7 @@ class _Prefill:
         self.waiting: deque[_Req] = deque()
         self.queued_tokens = 0
         self.stage_busy = False
+        self.link_free = 0.0
 
     def add(self, now: float, r: _Req) -> None:
         if self.sim.blocks(r.spec.prompt_tokens) > self.total_blocks:
@@ -195,6 +198,7 @@ class _Decode:
         self.ready: list[_Req] = []
         self.running: list[_Req] = []
         self.stepping = False
+        self.link_free = 0.0       # when this instance's link finishes the transfers queued on it
 
     def room(self) -> int:
         return self.free_blocks - sum(self.sim.blocks(r.spec.prompt_tokens + r.spec.output_tokens)
@@ -217,9 +221,19 @@ class _Decode:
             self.waiting.popleft()
             self.free_blocks -= need
             self.admitted += 1
-            delay = r.spec.prompt_tokens * self.sim.profile.kv_bytes_per_token / (cfg.transfer_gb_s * 1e9) \
-                if self.pull else 0.0
-            self.sim.at(now + delay, self._pulled, r, need)
+            self.sim.at(self._transfer_end(now, r), self._pulled, r, need)
+
+    def _transfer_end(self, now: float, r: _Req) -> float:
+        """When the KV pull ends: transfers through one instance's link run one after another."""
+        if not self.pull:
+            return now
+        src = r.src
+        start = max(now, self.link_free, src.link_free if src is not None else now)
+        end = start + r.spec.prompt_tokens * self.sim.profile.kv_bytes_per_token / (self.sim.cfg.transfer_gb_s * 1e9)
+        self.link_free = end
+        if src is not None:
+            src.link_free = end
+        return end
 
     def _pulled(self, now: float, r: _Req, need: int) -> None:
         if r.src is not None:

@@ -41,7 +41,7 @@ def test_ranked_by_goodput_per_gpu_and_both_regimes_searched():
             assert c.prefill.pp == c.decode.pp
             assert c.prefill.num_instances * c.prefill.tp + c.decode.num_instances * c.decode.tp <= 4
             assert c.transfer_gb_s == 50.0
-    assert res.best_colocated is not None and res.best_colocated.regime == "colocated"
+    assert res.best_colocated is not None and res.best_colocated.regime.startswith("colocated")
 
 
 def test_shipped_13b_profile_plans_a_cluster_section_per_phase():

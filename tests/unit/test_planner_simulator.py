@@ -36,6 +36,17 @@ def test_single_request_ttft_is_prefill_and_tpot_is_the_decode_step():
     assert d.tpot_s == pytest.approx(statistics.mean(steps))
 
 
+def test_transfers_through_one_link_queue_behind_each_other():
+    reqs = [RequestSpec(0.0, 100, 2), RequestSpec(0.0, 100, 2)]
+    cfg = SimConfig(transfer_gb_s=0.01)                       # 1e7 bytes of KV each: 1 s per transfer
+    a, b = simulate("disaggregated", PROFILE, reqs, config=cfg, **ONE)
+    assert a.e2e_s == pytest.approx(prefill_s(100) + 1.0 + decode_s(1, 101))
+    assert b.e2e_s == pytest.approx(prefill_s(100) + 2.0 + decode_s(1, 101))   # waited for a's transfer
+    # two decode instances: b's KV goes to the other one, but still leaves through the same prefill link
+    two = simulate("disaggregated", PROFILE, reqs, config=cfg, prefill=PoolSpec(1, 1, 1), decode=PoolSpec(1, 1, 2))
+    assert two[1].e2e_s == pytest.approx(b.e2e_s)
+
+
 def test_one_output_token_finishes_at_prefill():
     r = simulate("disaggregated", PROFILE, [RequestSpec(0.0, 50, 1)], **ONE)[0]
     assert r.e2e_s == pytest.approx(r.ttft_s) and r.tpot_s == 0.0
