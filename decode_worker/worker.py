@@ -161,7 +161,7 @@ class DecodeWorker:
         block_ids = self.blocks.allocate(need)
         try:
             self.receiver.pull(offer, block_ids)
-        except Exception as e:
+        except Exception as e:   # its DecodeWork will try again (and abort the offer if it fails too)
             log.warning("%s could not start an early pull of %r: %s", self.name, offer.req_id, e)
             self.blocks.free(block_ids)
             return False
@@ -245,6 +245,7 @@ class DecodeWorker:
             try:
                 self.receiver.pull(offer, seq.block_ids)
             except Exception as e:   # a bad offer: recompute here rather than lose the request
+                self.receiver.abort_offer(offer)   # and the prefill side frees its blocks now
                 self._recompute(seq, f"pull could not start: {e}")
                 continue
             self._pulls[offer.transfer_id] = _Pull(seq, offer, time.monotonic())

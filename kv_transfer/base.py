@@ -100,5 +100,8 @@ class KVReceiver(ABC):
     @abstractmethod
     def abort(self, transfer_id: str) -> None: ...
 
+    def abort_offer(self, offer: TransferOffer) -> None:
+        """Give up an offer whose pull could not start, so its sender frees the blocks now."""
+
     @abstractmethod
     def close(self) -> None: ...

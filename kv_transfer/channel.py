@@ -26,6 +26,7 @@ import json
 import os
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -44,6 +45,9 @@ from kv_transfer.staging import StagingPool
 from kv_transfer.stream import LayerProgress, LayerStream, layer_payload, layer_range
 
 COMPRESSIONS = (None, "int8")
+# A closing socket keeps trying this long to deliver what is queued on it (a last ABORT
+# or ACK); with linger 0 those were dropped whenever the connection was not up yet.
+CLOSE_LINGER_MS = 200
 
 
 def _send(sock, frames: list, track: bool = False):
@@ -322,14 +326,20 @@ class _Pull:
 
 class ChannelReceiver(KVReceiver):
     def __init__(self, cache_data: torch.Tensor, layout: kvl.KVLayout, backend: str = "zmq",
-                 max_attempts: int = 3, timeout_s: float = 10.0, clock=time.monotonic) -> None:
+                 max_attempts: int = 3, timeout_s: float = 10.0, clock=time.monotonic,
+                 max_endpoints: int = 64) -> None:
+        """`max_endpoints`: senders whose socket (and shared cache mapping) are kept; past it
+        the least recently used idle one is closed (it is reopened if that sender comes back)."""
+        if max_endpoints < 1:
+            raise TransferError(f"max_endpoints must be >= 1, got {max_endpoints}")
         self.cache_data, self.layout, self.backend = cache_data, layout, backend
         self.max_attempts, self.timeout_s, self._clock = max_attempts, timeout_s, clock
+        self.max_endpoints = max_endpoints
         self._path = make_data_path(backend, f"pdkv-recv-{os.getpid()}", device=cache_data.device)
         self._ctx = zmq.Context()
-        self._socks: dict[str, zmq.Socket] = {}
+        self._socks: OrderedDict[str, zmq.Socket] = OrderedDict()   # least recently used first
         self._pending: dict[str, _Pull] = {}
-        self._attached = AttachedCaches()
+        self._attached = AttachedCaches(max_endpoints)
 
     def pull(self, offer: TransferOffer, dst_block_ids: Sequence[int]) -> None:
         if offer.backend != self.backend:
@@ -391,13 +401,28 @@ class ChannelReceiver(KVReceiver):
         self._path.close()
         self._attached.close()
         for sock in self._socks.values():
-            sock.close(0)
+            sock.close(linger=CLOSE_LINGER_MS)   # the ABORTs above still go out
         self._ctx.term()
+
+    def abort_offer(self, offer: TransferOffer) -> None:
+        """Give an offer up without pulling it (its pull could not start): the sender frees
+        its blocks now rather than at the lease's expiry. Best effort, never raises."""
+        if offer.transfer_id in self._pending:
+            self.abort(offer.transfer_id)
+            return
+        try:
+            self._control(offer.endpoint, b"ABORT", {"transfer_id": offer.transfer_id})
+        except (TransferError, TypeError, ValueError):
+            pass   # an endpoint we cannot reach: the lease expires there
 
     # -- internals ------------------------------------------------------------
     def _socket(self, endpoint: str) -> zmq.Socket:
         sock = self._socks.get(endpoint)
-        if sock is None:
+        if sock is not None:
+            self._socks.move_to_end(endpoint)
+            self._evict_sockets(0, keep=endpoint)   # back under the bound once pulls ended
+        else:
+            self._evict_sockets(1)
             sock = self._ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             try:
@@ -407,6 +432,17 @@ class ChannelReceiver(KVReceiver):
                 raise TransferError(f"cannot connect to sender endpoint {endpoint!r}: {e}") from None
             self._socks[endpoint] = sock
         return sock
+
+    def _evict_sockets(self, room_for: int, keep: str | None = None) -> None:
+        """Make room for `room_for` more senders: close the least recently used sockets that
+        serve no pending pull (all busy: go over the bound rather than fail a pull)."""
+        if len(self._socks) + room_for <= self.max_endpoints:
+            return
+        busy = {p.offer.endpoint for p in self._pending.values()} | {keep}
+        for endpoint in [e for e in self._socks if e not in busy]:
+            if len(self._socks) + room_for <= self.max_endpoints:
+                return
+            self._socks.pop(endpoint).close(linger=CLOSE_LINGER_MS)   # a last ACK still goes out
 
     def _control(self, endpoint: str, kind: bytes, head: dict) -> None:
         _send(self._socket(endpoint), [kind, _message(head)])

@@ -8,6 +8,7 @@ the source blocks from being reused while that copy runs.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from multiprocessing import shared_memory
 
 import torch
@@ -52,19 +53,38 @@ class SharedKVCache:
 
 
 class AttachedCaches:
-    """Read-only views of other processes' shared caches, mapped once per segment."""
+    """Read-only views of other processes' shared caches, mapped once per segment; at most
+    `max_maps` stay mapped (least recently used unmapped first: a pool of prefill workers
+    that comes and goes must not pile up mappings of caches long gone)."""
 
-    def __init__(self) -> None:
-        self._maps: dict[str, object] = {}
+    def __init__(self, max_maps: int = 64) -> None:
+        self.max_maps = max_maps
+        self._maps: OrderedDict[str, object] = OrderedDict()
 
     def view(self, name: str, shape: list[int], dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(cache, generations) of another process's SharedKVCache."""
         mapping = self._maps.get(name)
-        if mapping is None:
+        if mapping is not None:
+            self._maps.move_to_end(name)
+        else:
+            self._evict()
             mapping = self._maps[name] = attach_segment(name)
         cache = tensor_view(mapping, dtype, shape, 0)
         gens = tensor_view(mapping, "int64", [shape[2]], _layout_bytes(shape, cache.dtype))
         return cache, gens
+
+    def __len__(self) -> int:
+        return len(self._maps)
+
+    def _evict(self) -> None:
+        for name in list(self._maps):
+            if len(self._maps) < self.max_maps:
+                return
+            try:
+                self._maps[name].close()
+            except BufferError:
+                continue   # a view of it is still alive; it stays mapped for now
+            del self._maps[name]
 
     def close(self) -> None:
         for mapping in self._maps.values():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace as dataclasses_replace
 
 import pytest
 import torch
@@ -205,3 +206,92 @@ def test_torch_dist_headers_it_cannot_follow_fail_the_attempt_without_blocking(d
         receiver.close()
         rogue.close(0)
         ctx.term()
+
+
+@pytest.mark.parametrize("backend", ["zmq", "shm"])
+def test_closing_a_receiver_right_after_its_pull_still_aborts_the_lease(backend):
+    """close() sends ABORT for its pulls and lingers until it is out: the lease ends by that
+    ABORT at once, not at its TTL (with linger 0 the ABORT, and the PULL, were dropped while
+    the connection was still being made)."""
+    src = make_cache(LAYOUT, 16, seed=5)
+    sender = ChannelSender(src, LAYOUT, backend, lease_ttl_s=30.0)
+    try:
+        for i in range(5):   # a fresh receiver each time: its connection is never up yet
+            receiver = ChannelReceiver(torch.zeros_like(src), LAYOUT, backend)
+            offer = sender.offer(f"r{i}", [1, 2], 6, time.monotonic())
+            receiver.pull(offer, [3, 4])
+            receiver.close()
+            ends, stop_at = [], time.monotonic() + 2.0
+            while not ends and time.monotonic() < stop_at:
+                ends += sender.poll(time.monotonic())
+                time.sleep(0.001)
+            assert [e.outcome for e in ends] == [LeaseState.ABORTED], f"round {i}: {ends}"
+    finally:
+        sender.close()
+
+
+def test_a_pull_that_cannot_start_can_still_give_the_offer_back():
+    src = make_cache(LAYOUT, 16, seed=6)
+    sender = ChannelSender(src, LAYOUT, "zmq", lease_ttl_s=30.0)
+    receiver = ChannelReceiver(torch.zeros_like(src), LAYOUT, "zmq")
+    try:
+        offer = sender.offer("r", [1, 2], 6, time.monotonic())
+        with pytest.raises(TransferError, match="need 2 blocks"):
+            receiver.pull(offer, [3])
+        receiver.abort_offer(offer)
+        _, ends = _run(sender, receiver, lambda r, e: e, seconds=2.0)
+        assert [e.outcome for e in ends] == [LeaseState.ABORTED]
+        receiver.abort_offer(dataclasses_replace(offer, endpoint="tcp://no-such-host:1"))   # never raises
+    finally:
+        receiver.close()
+        sender.close()
+
+
+@pytest.mark.parametrize("zero_copy", [False, True])
+def test_the_receiver_keeps_at_most_max_endpoints_sockets_and_mappings(zero_copy):
+    """Idle senders' sockets (and shared-cache mappings) are closed least recently used first;
+    one serving a pending pull never is: the bound is exceeded instead, until it is idle."""
+    shared = [SharedKVCache(LAYOUT.cache_shape(8), LAYOUT.torch_dtype) for _ in range(3)] if zero_copy else []
+    caches = [s.tensor for s in shared] if zero_copy else [make_cache(LAYOUT, 8, seed=10 + i) for i in range(3)]
+    for i, cache in enumerate(caches):
+        cache.copy_(make_cache(LAYOUT, 8, seed=10 + i))
+    kw = [dict(checksum=False, shared_cache=s) for s in shared] if zero_copy else [{}] * 3
+    senders = [ChannelSender(c, LAYOUT, "shm" if zero_copy else "zmq", **k) for c, k in zip(caches, kw)]
+    dst = torch.zeros(LAYOUT.cache_shape(8), dtype=LAYOUT.torch_dtype)
+    receiver = ChannelReceiver(dst, LAYOUT, "shm" if zero_copy else "zmq", max_endpoints=2)
+
+    def transfer(k: int, req: str) -> None:
+        offer = senders[k].offer(req, [2, 5], 7, time.monotonic())
+        receiver.pull(offer, [1, 6])
+        results, ends = _run(senders[k], receiver, lambda r, e: r and e)
+        assert results[0].status is TransferStatus.DONE
+        assert torch.equal(sequence_kv(dst, LAYOUT, [1, 6], 7), sequence_kv(caches[k], LAYOUT, [2, 5], 7))
+
+    try:
+        for step, k in enumerate([0, 1, 2, 0, 2, 1]):
+            transfer(k, f"r{step}")
+            assert len(receiver._socks) <= 2
+            assert len(receiver._attached) <= 2
+        if zero_copy:
+            assert len(receiver._attached) == 2
+        # two pulls pending on senders 0 and 1: a third sender goes over the bound, nothing pending is closed
+        offers = [senders[k].offer(f"p{k}", [k], 3, time.monotonic()) for k in range(3)]
+        for k, offer in enumerate(offers):
+            receiver.pull(offer, [k + 4])
+        assert len(receiver._socks) == 3
+        results, stop_at = [], time.monotonic() + 10
+        while len(results) < 3 and time.monotonic() < stop_at:
+            for s in senders:
+                s.poll(time.monotonic())
+            results += receiver.poll()
+            time.sleep(0.001)
+        assert sorted(r.status.value for r in results) == ["done"] * 3
+        transfer(0, "again")   # idle now: back under the bound
+        assert len(receiver._socks) == 2
+    finally:
+        receiver.close()
+        for s in senders:
+            s.close()
+        caches = None
+        for s in shared:
+            s.close()
