@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.pdcluster-installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench bench-engine clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,13 @@ demo: install
 test: install
 	@$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
+# The serving benchmark behind docs/results.md (~25 min on the 2-core dev machine): every
+# mode swept on chatbot and summarization, then the same requests through the simulator.
 bench: install
+	$(PY) benchmarks/run_results.py --out docs/results
+	$(PY) benchmarks/simulate_results.py --results docs/results
+
+bench-engine: install
 	$(VENV)/bin/pdcluster bench engine
 
 clean:

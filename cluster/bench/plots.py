@@ -96,3 +96,30 @@ def plot_latency_cdfs(modes: Sequence[dict], slo: SLO, path: str, title: str = "
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return rate
+
+
+def plot_measured_vs_simulated(measured: Sequence[dict], simulated: Sequence[dict], target: float, path: str,
+                               title: str = "") -> None:
+    """Joint attainment vs rate: measured (solid) and the simulator's replay of the same requests (dashed)."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, m in enumerate(measured):
+        color, marker = _style(m["label"], i)
+        pts = sorted(m["points"], key=lambda p: p["rate"])
+        ax.plot([p["rate"] for p in pts], [100 * p["attainment"] for p in pts], marker=marker, color=color,
+                label=f"{m['label']} measured")
+        sim = next((s for s in simulated if s["label"] == m["label"]), None)
+        if sim is not None:
+            spts = sorted(sim["points"], key=lambda p: p["rate"])
+            ax.plot([p["rate"] for p in spts], [100 * p["attainment"] for p in spts], marker=marker,
+                    color=color, linestyle="--", alpha=0.7, label=f"{m['label']} simulated")
+    ax.axhline(100 * target, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("request rate (req/s)")
+    ax.set_ylabel("SLO attainment, both SLOs (%)")
+    ax.set_ylim(-3, 103)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

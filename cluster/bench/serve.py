@@ -308,7 +308,7 @@ def _git_commit() -> str:
 
 def write_results(out_dir: str, spec: SweepSpec, modes: list[dict], load_before: tuple, cdf_rate: float | None,
                   plot: bool = True) -> dict:
-    """serve.json plus attainment.png and latency_cdf.png in `out_dir`."""
+    """serve.json, tables.md, attainment.png and latency_cdf.png in `out_dir`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     result = {
@@ -320,6 +320,8 @@ def write_results(out_dir: str, spec: SweepSpec, modes: list[dict], load_before:
         "cpu_count": os.cpu_count(), "modes": modes,
     }
     (out / "serve.json").write_text(json.dumps(result, indent=1))
+    from cluster.bench.serve_report import markdown
+    (out / "tables.md").write_text(markdown(result))
     if plot:
         from cluster.bench.plots import plot_attainment, plot_latency_cdfs
         title = f"{result['workload']}: TTFT SLO {spec.slo.ttft_s:g} s, TPOT SLO {spec.slo.tpot_s:g} s"
@@ -381,5 +383,5 @@ def main(args: argparse.Namespace) -> int:
     write_results(out, spec, modes, load_before, args.cdf_rate)
     for m in modes:
         print(f"{m['label']}: goodput {m['goodput']:g} req/s (interpolated {m['goodput_interpolated']:.3g})")
-    print(f"wrote {out}/serve.json, attainment.png, latency_cdf.png")
+    print(f"wrote {out}/serve.json, tables.md, attainment.png, latency_cdf.png")
     return 0

@@ -1,0 +1,146 @@
+"""Replay docs/results.md's benchmark through the planner's simulator, next to the measurement.
+
+    .venv/bin/python benchmarks/simulate_results.py --results docs/results
+
+For each workload measured by benchmarks/run_results.py (its serve.json) and
+each mode in it, the *same requests* (same seed, lengths and arrival times at
+every swept rate) go through `router.planner.simulator.simulate` with the
+cluster's own settings (instances, batch limits, chunk budget, KV blocks),
+driven by a latency profile measured on this machine
+(`bench-results/profile-cpu.json`; made with `pdcluster profile` when
+missing). Writes `<results>/<workload>/simulated.json`, `simulated.md` and
+`attainment_sim.png` (measured solid, simulated dashed). The simulator also
+gets its own goodput by bisection over a longer run (400 requests).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cluster.bench.serve import SweepSpec  # noqa: E402
+from cluster.bench.serve_metrics import SLO, goodput, goodput_interpolated  # noqa: E402
+
+SHM_GB_S = 2.0            # zero-copy shm at a few MB per prompt (docs/benchmarks.md: 1-6 GB/s)
+LONG_RUN_REQUESTS = 400
+
+
+def load_or_make_profile(path: str):
+    from router.planner.profile import load_profile
+    if not Path(path).exists():
+        from cluster.bench.profile import run as make_profile
+        print(f"no profile at {path}: measuring one (pdcluster profile)", flush=True)
+        make_profile(out=path)
+    return load_profile(path)
+
+
+def sim_setup(config_path: str, num_blocks: int | None):
+    """(mode, pools as simulate() keyword arguments, SimConfig) for a bench cluster config."""
+    from cluster.config import load_config
+    from router.planner.simulator import PoolSpec, SimConfig
+    cfg = load_config(config_path)
+    mode = getattr(cfg, "mode", "disaggregated")
+    if mode == "disaggregated":
+        pools = {"prefill": PoolSpec(1, 1, cfg.prefill.num_instances),
+                 "decode": PoolSpec(1, 1, cfg.decode.num_instances)}
+        pool, budget = cfg.decode, cfg.prefill.max_num_batched_tokens
+        chunk = budget
+    else:
+        pools = {"colocated": PoolSpec(1, 1, cfg.colocated.num_instances)}
+        pool, budget = cfg.colocated, cfg.colocated.budget("colocated")
+        chunk = cfg.colocated.budget(mode)
+    capacity = num_blocks * pool.block_size if num_blocks else None
+    config = SimConfig(max_num_batched_tokens=budget, max_num_seqs=pool.max_num_seqs, chunk_budget=chunk,
+                       block_size=pool.block_size, transfer_gb_s=SHM_GB_S, kv_capacity_tokens=capacity)
+    return mode, pools, config
+
+
+def replay(result: dict, profile, num_blocks: int | None) -> list[dict]:
+    from router.planner.goodput import at_rate, unit_rate_requests
+    from router.planner.goodput import goodput as sim_goodput
+    from router.planner.simulator import simulate
+    slo, target = SLO(**result["slo"]), result["target"]
+    spec = SweepSpec(result["workload"], tuple(result["rates"]), result["num_requests"], slo,
+                     burstiness=result["burstiness"], seed=result["seed"])
+    out = []
+    for m in result["modes"]:
+        mode, pools, config = sim_setup(m["config"], num_blocks)
+
+        def attain(specs) -> tuple[float, float, float]:
+            rs = simulate(mode, profile, specs, config=config, **pools)
+            ok = [r.ttft_s <= slo.ttft_s and r.tpot_s <= slo.tpot_s for r in rs]
+            return (sum(ok) / len(rs), sum(r.ttft_s <= slo.ttft_s for r in rs) / len(rs),
+                    sum(r.tpot_s <= slo.tpot_s for r in rs) / len(rs))
+
+        points = []
+        for p in m["points"]:
+            a, a_ttft, a_tpot = attain(spec.requests(p["rate"]))
+            points.append({"rate": p["rate"], "attainment": a, "ttft_attainment": a_ttft,
+                           "tpot_attainment": a_tpot, "measured_attainment": p["attainment"]})
+        pairs = [(p["rate"], p["attainment"]) for p in points]
+        unit = unit_rate_requests(spec.workload, LONG_RUN_REQUESTS, seed=spec.seed, burstiness=spec.burstiness,
+                                  max_total_tokens=spec.max_total_tokens)
+        long_run = sim_goodput(lambda r: attain(at_rate(unit, r))[0], target=target,
+                               start_rate=max(result["rates"]) / 2)
+        out.append({"label": m["label"], "config": m["config"], "points": points,
+                    "goodput": goodput(pairs, target), "goodput_interpolated": goodput_interpolated(pairs, target),
+                    "goodput_long_run": long_run.rate,
+                    "measured_goodput": m["goodput"], "measured_goodput_interpolated": m["goodput_interpolated"]})
+    return out
+
+
+def markdown(result: dict, sim: list[dict], profile_path: str) -> str:
+    lines = [f"### {result['workload']}: simulated (profile `{profile_path}`) next to measured", "",
+             "| mode | goodput measured | simulated, same requests | simulated, interpolated | "
+             f"simulated, {LONG_RUN_REQUESTS} requests (bisection) |", "|---|---|---|---|---|"]
+    for s in sim:
+        lines.append(f"| {s['label']} | {s['measured_goodput']:g} ({s['measured_goodput_interpolated']:.2f}) | "
+                     f"{s['goodput']:g} | {s['goodput_interpolated']:.2f} | {s['goodput_long_run']:.2f} |")
+    rates = sorted({p["rate"] for s in sim for p in s["points"]})
+    lines += ["", "Attainment per rate, measured / simulated:", "",
+              "| rate | " + " | ".join(s["label"] for s in sim) + " |", "|---|" + "---|" * len(sim)]
+    for rate in rates:
+        cells = []
+        for s in sim:
+            p = next((p for p in s["points"] if p["rate"] == rate), None)
+            cells.append("–" if p is None else f"{p['measured_attainment']:.0%} / {p['attainment']:.0%}")
+        lines.append(f"| {rate:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--results", default="docs/results")
+    p.add_argument("--workloads", default="chatbot,summarization")
+    p.add_argument("--profile", default="bench-results/profile-cpu.json")
+    p.add_argument("--num-blocks", type=int, default=1456, help="KV blocks per instance (0.5 GB of the default "
+                   "model's cache, as the bench clusters log at start)")
+    args = p.parse_args(argv)
+    profile = load_or_make_profile(args.profile)
+    parts = []
+    for wl in [w for w in args.workloads.split(",") if w]:
+        path = Path(args.results) / wl / "serve.json"
+        if not path.exists():
+            print(f"skip {wl}: no {path} (run benchmarks/run_results.py first)", file=sys.stderr)
+            continue
+        result = json.loads(path.read_text())
+        sim = replay(result, profile, args.num_blocks)
+        out = path.parent
+        (out / "simulated.json").write_text(json.dumps({"profile": args.profile, "modes": sim}, indent=1))
+        md = markdown(result, sim, args.profile)
+        (out / "simulated.md").write_text(md)
+        from cluster.bench.plots import plot_measured_vs_simulated
+        plot_measured_vs_simulated(result["modes"], sim, result["target"], str(out / "attainment_sim.png"),
+                                   f"{wl}: measured (solid) and simulated (dashed)")
+        parts.append(md)
+        print(md, flush=True)
+    if parts:
+        (Path(args.results) / "simulated.md").write_text("\n".join(parts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
