@@ -275,8 +275,13 @@ def run_configs(config_paths: Sequence[str], spec: SweepSpec, progress: bool = T
         label = mode_label(cfg)
         prompts = PromptMaker.for_model(cfg.model.path or default_model_path(), spec.seed)
         log(f"--- {label} ({path}): starting the cluster")
-        with Cluster(cfg, log=lambda m: log(f"    {m}")) as cluster:
-            result = asyncio.run(sweep(cluster.address, spec, prompts, label, progress, log))
+        try:
+            with Cluster(cfg, log=lambda m: log(f"    {m}")) as cluster:
+                result = asyncio.run(sweep(cluster.address, spec, prompts, label, progress, log))
+        except Exception as e:   # keep the other modes' results: the run is long; the error is reported
+            log(f"--- {label}: FAILED: {type(e).__name__}: {e}")
+            result = {"label": label, "points": [], "goodput": 0.0, "goodput_interpolated": 0.0,
+                      "error": f"{type(e).__name__}: {e}"}
         result["config"] = path
         modes.append(result)
     return modes

@@ -43,6 +43,9 @@ def goodput_table(result: dict) -> str:
             ratio = f"{m['goodput'] / base['goodput']:.2f}x"
         elif base is not None and m["goodput"] > 0:
             ratio = "∞ (colocated 0)"
+        if m.get("error"):
+            lines.append(f"| {m['label']} | failed to run: {m['error']} | – | – |")
+            continue
         lines.append(f"| {m['label']} | {m['goodput']:g} | {m['goodput_interpolated']:.2f} | {ratio} |")
     return "\n".join(lines)
 
