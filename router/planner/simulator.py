@@ -24,6 +24,8 @@ latency but frees its first stage after latency/p, so batches overlap; a decode
 step splits the batch into p micro-batches in flight, so one round (one token
 for every running request) takes the latency of one micro-batch. Colocated
 instances do not overlap steps (conservative for p > 1).
+SimConfig.pipeline_overlap=False turns both off: the engine's pipeline runner
+today runs one stage at a time with no micro-batches.
 
 The first token comes out of the prefill (as in router/server.py), so TTFT is
 arrival -> prefill done, and the KV transfer and decode admission wait fall
@@ -70,6 +72,7 @@ class SimConfig:
     transfer_gb_s: float = 25.0          # the link between a prefill and a decode instance
     ttft_includes_transfer: bool = False
     kv_capacity_tokens: int | None = None   # per instance; None: from the profile's memory
+    pipeline_overlap: bool = True        # False: one stage works at a time (engine/parallel_runner.py today)
 
 
 @dataclass(frozen=True)
@@ -124,7 +127,7 @@ class _Sim:
 
 
 def decode_round_s(lat: PlanLatency, pp: int, batch: int, context: int) -> float:
-    """One token for each of `batch` requests: p micro-batches in flight, one pass each."""
+    """One token for each of `batch` requests: p micro-batches in flight, one pass each (pp=1: no split)."""
     mb = -(-batch // pp)
     return lat.decode(mb, context * mb / batch)
 
@@ -133,7 +136,8 @@ class _Prefill:
     """A prefill instance: FCFS batches under the token budget and its KV memory."""
 
     def __init__(self, sim: _Sim, pool: PoolSpec, on_done: Callable) -> None:
-        self.sim, self.pp, self.on_done = sim, pool.pp, on_done
+        self.sim, self.on_done = sim, on_done
+        self.pp = pool.pp if sim.cfg.pipeline_overlap else 1
         self.lat = sim.profile.latency(pool.tp, pool.pp)
         self.total_blocks = self.free_blocks = sim.capacity_blocks(pool)
         self.waiting: deque[_Req] = deque()
@@ -190,7 +194,8 @@ class _Decode:
     """A decode instance: FCFS admission by KV room, KV pull, continuous batching."""
 
     def __init__(self, sim: _Sim, pool: PoolSpec, pull: bool, on_finish: Callable) -> None:
-        self.sim, self.pp, self.pull, self.on_finish = sim, pool.pp, pull, on_finish
+        self.sim, self.pull, self.on_finish = sim, pull, on_finish
+        self.pp = pool.pp if sim.cfg.pipeline_overlap else 1
         self.lat = sim.profile.latency(pool.tp, pool.pp)
         self.total_blocks = self.free_blocks = sim.capacity_blocks(pool)
         self.waiting: deque[_Req] = deque()
@@ -199,16 +204,18 @@ class _Decode:
         self.running: list[_Req] = []
         self.stepping = False
         self.link_free = 0.0       # when this instance's link finishes the transfers queued on it
+        self.waiting_blocks = 0    # KV the waiting requests will need
 
     def room(self) -> int:
-        return self.free_blocks - sum(self.sim.blocks(r.spec.prompt_tokens + r.spec.output_tokens)
-                                      for r in self.waiting)
+        return self.free_blocks - self.waiting_blocks
 
     def add(self, now: float, r: _Req) -> None:
-        if self.sim.blocks(r.spec.prompt_tokens + r.spec.output_tokens) > self.total_blocks:
+        need = self.sim.blocks(r.spec.prompt_tokens + r.spec.output_tokens)
+        if need > self.total_blocks:
             raise PlannerError(f"a request of {r.spec.prompt_tokens}+{r.spec.output_tokens} tokens can never "
                                "fit a decode instance's KV")
         self.waiting.append(r)
+        self.waiting_blocks += need
         self.admit(now)
 
     def admit(self, now: float) -> None:
@@ -219,6 +226,7 @@ class _Decode:
             if need > self.free_blocks:
                 return
             self.waiting.popleft()
+            self.waiting_blocks -= need
             self.free_blocks -= need
             self.admitted += 1
             self.sim.at(self._transfer_end(now, r), self._pulled, r, need)
@@ -273,7 +281,8 @@ class _Colocated:
     """One instance running both phases: vLLM's prefill-first steps, or Sarathi's chunked steps."""
 
     def __init__(self, sim: _Sim, pool: PoolSpec, chunked: bool, on_finish: Callable) -> None:
-        self.sim, self.pp, self.chunked, self.on_finish = sim, pool.pp, chunked, on_finish
+        self.sim, self.chunked, self.on_finish = sim, chunked, on_finish
+        self.pp = pool.pp if sim.cfg.pipeline_overlap else 1
         self.lat = sim.profile.latency(pool.tp, pool.pp)
         self.total_blocks = self.free_blocks = sim.capacity_blocks(pool)
         self.waiting: deque[_Req] = deque()

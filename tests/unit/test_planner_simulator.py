@@ -64,6 +64,9 @@ def test_prefill_batches_share_one_pass_and_pipeline_stages_overlap_batches():
     piped = simulate("prefill_only", PROFILE, reqs, prefill=PoolSpec(1, 2, 1), config=cfg)
     # the second batch enters stage 1 when the first moves on, after half its pass
     assert piped[1].ttft_s == pytest.approx(prefill_s(200) / 2 + prefill_s(300))
+    one_stage_at_a_time = SimConfig(max_num_seqs=1, pipeline_overlap=False)
+    flat = simulate("prefill_only", PROFILE, reqs, prefill=PoolSpec(1, 2, 1), config=one_stage_at_a_time)
+    assert flat[1].ttft_s == pytest.approx(serial[1].ttft_s)
 
 
 def test_memory_limit_delays_decode_admission():
