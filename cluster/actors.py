@@ -1,4 +1,7 @@
-"""The Ray actor shell around a worker: build it, host its step loop, report, stop.
+"""The Ray actor shells around a worker: build it, host its step loop, report, stop.
+
+A multi-rank instance is one WorkerActor (rank 0, with the worker object) and a
+RankActor per other rank, all in the instance's placement group.
 
 Everything a worker does happens in the worker object and its host loop;
 the actor only exists so Ray can place the process and keep it alive.
@@ -14,14 +17,14 @@ import ray
 @ray.remote(max_restarts=0)
 class WorkerActor:
     def __init__(self, role: str, name: str, cfg_dict: dict, model_path: str, router_endpoint: str,
-                 host: str) -> None:
+                 host: str, rank_spec: dict | None = None) -> None:
         logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(message)s")
         from cluster.config import from_dict
         from cluster.worker_factory import build_worker
         from cluster.worker_host import WorkerHost
         if host == "auto":   # multi-node: bind the address Ray knows this node by
             host = ray.util.get_node_ip_address()
-        worker = build_worker(role, name, from_dict(cfg_dict), model_path, host)
+        worker = build_worker(role, name, from_dict(cfg_dict), model_path, host, rank_spec)
         self.host = WorkerHost(worker, router_endpoint, host)
         self.host.start()
 
@@ -39,3 +42,23 @@ class WorkerActor:
     def stop(self) -> bool:
         self.host.stop()
         return True
+
+
+@ray.remote(max_restarts=0)
+class RankActor:
+    """A rank other than 0 of a multi-rank instance: runs what rank 0 broadcasts (cluster.parallel_worker)."""
+
+    def __init__(self, role: str, name: str, cfg_dict: dict, model_path: str, host: str, rank_spec: dict) -> None:
+        logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(message)s")
+        from cluster.config import from_dict
+        from cluster.parallel_worker import RankHost
+        from cluster.worker_factory import build_worker
+        server = build_worker(role, name, from_dict(cfg_dict), model_path, host, rank_spec)
+        self.host = RankHost(server, name)
+
+    def info(self) -> dict:
+        return {"pid": os.getpid(), "serving": self.host.serving}
+
+    def stop(self, timeout_s: float = 10.0) -> dict:
+        """Waits for the loop to end (rank 0's close releases it); reports how it ended."""
+        return {"stopped": self.host.join(timeout_s), "error": self.host.error}

@@ -55,9 +55,6 @@ class PoolConfig:
         for name in ("num_instances", "num_threads", "tp_size", "pp_size", "block_size", "max_num_seqs",
                      "max_num_batched_tokens"):
             _positive(getattr(self, name), f"{key}.{name}")
-        if self.tp_size * self.pp_size != 1:
-            raise ConfigError(f"{key}.tp_size/pp_size: only 1 x 1 plans run in a pool yet "
-                              f"(got {self.tp_size} x {self.pp_size})")
         if not self.kv_cache_memory_gb > 0 or not math.isfinite(self.kv_cache_memory_gb):
             raise ConfigError(f"{key}.kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
         if not self.num_gpus >= 0 or not math.isfinite(self.num_gpus):
@@ -159,7 +156,17 @@ class ClusterConfig:
             # every running request decodes one token per step inside the budget: it must hold them all
             raise ConfigError(f"colocated.max_num_batched_tokens ({self.colocated.budget(self.mode)}) must be >= "
                               f"colocated.max_num_seqs ({self.colocated.max_num_seqs}) in mode colocated_chunked")
+        self._check_plans()
         return self
+
+    def _check_plans(self) -> None:
+        """Multi-rank (tp x pp) instances run in the prefill and decode pools (cluster.parallel_worker)."""
+        if self.is_colocated and self.colocated.tp_size * self.colocated.pp_size != 1:
+            raise ConfigError(f"colocated.tp_size/pp_size: a colocated instance runs a 1 x 1 plan only yet "
+                              f"(got {self.colocated.tp_size} x {self.colocated.pp_size})")
+        if not self.is_colocated and self.transfer.stream_layers and self.prefill.tp_size * self.prefill.pp_size != 1:
+            raise ConfigError(f"transfer.stream_layers: a {self.prefill.plan} prefill instance does not stream "
+                              f"layers (its KV is gathered on rank 0 after the forward); set it false")
 
     @property
     def is_colocated(self) -> bool:

@@ -44,6 +44,9 @@ class Cluster:
         self.log = log
         self.router = None
         self.actors: dict[str, object] = {}
+        self._rank_actors: dict[str, object] = {}   # ranks > 0 of multi-rank instances
+        self.rank_infos: dict[str, dict] = {}       # their pids
+        self.rank_stops: dict[str, dict] = {}       # how each of them ended, after stop()
         self.infos: dict[str, dict] = {}
         self._groups: list = []
         self._loop: _LoopThread | None = None
@@ -97,7 +100,7 @@ class Cluster:
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from cluster.actors import WorkerActor
+        from cluster.actors import RankActor, WorkerActor
         from cluster.config import to_dict
         from cluster.ray_cluster import placement_group_for
         cfg, cfg_dict = self.config, to_dict(self.config)
@@ -107,20 +110,33 @@ class Cluster:
                 name = f"{role}-{i}"
                 pg = placement_group_for(name, pool.num_threads, pool.num_gpus, pool.tp_size * pool.pp_size)
                 self._groups.append(pg)
-                actor = WorkerActor.options(
-                    name=None, num_cpus=pool.num_threads, num_gpus=pool.num_gpus,
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0),
-                ).remote(role, name, cfg_dict, model_path, router_endpoint, cfg.ray.host)
+                specs = _rank_specs(pool, pg, self._bind_host())   # [None] for a one-rank instance
+
+                def place(rank: int, pg=pg) -> dict:
+                    return dict(num_cpus=pool.num_threads, num_gpus=pool.num_gpus, scheduling_strategy=
+                                PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank))
+                actor = WorkerActor.options(name=None, **place(0)).remote(
+                    role, name, cfg_dict, model_path, router_endpoint, cfg.ray.host, specs[0])
                 self.actors[name] = actor
                 pending[actor.info.remote()] = name
+                for rank, spec in enumerate(specs[1:], 1):   # the other ranks join rank 0's group
+                    follower = RankActor.options(**place(rank)).remote(role, name, cfg_dict, model_path,
+                                                                       cfg.ray.host, spec)
+                    self._rank_actors[f"{name}.rank{rank}"] = follower
+                    pending[follower.info.remote()] = f"{name}.rank{rank}"
         deadline = time.monotonic() + START_TIMEOUT_S
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
                 raise ConfigError(f"workers {sorted(pending.values())} did not start in {START_TIMEOUT_S:.0f}s")
             name = pending.pop(ready[0])
-            self.infos[name] = info = ray.get(ready[0])   # raises the actor's own error if it failed
-            self.log(f"  {name} ready (pid {info['pid']}, {info['num_blocks']} KV blocks)")
+            info = ray.get(ready[0])   # raises the actor's own error if it failed
+            if name in self._rank_actors:
+                self.rank_infos[name] = info
+                continue
+            self.infos[name] = info
+            plan = cfg.pools()[info["role"]].plan
+            self.log(f"  {name} ready (pid {info['pid']}, {plan}, {info['num_blocks']} KV blocks)")
 
     def _start_router(self, model_path: str, links) -> None:
         from engine.llm import load_tokenizer
@@ -173,17 +189,51 @@ class Cluster:
             self._started_ray = False
 
     def _stop_actors(self) -> None:
-        if not self.actors:
+        if not self.actors and not self._rank_actors:
             return
         import ray
+        # rank 0 first: closing its worker releases the other ranks of its instance from their loops
         refs = [a.stop.remote() for a in self.actors.values()]
         ray.wait(refs, num_returns=len(refs), timeout=30)
+        rank_refs = {name: a.stop.remote() for name, a in self._rank_actors.items()}
+        ray.wait(list(rank_refs.values()), num_returns=len(rank_refs), timeout=30)
+        self.rank_stops = {name: _stop_report(ref) for name, ref in rank_refs.items()}
+        actors = [*self.actors.values(), *self._rank_actors.values()]
         # a graceful exit first (a kill mid-teardown prints tracebacks), a kill for the stuck
-        exits = [a.__ray_terminate__.remote() for a in self.actors.values()]
+        exits = [a.__ray_terminate__.remote() for a in actors]
         ray.wait(exits, num_returns=len(exits), timeout=10)
-        for actor in self.actors.values():
+        for actor in actors:
             ray.kill(actor)
         self.actors.clear()
+        self._rank_actors.clear()
+
+
+def _rank_specs(pool, pg, host: str) -> list[dict | None]:
+    """Where each rank of a multi-rank instance finds the others: a TCPStore on rank 0's node."""
+    num_ranks = pool.tp_size * pool.pp_size
+    if num_ranks == 1:
+        return [None]
+    import socket
+
+    import ray
+    from ray.util.placement_group import placement_group_table
+    node_id = placement_group_table(pg)["bundles_to_node_id"][0]
+    addr = next((n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id), host)
+    with socket.socket() as s:   # free here; on another node it is a guess (multi-node: untested)
+        s.bind((host, 0))
+        port = s.getsockname()[1]
+    # gloo: the engine runs its tensors on CPU (NCCL, the same code path, once they live on a GPU)
+    return [dict(rank=r, tp_size=pool.tp_size, pp_size=pool.pp_size, master_addr=addr, master_port=port,
+                 backend="gloo") for r in range(num_ranks)]
+
+
+def _stop_report(ref) -> dict:
+    """How a rank > 0 ended: {"stopped": its loop ended, "error": what ended it, if anything}."""
+    import ray
+    try:
+        return ray.get(ref, timeout=0)
+    except Exception as e:   # it did not answer in time, or its process is gone
+        return {"stopped": False, "error": f"{type(e).__name__}: {e}"}
 
 
 async def _make_links(host: str):

@@ -23,9 +23,14 @@ def zero_copy(cfg: ClusterConfig) -> bool:
     return t.backend == "shm" and not t.checksum and t.compress is None
 
 
-def build_worker(role: str, name: str, cfg: ClusterConfig, model_path: str, host: str = "127.0.0.1"):
+def build_worker(role: str, name: str, cfg: ClusterConfig, model_path: str, host: str = "127.0.0.1",
+                 rank_spec: dict | None = None):
+    """`rank_spec` (a RankSpec's fields): this process is one rank of a multi-rank instance."""
     if role == "colocated":
         return build_colocated_worker(name, cfg, model_path)
+    if rank_spec is not None:
+        from cluster.parallel_worker import build_parallel_worker
+        return build_parallel_worker(role, name, cfg, model_path, host, rank_spec)
     pool = cfg.prefill if role == "prefill" else cfg.decode
     shared: list[SharedKVCache] = []
 

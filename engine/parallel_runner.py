@@ -227,7 +227,9 @@ class ParallelRunner:
     def _command(self, kind: str, arg=None) -> None:
         dist.broadcast_object_list([(kind, arg)], src=0, group=self.control)
 
-    def execute(self, plan: StepPlan) -> StepResult:
+    def execute(self, plan: StepPlan, on_layer=None) -> StepResult:
+        if on_layer is not None:
+            raise NotImplementedError("a multi-rank instance does not stream layers (on_layer)")
         self._command("step", plan)
         return self.shard.execute(plan)
 

@@ -174,9 +174,13 @@ def test_out_of_range_value_names_the_key(section, key, value):
         load_config(None, {section: {key: value}})
 
 
-def test_only_one_by_one_plans_run_in_a_pool():
-    with pytest.raises(ConfigError, match=r"decode\.tp_size"):
-        load_config(None, {"decode": {"tp_size": 2}})
+def test_multi_rank_plans_run_in_prefill_and_decode_pools():
+    cfg = load_config(None, {"prefill": {"tp_size": 2}, "decode": {"pp_size": 2}})
+    assert (cfg.prefill.plan, cfg.decode.plan) == ("tp2-pp1", "tp1-pp2")
+    with pytest.raises(ConfigError, match=r"colocated\.tp_size"):
+        load_config(None, {"mode": "colocated", "colocated": {"tp_size": 2}})
+    with pytest.raises(ConfigError, match=r"transfer\.stream_layers"):
+        load_config(None, {"prefill": {"pp_size": 2}, "transfer": {"backend": "zmq", "stream_layers": True}})
 
 
 @pytest.mark.parametrize("section,key,value", [
