@@ -25,11 +25,13 @@ demo: install
 test: install
 	@$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
-# The serving benchmark behind docs/results.md (~25 min on the 2-core dev machine): every
-# mode swept on chatbot and summarization, then the same requests through the simulator.
+# The serving benchmark behind docs/results.md (~25 min on the 2-core dev machine): a latency
+# profile of this machine, every mode swept on summarization and chatbot, then the same
+# requests through the planner's simulator driven by that profile.
 bench: install
+	$(VENV)/bin/pdcluster profile --out docs/results/profile-cpu.json
 	$(PY) benchmarks/run_results.py --out docs/results
-	$(PY) benchmarks/simulate_results.py --results docs/results
+	$(PY) benchmarks/simulate_results.py --results docs/results --profile docs/results/profile-cpu.json
 
 bench-engine: install
 	$(VENV)/bin/pdcluster bench engine

@@ -59,7 +59,7 @@ def spec_for(workload: str, scale: float = 1.0, seed: int = 0) -> SweepSpec:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="docs/results")
-    p.add_argument("--workloads", default="chatbot,summarization")
+    p.add_argument("--workloads", default="summarization,chatbot")
     p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated cluster YAMLs, one mode each")
     p.add_argument("--scale", type=float, default=1.0, help="multiplies the requests per rate (pilots)")
     p.add_argument("--seed", type=int, default=0)

@@ -7,8 +7,9 @@ each mode in it, the *same requests* (same seed, lengths and arrival times at
 every swept rate) go through `router.planner.simulator.simulate` with the
 cluster's own settings (instances, batch limits, chunk budget, KV blocks),
 driven by a latency profile measured on this machine
-(`bench-results/profile-cpu.json`; made with `pdcluster profile` when
-missing). Writes `<results>/<workload>/simulated.json`, `simulated.md` and
+(`bench-results/profile-cpu.json` if present, else the checked-in
+`router/planner/profiles/smollm2-135m-cpu.json`; `pdcluster profile` makes
+one). Writes `<results>/<workload>/simulated.json`, `simulated.md` and
 `attainment_sim.png` (measured solid, simulated dashed). The simulator also
 gets its own goodput by bisection over a longer run (400 requests).
 """
@@ -28,13 +29,19 @@ SHM_GB_S = 2.0            # zero-copy shm at a few MB per prompt (docs/benchmark
 LONG_RUN_REQUESTS = 400
 
 
-def load_or_make_profile(path: str):
+PROFILES = ("bench-results/profile-cpu.json", "router/planner/profiles/smollm2-135m-cpu.json")
+
+
+def load_or_make_profile(path: str | None):
+    """The profile at `path`; without one, the first of PROFILES that exists, else a new measurement."""
     from router.planner.profile import load_profile
+    if path is None:
+        path = next((p for p in PROFILES if Path(p).exists()), PROFILES[0])
     if not Path(path).exists():
         from cluster.bench.profile import run as make_profile
         print(f"no profile at {path}: measuring one (pdcluster profile)", flush=True)
         make_profile(out=path)
-    return load_profile(path)
+    return path, load_profile(path)
 
 
 def sim_setup(config_path: str, num_blocks: int | None):
@@ -115,11 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--results", default="docs/results")
     p.add_argument("--workloads", default="chatbot,summarization")
-    p.add_argument("--profile", default="bench-results/profile-cpu.json")
+    p.add_argument("--profile", default=None, help=f"latency profile JSON (default: the first of {PROFILES} "
+                   "that exists, else measured now with `pdcluster profile`)")
     p.add_argument("--num-blocks", type=int, default=1456, help="KV blocks per instance (0.5 GB of the default "
                    "model's cache, as the bench clusters log at start)")
     args = p.parse_args(argv)
-    profile = load_or_make_profile(args.profile)
+    profile_path, profile = load_or_make_profile(args.profile)
     parts = []
     for wl in [w for w in args.workloads.split(",") if w]:
         path = Path(args.results) / wl / "serve.json"
@@ -129,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         result = json.loads(path.read_text())
         sim = replay(result, profile, args.num_blocks)
         out = path.parent
-        (out / "simulated.json").write_text(json.dumps({"profile": args.profile, "modes": sim}, indent=1))
-        md = markdown(result, sim, args.profile)
+        (out / "simulated.json").write_text(json.dumps({"profile": profile_path, "modes": sim}, indent=1))
+        md = markdown(result, sim, profile_path)
         (out / "simulated.md").write_text(md)
         from cluster.bench.plots import plot_measured_vs_simulated
         plot_measured_vs_simulated(result["modes"], sim, result["target"], str(out / "attainment_sim.png"),
