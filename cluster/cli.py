@@ -27,7 +27,8 @@ def _bench(args: argparse.Namespace) -> int:
         return 0
     if args.what == "transfer":
         from cluster.bench.transfer import run
-        run(repeats=args.repeats, out=args.out or "bench-results/transfer.json")
+        run(repeats=args.repeats, out=args.out or "bench-results/transfer.json",
+            variants=args.variants.split(",") if args.variants else None)
         return 0
     if args.what == "stream":
         from cluster.bench.stream import run
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof = sub.add_parser("profile", help="measure this engine here and fit the planner's latency model")
     prof.add_argument("--out", default="bench-results/profile-cpu.json", help="profile JSON")
     prof.add_argument("--repeats", type=int, default=3, help="timed runs per point (the fastest is kept)")
+    prof.add_argument("--plans", default="1x1", help="plans to measure, e.g. 1x1,2x1,1x2 (multi-rank: slower)")
     prof.set_defaults(fn=_profile)
 
     st = sub.add_parser("status", help="show the pools, their load and plans")
@@ -112,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("what", choices=["engine", "transfer", "overhead", "serve", "stream"])
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--out", default=None, help="JSON results file (serve: a directory)")
+    bench.add_argument("--variants", default=None,
+                       help="transfer: comma-separated variants (shm,shm+crc,zmq,zmq+crc,torch_dist,...)")
     from cluster.bench.serve import add_arguments as add_serve_arguments
     add_serve_arguments(bench)
     bench.set_defaults(fn=_bench)

@@ -83,5 +83,5 @@ def plan_main(args: argparse.Namespace) -> int:
 
 def profile_main(args: argparse.Namespace) -> int:
     from cluster.bench.profile import run
-    run(out=args.out, repeats=args.repeats)
+    run(out=args.out, repeats=args.repeats, plans=tuple(x for x in args.plans.split(",") if x))
     return 0

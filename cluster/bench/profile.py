@@ -9,9 +9,9 @@ ModelRunner directly (what a prefill or decode worker's step runs):
     does the same work either way, and this skips prefilling every context.
 Each point is the fastest of `repeats` runs after a warm-up: the machine is
 shared, and the minimum is the least disturbed estimate of the step itself. The fit is
-router.planner.profile.fit_prefill / fit_decode; the profile has plan 1x1
-only: the planner derives (t, p) > 1 by its stated scaling assumption
-(tensor/pipeline-parallel instances are not measured here).
+router.planner.profile.fit_prefill / fit_decode. By default only plan 1x1 is
+measured and the planner derives (t, p) > 1 by its stated scaling assumption;
+`--plans 1x1,2x1,1x2` also measures multi-rank instances (profile_parallel.py).
 """
 from __future__ import annotations
 
@@ -113,18 +113,30 @@ def build_profile(prefill, decode, parts, kv_cache_memory_gb: float = 0.5) -> di
     }
 
 
-def run(out: str = "bench-results/profile-cpu.json", repeats: int = 3) -> dict:
-    from router.planner.profile import profile_from_dict
+def run(out: str = "bench-results/profile-cpu.json", repeats: int = 3, plans: tuple[str, ...] = ("1x1",)) -> dict:
+    """Measure 1x1 (always) and any other "<t>x<p>" in `plans` (multi-rank, fewer points), fit, write."""
+    from router.planner.profile import parse_plan_key, fit_decode, fit_prefill, profile_from_dict
     t0 = time.perf_counter()
+    others = sorted({parse_plan_key(p) for p in plans} - {(1, 1)})
     prefill, decode, parts = measure(repeats, log=lambda m: print(m, flush=True))
     data = build_profile(prefill, decode, parts)
+    for tp, pp in others:
+        from cluster.bench.profile_parallel import measure_parallel
+        print(f"profiling {tp}x{pp} ({tp * pp} ranks)", flush=True)
+        pre, dec = measure_parallel(tp, pp, repeats=max(1, repeats - 1), log=lambda m: print(m, flush=True))
+        (pm, perr), (dm, derr) = fit_prefill(pre), fit_decode(dec)
+        data["plans"][f"{tp}x{pp}"] = {"prefill": pm.to_dict(), "decode": dm.to_dict()}
+        data["fit"][f"{tp}x{pp}"] = {"prefill_rel_rmse": perr, "decode_rel_rmse": derr}
+    if others:
+        data["source"] += f" Also measured with engine.parallel_runner (gloo, 1 thread per rank): " \
+                          f"{', '.join(f'{t}x{p}' for t, p in others)}."
     profile_from_dict(data)                # what we write must load
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(data, indent=2) + "\n")
-    p, d = data["plans"]["1x1"]["prefill"], data["plans"]["1x1"]["decode"]
-    print(f"prefill(s) = {p['a']:.4g} + {p['b']:.4g} * tokens + {p['c']:.4g} * sum(l^2)   "
-          f"(rel. RMSE {data['fit']['prefill_rel_rmse']:.1%})")
-    print(f"decode(s)  = {d['a']:.4g} + {d['b']:.4g} * batch + {d['c']:.4g} * context   "
-          f"(rel. RMSE {data['fit']['decode_rel_rmse']:.1%})")
+    for key, plan in data["plans"].items():
+        p, d = plan["prefill"], plan["decode"]
+        print(f"{key}: prefill(s) = {p['a']:.4g} + {p['b']:.4g} * tokens + {p['c']:.4g} * sum(l^2); "
+              f"decode(s) = {d['a']:.4g} + {d['b']:.4g} * batch + {d['c']:.4g} * context")
+    print(f"fit relative RMSE: {json.dumps(data['fit'])}")
     print(f"wrote {out} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return data

@@ -180,7 +180,7 @@ def profile_from_dict(data) -> Profile:
             tp_s_per_token=_num(sc, "tp_s_per_token", "scaling.tp_s_per_token", minimum=0, default=0.0),
             pp_stage_latency_s=_num(sc, "pp_stage_latency_s", "scaling.pp_stage_latency_s", minimum=0,
                                     default=0.0)),
-        plans={_plan_key(k): _plan(v, f"plans.{k}") for k, v in plans.items()},
+        plans={parse_plan_key(k): _plan(v, f"plans.{k}") for k, v in plans.items()},
     )
 
 
@@ -191,7 +191,7 @@ def _kind(hw: dict) -> str:
     return kind
 
 
-def _plan_key(key: str) -> tuple[int, int]:
+def parse_plan_key(key: str) -> tuple[int, int]:
     parts = str(key).split("x")
     if len(parts) != 2 or not all(x.isdigit() and int(x) >= 1 for x in parts):
         raise ProfileError(f"plans.{key}: a plan key is '<tp>x<pp>' with both >= 1, e.g. '2x1'")
