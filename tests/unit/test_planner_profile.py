@@ -110,3 +110,29 @@ def test_kv_capacity_grows_with_devices_and_is_negative_when_weights_do_not_fit(
     assert p.kv_capacity_tokens(1, 1) < 0
     assert p.kv_capacity_tokens(2, 1) > 0 and p.kv_capacity_tokens(2, 1) == p.kv_capacity_tokens(1, 2)
     assert isinstance(p.latency(1, 1).prefill, PhaseModel)
+
+
+def test_planner_imports_no_torch_ray_or_grpc():
+    import subprocess
+    import sys
+    code = ("import sys, router.planner, router.planner.search, router.planner.plan_file; "
+            "bad = [m for m in ('torch', 'ray', 'grpc') if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@pytest.mark.slow
+def test_profile_bench_measures_the_engine_and_writes_a_loadable_profile(tmp_path, monkeypatch, capsys):
+    import cluster.bench.profile as bench
+    monkeypatch.setattr(bench, "PREFILL_SHAPES", ([16], [64], [32] * 4, [128]))
+    monkeypatch.setattr(bench, "DECODE_BATCHES", (1, 4))
+    monkeypatch.setattr(bench, "DECODE_CONTEXTS", (32, 256))
+    out = tmp_path / "p.json"
+    data = bench.run(out=str(out), repeats=1)
+    p = load_profile(str(out))
+    assert p.device_kind == "cpu" and p.num_layers == 30
+    assert p.kv_bytes_per_token == 2 * 30 * 3 * 64 * 2          # bf16 KV of the default model
+    assert p.kv_capacity_tokens(1, 1) == int(0.5 * 2**30 // p.kv_bytes_per_token)   # a worker's default KV
+    assert len(data["samples"]["prefill"]) == 4 and len(data["samples"]["decode"]) == 4
+    lat = p.latency(1, 1)
+    assert lat.prefill(64, 64 * 64) > 0 and lat.decode(4, 4 * 256) > 0
+    assert "1x1: prefill(s)" in capsys.readouterr().out
