@@ -265,3 +265,41 @@ def test_sweep_reports_a_point_per_rate_and_the_goodput():
     assert result["goodput"] == (21.0 if att[21.0] >= 0.9 else 2.0)
     assert all(len(p["requests"]) == 10 and p["idle_after"] for p in result["points"])
     assert not math.isnan(result["goodput_interpolated"])
+
+
+# ---- tables, rescoring and plots from a result ------------------------------------------------
+
+def _result(ttfts_by_mode: dict[str, list[float]]) -> dict:
+    """A serve.json-shaped result: per mode, rate i+1 has the requests whose TTFTs are per_rate[i]."""
+    modes = []
+    for label, per_rate in ttfts_by_mode.items():
+        points = []
+        for i, ttfts in enumerate(per_rate):
+            reqs = [_ok(t, t + 0.9, 10, j) for j, t in enumerate(ttfts)]   # TPOT 0.1
+            p = summarize(reqs, SLO(1.0, 0.2), float(i + 1), 10.0)
+            p["requests"] = [r.to_dict() for r in reqs]
+            points.append(p)
+        pairs = [(p["rate"], p["attainment"]) for p in points]
+        modes.append({"label": label, "points": points, "goodput": goodput(pairs),
+                      "goodput_interpolated": goodput_interpolated(pairs), "config": f"{label}.yaml"})
+    return {"workload": "chatbot", "rates": [1.0, 2.0], "num_requests": 10, "slo": {"ttft_s": 1.0, "tpot_s": 0.2},
+            "target": 0.9, "burstiness": 1.0, "seed": 0, "date_utc": "now", "commit": "abc",
+            "loadavg_before": [0.1, 0, 0], "loadavg_after": [0.2, 0, 0], "modes": modes}
+
+
+def test_rescore_and_tables_follow_the_slo(tmp_path):
+    from cluster.bench.plots import plot_attainment, plot_latency_cdfs
+    from cluster.bench.serve_report import markdown, rescore
+    result = _result({"disaggregated": [[0.5] * 10, [0.8] * 9 + [3.0]],
+                      "colocated": [[0.5] * 10, [1.5] * 5 + [0.5] * 5]})
+    dis, col = result["modes"]
+    assert (dis["goodput"], col["goodput"]) == (2.0, 1.0)
+    # a TTFT SLO of 0.7 s: disaggregated's second point (TTFTs 0.8) now misses; a TPOT SLO under 0.1 fails all
+    assert rescore(dis, SLO(0.7, 0.2), 0.9)[1] == 1.0
+    assert rescore(dis, SLO(5.0, 0.05), 0.9) == ([(1.0, 0.0), (2.0, 0.0)], 0.0, 0.0)
+    md = markdown(result)
+    assert "| disaggregated | 2 | 2.00 | 2.00x |" in md and "| colocated | 1 |" in md
+    assert "| 2 | **90%** (90% / 100%) | **50%** (50% / 100%) |" in md
+    plot_attainment(result["modes"], 0.9, str(tmp_path / "a.png"))
+    assert plot_latency_cdfs(result["modes"], SLO(1.0, 0.2), str(tmp_path / "c.png"), target=0.9) == 2.0
+    assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "c.png").stat().st_size > 10_000
