@@ -27,13 +27,12 @@ from __future__ import annotations
 import time
 
 from engine.block_manager import BlockManager
+from engine.chunked_scheduler import NO_TOKEN
 from engine.errors import EngineError
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 from engine.validation import validate_request
 from protos import worker_pb2 as wpb
-
-NO_TOKEN = -1   # a row of a step that sampled nothing (a prefill chunk before the prompt's last)
 
 
 class ColocatedWorker:
@@ -103,7 +102,7 @@ class ColocatedWorker:
             if seq.first_token_time is None:
                 # a prefill (or one of its chunks): its time counts towards the prefill phase
                 self._prefill_s[seq.req_id] = self._prefill_s.get(seq.req_id, 0.0) + done - start
-            if token != NO_TOKEN:
+            if token != NO_TOKEN:   # a prefill chunk short of its prompt's end samples nothing
                 self._report(seq, token, work.req_id in finished, done)
         return self._flush(True)
 
@@ -137,8 +136,10 @@ class ColocatedWorker:
     # -- state ------------------------------------------------------------------------------
     def load(self) -> wpb.Load:
         s = self.scheduler
+        # the chunked scheduler also counts the rest of the prompts it is prefilling
+        queued = getattr(s, "queued_prompt_tokens", None)
         return wpb.Load(num_waiting=len(s.waiting), num_running=len(s.running),
-                        queued_prompt_tokens=sum(q.num_tokens for q in s.waiting),
+                        queued_prompt_tokens=queued if queued is not None else sum(q.num_tokens for q in s.waiting),
                         num_free_blocks=self.blocks.num_free_blocks, num_blocks=self.blocks.num_blocks,
                         num_steps=self.num_steps,
                         mean_step_s=self._step_time / self.num_steps if self.num_steps else 0.0)

@@ -37,6 +37,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             return _last_token_attention(q, k, v, meta.seq_bounds, scale)
         return _packed_causal_attention(q, k, v, meta.seq_bounds, scale)
     assert kv_cache is not None, "decode needs the KV cache"
+    if getattr(meta, "is_mixed", False):   # chunked prefill: decode rows + chunks over cached prefixes
+        from engine.chunked_prefill import mixed_attention   # imported here: it builds on this module
+        return mixed_attention(q, k, v, kv_cache, meta, scale)
     return kernels.paged_decode_attention(q, kv_cache[0], kv_cache[1], meta.block_tables,
                                           meta.context_lens, scale)
 

@@ -17,7 +17,8 @@ from collections.abc import Sequence
 
 import torch
 
-from engine.errors import InvalidRequestError
+from engine.chunked_scheduler import ChunkedScheduler
+from engine.errors import ConfigError, InvalidRequestError
 from engine.instance import build_engine
 from engine.validation import validate_request
 from engine.output import RequestOutput, StopChecker
@@ -32,15 +33,22 @@ class LLM:
     def __init__(self, model: str | None = None, dtype: str | torch.dtype = "bfloat16",
                  block_size: int = 16, kv_cache_memory_gb: float = 1.0, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 4096, max_model_len: int | None = None,
-                 num_threads: int | None = None, seed: int = 0) -> None:
+                 num_threads: int | None = None, seed: int = 0, enable_chunked_prefill: bool = False) -> None:
+        """`enable_chunked_prefill`: prompts run in chunks that share each step's
+        `max_num_batched_tokens` with the running decodes (Sarathi-Serve)."""
         parts = build_engine(model, dtype, block_size, kv_cache_memory_gb, max_model_len, num_threads, seed)
         self.model_config = cfg = parts.model_config
         self.runner, self.block_manager = parts.runner, parts.blocks
         self.dtype, self.max_model_len = parts.runner.dtype, parts.max_model_len
         self.tokenizer = load_tokenizer(cfg.path)
-        self.scheduler = Scheduler(
-            SchedulerConfig(max_num_seqs, max_num_batched_tokens, self.max_model_len),
-            self.block_manager, cfg.eos_token_ids)
+        sched_cfg = SchedulerConfig(max_num_seqs, max_num_batched_tokens, self.max_model_len)
+        if enable_chunked_prefill:
+            if max_num_batched_tokens < max_num_seqs:
+                raise ConfigError(f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= max_num_seqs "
+                                  f"({max_num_seqs}) with chunked prefill")
+            self.scheduler = ChunkedScheduler(sched_cfg, self.block_manager, cfg.eos_token_ids)
+        else:
+            self.scheduler = Scheduler(sched_cfg, self.block_manager, cfg.eos_token_ids)
         self._ids = itertools.count()
         self._stop_checkers: dict[str, StopChecker] = {}
 
@@ -108,7 +116,7 @@ class LLM:
                     seq = pending.get(work.req_id)
                     if seq is None:
                         continue
-                    if seq.first_token_time is None:
+                    if seq.first_token_time is None and seq.output_token_ids:   # a chunk may sample nothing
                         seq.first_token_time = now
                     self._check_stop(seq, texts)
                     if seq.is_finished:

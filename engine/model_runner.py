@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from engine.attention import AttentionMetadata
+from engine.chunked_prefill import execute_mixed
 from engine.cpu_tuning import keep_freed_memory, matmul_backend
 from engine.errors import ConfigError
 from engine.kv_cache import KVCache
@@ -57,6 +58,8 @@ class ModelRunner:
 
     def execute(self, plan: StepPlan, on_layer=None) -> StepResult:
         """`on_layer(i)`: called in a prefill once local layer i's KV is stored (streaming)."""
+        if getattr(plan, "is_mixed", False):   # chunked prefill (engine/chunked_scheduler.py)
+            return execute_mixed(self, plan)
         return self.prefill(plan.seqs, on_layer) if plan.is_prefill else self.decode_step(plan.seqs)
 
     @torch.inference_mode()
