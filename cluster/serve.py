@@ -84,10 +84,10 @@ def status(address: str) -> int:
         state = client.state()
     print(f"model {state.model}  transfer {state.transfer_backend}  "
           f"requests {state.num_active_requests}/{state.max_active_requests}")
-    print(f"{'instance':<12}{'role':<9}{'plan':<9}{'alive':<7}{'waiting':>8}{'running':>8}"
+    print(f"{'instance':<12}{'role':<11}{'plan':<9}{'alive':<7}{'waiting':>8}{'running':>8}"
           f"{'queued tok':>11}{'free blocks':>14}{'leases':>8}{'steps':>9}{'step ms':>9}")
     for i in state.instances:
-        print(f"{i.name:<12}{i.role:<9}{i.plan:<9}{'yes' if i.alive else 'NO':<7}{i.num_waiting:>8}"
+        print(f"{i.name:<12}{i.role:<11}{i.plan:<9}{'yes' if i.alive else 'NO':<7}{i.num_waiting:>8}"
               f"{i.num_running:>8}{i.queued_prompt_tokens:>11}{f'{i.num_free_blocks}/{i.num_blocks}':>14}"
               f"{i.num_leases:>8}{i.num_steps:>9}{i.mean_step_s * 1e3:>9.1f}")
     return 0
