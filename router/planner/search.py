@@ -77,6 +77,18 @@ class SearchSettings:
     max_instances: int = 4        # per phase in one unit
     sim: SimConfig = field(default_factory=SimConfig)
 
+    def check(self) -> SearchSettings:
+        for key in ("ttft_slo", "tpot_slo", "horizon_s"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
+                raise PlannerError(f"{key} must be a positive number, got {v!r}")
+        if not 0 < self.target <= 1:
+            raise PlannerError(f"target attainment must be in (0, 1], got {self.target}")
+        for key in ("num_requests", "max_requests", "keep", "joint", "max_instances"):
+            if getattr(self, key) < 1:
+                raise PlannerError(f"{key} must be >= 1, got {getattr(self, key)}")
+        return self
+
 
 @dataclass(frozen=True)
 class Candidate:
@@ -252,6 +264,7 @@ def search_plan(profile: Profile, shape: ClusterShape, settings: SearchSettings,
                 regimes: tuple[str, ...] = REGIMES, with_colocated: bool = True) -> SearchResult:
     """The best disaggregated plan over the regimes asked for, its runners-up and the best colocated plan."""
     shape.check()
+    settings.check()
     for r in regimes:
         if r not in REGIMES:
             raise PlannerError(f"unknown affinity regime {r!r}; known: {list(REGIMES)}")

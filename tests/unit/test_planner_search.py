@@ -62,6 +62,9 @@ def test_shipped_13b_profile_plans_a_cluster_section_per_phase():
     (ClusterShape(1, 2, 0.0, 1.0), SearchSettings(1.0, 1.0), ("high",), "intra_node_gb_s"),
     (ClusterShape(1, 2, 1.0, 1.0), SearchSettings(1.0, 1.0), ("medium",), "affinity regime"),
     (ClusterShape(1, 2, 1.0, 1.0), SearchSettings(1e-4, 1e-4, **FAST), ("high",), "loosen the SLOs"),
+    (ClusterShape(1, 2, 1.0, 1.0), SearchSettings(-0.25, 0.1), ("high",), "ttft_slo"),
+    (ClusterShape(1, 2, 1.0, 1.0), SearchSettings(0.25, 0.1, target=0.0), ("high",), "target"),
+    (ClusterShape(1, 2, 1.0, 1.0), SearchSettings(0.25, 0.1, num_requests=0), ("high",), "num_requests"),
 ])
 def test_bad_search_inputs_raise_typed_errors(shape, settings, regimes, match):
     with pytest.raises(PlannerError, match=match):
