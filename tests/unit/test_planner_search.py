@@ -44,11 +44,15 @@ def test_ranked_by_goodput_per_gpu_and_both_regimes_searched():
     assert res.best_colocated is not None and res.best_colocated.regime.startswith("colocated")
 
 
-def test_shipped_13b_profile_plans_a_cluster_section_per_phase():
+def test_shipped_13b_profile_plans_a_cluster_section_per_phase(tmp_path):
     p = load_profile(SHIPPED)
     shape = ClusterShape(1, 4, p.intra_node_gb_s, p.inter_node_gb_s)
     res = search_plan(p, shape, SearchSettings(0.25, 0.1, **FAST), regimes=("high",), with_colocated=False)
-    body = yaml.safe_load(render(res, p, "test"))
+    text = render(res, p, "test")
+    body = yaml.safe_load(text)
+    (tmp_path / "plan.yaml").write_text(text)
+    cfg = load_config(str(tmp_path / "plan.yaml"))              # tp > 1 plans load too
+    assert cfg.prefill.tp_size == res.best.prefill.tp and cfg.decode.tp_size == res.best.decode.tp
     assert set(body) == {"prefill", "decode"}
     assert body["prefill"]["tp_size"] * body["prefill"]["pp_size"] * body["prefill"]["num_instances"] \
         + body["decode"]["tp_size"] * body["decode"]["pp_size"] * body["decode"]["num_instances"] <= 4
