@@ -152,9 +152,10 @@ class ClusterConfig:
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section):
                 section.check(f.name)
-        if self.mode == "colocated_chunked" and self.colocated.budget(self.mode) < self.colocated.max_num_seqs:
+        budget = self.colocated.budget(self.mode)
+        if self.mode == "colocated_chunked" and budget < self.colocated.max_num_seqs:
             # every running request decodes one token per step inside the budget: it must hold them all
-            raise ConfigError(f"colocated.max_num_batched_tokens ({self.colocated.budget(self.mode)}) must be >= "
+            raise ConfigError(f"colocated.max_num_batched_tokens ({budget}) must be >= "
                               f"colocated.max_num_seqs ({self.colocated.max_num_seqs}) in mode colocated_chunked")
         self._check_plans()
         return self

@@ -138,8 +138,9 @@ class ColocatedWorker:
         s = self.scheduler
         # the chunked scheduler also counts the rest of the prompts it is prefilling
         queued = getattr(s, "queued_prompt_tokens", None)
-        return wpb.Load(num_waiting=len(s.waiting), num_running=len(s.running),
-                        queued_prompt_tokens=queued if queued is not None else sum(q.num_tokens for q in s.waiting),
+        if queued is None:
+            queued = sum(q.num_tokens for q in s.waiting)
+        return wpb.Load(num_waiting=len(s.waiting), num_running=len(s.running), queued_prompt_tokens=queued,
                         num_free_blocks=self.blocks.num_free_blocks, num_blocks=self.blocks.num_blocks,
                         num_steps=self.num_steps,
                         mean_step_s=self._step_time / self.num_steps if self.num_steps else 0.0)

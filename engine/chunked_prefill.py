@@ -62,7 +62,9 @@ def mixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         keys = _gather_context(k_cache, c.block_ids, ctx)        # [ctx, kv_heads, head_dim]
         values = _gather_context(v_cache, c.block_ids, ctx)
         # query i sits at position start_pos + i and sees keys 0 ..= start_pos + i
-        mask = torch.arange(ctx)[None, :] <= (c.start_pos + torch.arange(n))[:, None]   # [n, ctx]
+        dev = q.device
+        query_pos = c.start_pos + torch.arange(n, device=dev)
+        mask = torch.arange(ctx, device=dev)[None, :] <= query_pos[:, None]   # [n, ctx]
         out[start:end] = _sdpa(q[start:end], keys, values, scale, gqa, mask)
     return out
 
@@ -71,7 +73,7 @@ def _gather_context(cache: torch.Tensor, block_ids: torch.Tensor, ctx: int) -> t
     # cache: [num_blocks, block_size, kv_heads, head_dim] -> [ctx, kv_heads, head_dim]
     block_size = cache.shape[1]
     used = -(-ctx // block_size)
-    return cache.index_select(0, block_ids[:used]).flatten(0, 1)[:ctx]
+    return cache.index_select(0, block_ids[:used].to(cache.device)).flatten(0, 1)[:ctx]
 
 
 def _sdpa(q, k, v, scale, gqa, mask):

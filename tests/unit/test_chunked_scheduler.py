@@ -118,7 +118,8 @@ def test_a_long_prompt_runs_in_budget_sized_chunks_and_samples_once():
     for _ in range(4):
         plan, _ = step(s)
         plans.append(plan)
-    assert [(p.seqs[0].start_pos, len(p.seqs[0].token_ids)) for p in plans] == [(0, 16), (16, 16), (32, 16), (48, 2)]
+    chunks = [(p.seqs[0].start_pos, len(p.seqs[0].token_ids)) for p in plans]
+    assert chunks == [(0, 16), (16, 16), (32, 16), (48, 2)]
     assert [samples(p) for p in plans] == [(False,), (False,), (False,), (True,)]
     assert all(isinstance(p, MixedStepPlan) for p in plans)
     a = s.get("a")
