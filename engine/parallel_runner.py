@@ -38,7 +38,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from engine.block_manager import BlockManager
 from engine.errors import ConfigError
 from engine.kv_cache import KVCache
 from engine.model_config import ModelConfig, load_model_config
@@ -286,6 +285,3 @@ def build_rank(spec: RankSpec, args: EngineArgs, allocate_kv=torch.zeros):
         return ParallelRunner(shard, control, allocate_kv), max_len
     return RankServer(shard, control), max_len
 
-
-def block_manager_for(runner: ParallelRunner) -> BlockManager:
-    return BlockManager(runner.kv_cache.num_blocks, runner.block_size)
