@@ -1,11 +1,13 @@
 """Instances of different parallelism plans working together, through real Ray and gRPC.
 
-One cluster: a tensor-parallel prefill instance (tp 2: the default model's 9 q / 3
-kv heads split 6+3 / 2+1 over two rank actors) and a pipeline-parallel decode
-instance (pp 2: layers 0-14 / 15-29). The prefill instance gathers the KV on its
-rank 0 into the whole model's layout, the decode instance lands it there and
-scatters it to its stages (cluster.parallel_kv); a one-rank peer would see the
-same wire. Greedy output must be token-identical to the in-process engine.
+Two clusters: a tensor-parallel prefill instance (tp 2: the default model's 9 q /
+3 kv heads split 6+3 / 2+1 over two rank actors) with a pipeline-parallel decode
+instance (pp 2: layers 0-14 / 15-29); and the reverse direction, a one-rank
+prefill instance with a tp 2 decode instance. A multi-rank prefill instance
+gathers the KV on its rank 0 into the whole model's layout, a multi-rank decode
+instance lands it there and scatters it to its ranks (cluster.parallel_kv).
+Greedy output must be token-identical to the in-process engine, every block
+free at the end, every rank stopped.
 """
 from __future__ import annotations
 
@@ -29,12 +31,20 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    c = Cluster(cluster_config(prefill={"tp_size": 2}, decode={"pp_size": 2}), log=lambda *_: None).start()
+PLANS = {   # prefill pool, decode pool: each pair is one cluster start (~15 s + model loads)
+    "tp2-prefill_pp2-decode": ({"tp_size": 2}, {"pp_size": 2}),
+    "tp1-prefill_tp2-decode": ({}, {"tp_size": 2}),
+}
+
+
+@pytest.fixture(scope="module", params=list(PLANS))
+def cluster(request):
+    prefill, decode = PLANS[request.param]
+    c = Cluster(cluster_config(prefill=prefill, decode=decode), log=lambda *_: None).start()
     yield c
     rank_pids = [info["pid"] for info in c.rank_infos.values()]
-    assert len(rank_pids) == 2   # rank 1 of each instance
+    num_ranks = sum(p.tp_size * p.pp_size - 1 for p in (c.config.prefill, c.config.decode))
+    assert len(rank_pids) == num_ranks >= 1   # the ranks beyond rank 0 of each instance
     stop_and_check_nothing_left(c)
     assert c.rank_stops and all(r == {"stopped": True, "error": None} for r in c.rank_stops.values()), c.rank_stops
     assert wait_until(lambda: not any(pid_alive(p) for p in rank_pids), timeout_s=30), "a rank process survived"
@@ -51,7 +61,7 @@ def llm():
     return LLM(dtype="float32", kv_cache_memory_gb=0.1)
 
 
-def test_tp2_prefill_and_pp2_decode_are_token_identical_to_the_engine(client, cluster, llm):
+def test_greedy_is_token_identical_to_the_engine(client, cluster, llm):
     want = llm.generate(PROMPTS, SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True))
     got = [client.complete(p, max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True) for p in PROMPTS]
     for g, w in zip(got, want):
