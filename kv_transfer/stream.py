@@ -10,8 +10,12 @@ is in, the pull is DONE. So by the end of the prefill only the last layer
 is left to move, instead of the whole sequence.
 
   receiver -> sender   PULL   {transfer_id, attempt}      (any time after the offer)
-  sender -> receiver   DATA   {..., layers: [l, l + 1], payload, checksums} + frames   (zmq)
+  sender -> receiver   DATA   {..., layers: [a, b), payload, checksums} + frames   (zmq)
                        DATA   {..., layers: [a, b), zero_copy: {...}}                 (shm zero copy)
+
+The zmq backend sends whole (non-streamed) transfers the same way, every layer
+ready from the start, in chunks of whole layers of about 4 MB: packing the next
+chunk, the wire and unpacking the last one then overlap.
 
 A retried attempt (corruption, timeout) gets every ready layer again, from 0;
 a layer's packed bytes are kept in the transfer's staging buffer, so it is
@@ -20,6 +24,7 @@ message can stream: zmq frames and the zero-copy shm cache.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -47,15 +52,28 @@ class LayerStream:
         self.peer, self.attempt, self.sent = peer, attempt, 0
 
 
-def layer_payload(stream: LayerStream, cache: torch.Tensor, layout: kvl.KVLayout, block_ids, num_tokens: int,
-                  staging: torch.Tensor, layer: int, compress: str | None) -> list[torch.Tensor]:
-    """Local layer `layer` of a sequence as wire tensors ([2, tokens, heads, head_dim], or int8
-    codes and scales), packed into its slice of the transfer's staging wire once."""
+def layers_layout(layout: kvl.KVLayout, first: int, stop: int) -> kvl.KVLayout:
+    """The layout of local layers [first, stop) of a rank's cache (what a chunk's wire came from)."""
+    return dataclasses.replace(layout, layer_start=layout.layer_start + first, layer_end=layout.layer_start + stop)
+
+
+def layers_per_message(layout: kvl.KVLayout, num_tokens: int, chunk_bytes: int) -> int:
+    """Whole layers per DATA message so that each carries about `chunk_bytes`: small enough
+    that packing, the wire and unpacking overlap, big enough that headers stay cheap."""
+    layer_bytes = max(1, num_tokens * layout.bytes_per_token // layout.local_layers)
+    return max(1, min(layout.local_layers, chunk_bytes // layer_bytes))
+
+
+def chunk_payload(stream: LayerStream, cache: torch.Tensor, layout: kvl.KVLayout, block_ids, num_tokens: int,
+                  staging: torch.Tensor, first: int, stop: int, compress: str | None) -> list[torch.Tensor]:
+    """Local layers [first, stop) of a sequence as wire tensors ([layers, 2, tokens, heads,
+    head_dim], or int8 codes and scales), packed into the transfer's staging wire once."""
     # staging: [local_layers, 2, num_tokens, local_heads, head_dim]
-    if layer >= stream.packed:
-        kvl.pack_layer(cache, layout, layer, block_ids, num_tokens, out=staging[layer])
-        stream.packed = layer + 1
-    wire = staging[layer]
+    if stop > stream.packed:
+        a = stream.packed
+        kvl.pack(cache[a:stop], layers_layout(layout, a, stop), block_ids, num_tokens, out=staging[a:stop])
+        stream.packed = stop
+    wire = staging[first:stop]
     return list(codec.quantize_int8(wire)) if compress == "int8" else [wire]
 
 

@@ -91,9 +91,11 @@ def _sender_main(cmd_q, out_q, backend: str, num_blocks: int, checksum: bool, sh
                 req_id, num_tokens = cmd
                 while sender.leases.live():   # the last ACK may still be in flight: the
                     sender.poll(time.monotonic())   # blocks are reused, so wait for it
+                    sender.wait(0.001)
                 ids = list(range(blocks_needed(num_tokens, layout.block_size)))
                 out_q.put(sender.offer(req_id, ids, num_tokens, time.monotonic()))
             sender.poll(time.monotonic())
+            sender.wait(0.001)   # as a worker's step loop with nothing to compute: no spinning
     finally:
         sender.close()
         if shm is not None:
@@ -149,6 +151,8 @@ def _bench_backend(backend: str, sizes_mb, repeats: int, checksum: bool, shared:
                 while result is None:
                     done = receiver.poll()
                     result = done[0] if done else None
+                    if result is None:
+                        receiver.wait(0.001)   # no spinning: the sender needs the other core
                 if result.status is not TransferStatus.DONE:
                     raise RuntimeError(f"{backend} transfer failed: {result.error}")
                 if i:
@@ -175,17 +179,22 @@ VARIANTS = (
 )
 
 
-def run(sizes_mb=SIZES_MB, repeats: int = 5, out: str | None = None) -> dict:
+def run(sizes_mb=SIZES_MB, repeats: int = 5, out: str | None = None, variants=None) -> dict:
+    """`variants`: labels of VARIANTS to run (None: all)."""
+    chosen = [v for v in VARIANTS if variants is None or v[0] in variants]
+    if variants is not None and len(chosen) != len(set(variants)):
+        raise ValueError(f"unknown variants {sorted(set(variants) - {v[0] for v in VARIANTS})}; "
+                         f"choose from {[v[0] for v in VARIANTS]}")
     from engine.cpu_tuning import keep_freed_memory
     torch.set_num_threads(1)
     keep_freed_memory()
     results: dict = {"memcpy": {}, "backends": {}}
     for mb in sizes_mb:
         results["memcpy"][str(mb)] = _memcpy_gbps(mb * 2**20, repeats)
-    backends = [label for label, *_ in VARIANTS]
+    backends = [label for label, *_ in chosen]
     ray_started = False
     try:
-        for label, backend, checksum, shared in VARIANTS:
+        for label, backend, checksum, shared in chosen:
             if backend == "ray" and not ray_started:
                 _start_ray()
                 ray_started = True

@@ -85,6 +85,11 @@ def _join_ray(address: str, env: dict) -> None:
 def _child_main(cmd_q, out_q) -> None:
     """Serve sender sessions one after another until told to exit (or idle too long)."""
     torch.set_num_threads(1)
+    # pyzmq starts a thread (and sockets) for its first zero-copy send and keeps it for the
+    # process's life: start it now, so that no session is charged for it
+    from zmq.utils.garbage import gc as zmq_gc
+    zmq_gc.start()
+    zmq_gc._push_socket   # noqa: B018 -- made on the first freed message otherwise
     held = None   # (fds, threads) after the last session: what the next one must come back to
     seen: set[str] = set()
     while True:
