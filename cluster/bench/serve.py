@@ -270,9 +270,10 @@ def run_configs(config_paths: Sequence[str], spec: SweepSpec, progress: bool = T
     from cluster.local import Cluster
     from engine.default_model import default_model_path
     modes = []
-    for path in config_paths:
-        cfg = load_config(path, {"router": {"port": 0}})
-        label = mode_label(cfg)
+    configs = [(path, load_config(path, {"router": {"port": 0}})) for path in config_paths]   # all checked first
+    labels = [mode_label(cfg) for _, cfg in configs]
+    for i, (path, cfg) in enumerate(configs):
+        label = labels[i] if labels.count(labels[i]) == 1 else f"{labels[i]} ({Path(path).stem})"
         prompts = PromptMaker.for_model(cfg.model.path or default_model_path(), spec.seed)
         log(f"--- {label} ({path}): starting the cluster")
         try:
