@@ -43,7 +43,7 @@ from kv_transfer.lease import LeaseEnd, LeaseState, LeaseTable
 from kv_transfer.shared_cache import AttachedCaches, SharedKVCache, copy_block_runs
 from kv_transfer.staging import StagingPool
 from kv_transfer.stream import (LayerProgress, LayerStream, chunk_payload, layer_range, layers_layout,
-                                layers_per_message)
+                                layers_per_message, unpack_runs)
 
 COMPRESSIONS = (None, "int8")
 # A closing socket keeps trying this long to deliver what is queued on it (a last ABORT
@@ -553,9 +553,13 @@ class ChannelReceiver(KVReceiver):
             else:
                 wire = payload[0]
             src = pull.offer.layout
-            if layers is not None:
-                src = layers_layout(src, layers.start, layers.stop)
-            kvl.unpack_into(self.cache_data, self.layout, pull.dst_block_ids, wire, src)
+            if _same_shard(src, self.layout) and wire.is_contiguous():   # whole blocks, in runs
+                layers = layers or range(src.local_layers)
+                unpack_runs(wire, self.cache_data[layers.start:layers.stop], pull.dst_block_ids)
+            else:
+                if layers is not None:
+                    src = layers_layout(src, layers.start, layers.stop)
+                kvl.unpack_into(self.cache_data, self.layout, pull.dst_block_ids, wire, src)
             return sum(codec.wire_nbytes(t) for t in payload)
         finally:
             payload = wire = None   # views of a shared segment must go before it is unmapped

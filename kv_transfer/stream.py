@@ -71,10 +71,51 @@ def chunk_payload(stream: LayerStream, cache: torch.Tensor, layout: kvl.KVLayout
     # staging: [local_layers, 2, num_tokens, local_heads, head_dim]
     if stop > stream.packed:
         a = stream.packed
-        kvl.pack(cache[a:stop], layers_layout(layout, a, stop), block_ids, num_tokens, out=staging[a:stop])
+        pack_runs(cache[a:stop], block_ids, num_tokens, staging[a:stop])
         stream.packed = stop
     wire = staging[first:stop]
     return list(codec.quantize_int8(wire)) if compress == "int8" else [wire]
+
+
+def _runs(ids: list[int]) -> list[tuple[int, int, int]]:
+    """(index in ids, first id, length) of each run of consecutive ids."""
+    runs, i = [], 0
+    while i < len(ids):
+        j = i + 1
+        while j < len(ids) and ids[j] == ids[j - 1] + 1:
+            j += 1
+        runs.append((i, ids[i], j - i))
+        i = j
+    return runs
+
+
+def pack_runs(cache: torch.Tensor, block_ids, num_tokens: int, out: torch.Tensor) -> None:
+    """`kv_transfer.layout.pack` for a cache slice and a wire of the same layers and heads,
+    copying each run of consecutive blocks as one strided copy (close to memcpy speed,
+    where gathering block by block with index_select runs at about half of it)."""
+    # cache: [layers, 2, num_blocks, block_size, heads, head_dim] -> out: [layers, 2, num_tokens, heads, head_dim]
+    bs = cache.shape[3]
+    full, tail = divmod(num_tokens, bs)
+    ids = [int(b) for b in block_ids[:full + (1 if tail else 0)]]
+    blocks = out[:, :, :full * bs].view(*out.shape[:2], full, bs, *out.shape[3:])
+    for i, first, k in _runs(ids[:full]):
+        blocks[:, :, i:i + k] = cache[:, :, first:first + k]
+    if tail:
+        out[:, :, full * bs:] = cache[:, :, ids[full], :tail]
+
+
+def unpack_runs(wire: torch.Tensor, cache: torch.Tensor, block_ids) -> None:
+    """The inverse of pack_runs: a contiguous wire into a cache slice of the same layers and
+    heads (the tail of a partial last block keeps its bytes)."""
+    # wire: [layers, 2, num_tokens, heads, head_dim] -> cache: [layers, 2, num_blocks, block_size, heads, head_dim]
+    bs, num_tokens = cache.shape[3], wire.shape[2]
+    full, tail = divmod(num_tokens, bs)
+    ids = [int(b) for b in block_ids[:full + (1 if tail else 0)]]
+    blocks = wire[:, :, :full * bs].reshape(*wire.shape[:2], full, bs, *wire.shape[3:])
+    for i, first, k in _runs(ids[:full]):
+        cache[:, :, first:first + k] = blocks[:, :, i:i + k]
+    if tail:
+        cache[:, :, ids[full], :tail] = wire[:, :, full * bs:]
 
 
 def layer_range(head: dict, num_layers: int) -> range:
