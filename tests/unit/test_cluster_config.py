@@ -262,3 +262,20 @@ def test_the_error_type_is_a_value_error_of_the_engine():
     from engine.errors import ConfigError as EngineConfigError, EngineError
     assert C.ConfigError is EngineConfigError
     assert issubclass(ConfigError, EngineError) and issubclass(ConfigError, ValueError)
+
+
+@pytest.mark.parametrize("transfer,ok", [
+    ({"backend": "zmq", "stream_layers": True}, True),
+    ({"backend": "zmq", "stream_layers": True, "compress": "int8", "checksum": True}, True),
+    ({"backend": "shm", "stream_layers": True}, True),                     # zero copy
+    ({"backend": "shm", "stream_layers": True, "checksum": True}, False),   # staged: no layers
+    ({"backend": "torch_dist", "stream_layers": True}, False),
+    ({"backend": "ray", "stream_layers": True}, False),
+    ({"backend": "zmq", "stream_layers": "yes"}, False),
+])
+def test_stream_layers_needs_a_backend_that_streams(transfer, ok):
+    if ok:
+        assert load_config(None, {"transfer": transfer}).transfer.stream_layers is True
+    else:
+        with pytest.raises(ConfigError, match=r"transfer\.stream_layers"):
+            load_config(None, {"transfer": transfer})
