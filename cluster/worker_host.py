@@ -73,9 +73,21 @@ class WorkerHost:
                 wake = self.worker.next_wakeup(time.monotonic())
                 if wake is None or wake > 0:
                     wait = HEARTBEAT_S if wake is None else min(wake, HEARTBEAT_S)
-                    poller.poll(max(1, int(wait * 1000)) if wait >= 0.001 else 0)
+                    self._sleep(poller, wait)
         finally:
             self.worker.close()
+
+    def _sleep(self, poller: zmq.Poller, wait: float) -> None:
+        """Until a command, a message on the worker's transfer sockets, or `wait` seconds:
+        a worker waiting on a transfer sleeps instead of spinning (2 cores, shared)."""
+        extra = getattr(self.worker, "wait_sockets", lambda: None)() or []
+        for sock in extra:
+            poller.register(sock, zmq.POLLIN)
+        try:
+            poller.poll(max(1, int(wait * 1000)) if wait >= 0.001 else 0)
+        finally:
+            for sock in extra:
+                poller.unregister(sock)
 
     def _drain_commands(self, now: float) -> None:
         while True:

@@ -22,8 +22,11 @@ Layer-wise streaming: `prefetch(offer)` takes the early offer of a prefill that
 is still running (before any DecodeWork) and starts pulling at once, into
 blocks for the prompt plus the first token; each layer lands as it is sent.
 The DecodeWork that follows joins that pull (step 2 without the wait), or finds
-its KV already in place. An early pull nobody claims within `early_ttl_s`, or
-that fails, frees its blocks; its DecodeWork, if it comes, takes the path above.
+its KV already in place. A request that ends at its first token gets no
+DecodeWork: whoever forwarded its early offer sends `abort` here (the KV may
+have landed before prefill knew). An early pull that fails, or that nothing
+claims or aborts within `early_ttl_s`, frees its blocks; a DecodeWork that
+comes later takes the path above.
 
 A plain object: the step loop and the sockets live in `cluster.worker_host`,
 the Ray actor in `cluster.actors`; tests step it in-process.
@@ -328,10 +331,18 @@ class DecodeWorker:
         if self.scheduler.has_unfinished():
             return 0.0
         if self._pulls or any(e.done_at is None for e in self._early.values()):
-            return 0.0002
+            # with sockets to sleep on (wait_sockets) the host wakes on the sender's reply;
+            # this only bounds the wait, for the receiver's timeouts
+            return 0.005 if self.wait_sockets() is not None else 0.0002
         if self._early:
             return 1.0   # only to free unclaimed early KV in time
         return 0.005 if self.pending else None
+
+    def wait_sockets(self) -> list | None:
+        """zmq sockets whose messages are work for this worker (the host's poller sleeps on
+        them too); None: it must not sleep past next_wakeup."""
+        fn = getattr(self.receiver, "wait_sockets", None)
+        return fn() if fn is not None else None
 
     def close(self) -> None:
         self.receiver.close()

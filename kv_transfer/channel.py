@@ -180,6 +180,11 @@ class ChannelSender(KVSender):
                 ends.append(end)
         return ends
 
+    def wait_sockets(self) -> list | None:
+        """The sockets a step loop may sleep on (zmq.Poller) until this sender has work: None
+        when work can also come another way (a deferred data path, injected delays)."""
+        return None if self._path.deferred or self._delayed else [self._sock]
+
     def wait(self, timeout_s: float) -> None:
         """Block until a receiver's message is waiting or `timeout_s` passed: a step loop with
         nothing to compute sleeps here rather than spinning on `poll` (on a busy 2-core
@@ -392,6 +397,11 @@ class ChannelReceiver(KVReceiver):
                 results.append(result)
         results.extend(self._timeouts())
         return results
+
+    def wait_sockets(self) -> list | None:
+        """The sockets a step loop may sleep on (zmq.Poller) until a pull progresses: None
+        when bytes also arrive another way (a deferred data path)."""
+        return None if self._path.deferred else list(self._socks.values())
 
     def wait(self, timeout_s: float) -> None:
         """Block until a sender's message may be waiting, or `timeout_s` passed: a step

@@ -213,7 +213,17 @@ class PrefillWorker:
         """Seconds until the step loop must run again with no command (None: only on a command)."""
         if self.scheduler.waiting:
             return 0.0
-        return 0.0005 if self._lease_blocks else None
+        if not self._lease_blocks:
+            return None
+        # with sockets to sleep on (wait_sockets) the host wakes on a PULL or ACK; this only
+        # bounds the wait, for lease expiry
+        return 0.005 if self.wait_sockets() is not None else 0.0005
+
+    def wait_sockets(self) -> list | None:
+        """zmq sockets whose messages are work for this worker (the host's poller sleeps on
+        them too); None: it must not sleep past next_wakeup."""
+        fn = getattr(self.sender, "wait_sockets", None)
+        return fn() if fn is not None else None
 
     def close(self) -> None:
         self.sender.close()

@@ -295,3 +295,34 @@ def test_the_receiver_keeps_at_most_max_endpoints_sockets_and_mappings(zero_copy
         caches = None
         for s in shared:
             s.close()
+
+
+def test_wait_sockets_wake_a_sleeping_loop_on_the_other_sides_message():
+    """What a worker host sleeps on (zmq.Poller): the sender's socket wakes on a PULL, the
+    receiver's on the reply; with injected delays the sender has work no socket announces."""
+    from kv_transfer.faults import FaultSpec
+    src = make_cache(LAYOUT, 16, seed=8)
+    sender = ChannelSender(src, LAYOUT, "zmq")
+    receiver = ChannelReceiver(torch.zeros_like(src), LAYOUT, "zmq")
+    delayed = ChannelSender(src, LAYOUT, "zmq", faults=FaultSpec(delay_s=0.05))
+    try:
+        assert receiver.wait_sockets() == []
+        offer = sender.offer("r", [1, 2], 6, time.monotonic())
+        receiver.pull(offer, [3, 4])
+        poller = zmq.Poller()
+        for sock in sender.wait_sockets():
+            poller.register(sock, zmq.POLLIN)
+        assert poller.poll(2000), "the PULL did not wake the sender's poller"
+        sender.poll(time.monotonic())
+        (rsock,) = receiver.wait_sockets()
+        assert rsock.poll(2000, zmq.POLLIN), "the reply did not wake the receiver's poller"
+        _run(sender, receiver, lambda r, e: r and e)
+        offer2 = delayed.offer("d", [1, 2], 6, time.monotonic())
+        receiver.pull(offer2, [5, 6])
+        _run(delayed, receiver, lambda r, e: delayed._delayed, seconds=2.0)
+        assert delayed.wait_sockets() is None     # a held-back reply is due without any message
+        _run(delayed, receiver, lambda r, e: r and e)
+    finally:
+        receiver.close()
+        sender.close()
+        delayed.close()
