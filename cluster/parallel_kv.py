@@ -47,6 +47,9 @@ class GatheringSender(KVSender):
         self.runner.gather_blocks(list(block_ids)[:blocks_needed(num_tokens, self.runner.block_size)])
         return self.inner.offer(req_id, block_ids, num_tokens, now, ttl_s)
 
+    def serve(self, now: float) -> None:
+        self.inner.serve(now)   # rank 0's canonical cache: no collective, safe mid-forward
+
     def poll(self, now: float):
         return self.inner.poll(now)
 

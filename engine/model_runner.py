@@ -39,6 +39,8 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 class ModelRunner:
+    runs_layer_hook = True   # execute(on_layer=) calls it after each layer of a prefill
+
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, block_size: int, num_blocks: int,
                  max_model_len: int, par: ParallelContext | None = None, seed: int = 0,
                  allocate_kv=torch.zeros) -> None:

@@ -78,6 +78,11 @@ class KVSender(ABC):
         """Local layers [0, num_layers) of these streamed transfers hold their KV (None: all)."""
         raise TransferError(f"{type(self).__name__} does not stream layers")
 
+    def serve(self, now: float) -> None:
+        """Answer pulls that came meanwhile, from inside a forward pass (the model's
+        per-layer hook), so a decode worker does not wait for the whole batch to end.
+        Leases that end here are reported by the next `poll`."""
+
     @abstractmethod
     def poll(self, now: float) -> list[LeaseEnd]: ...
 

@@ -148,6 +148,9 @@ class ChannelSender(KVSender):
         self._ended.extend(ends)
         self._push_streams(now)
 
+    def serve(self, now: float) -> None:
+        self.layers_ready((), None, now)
+
     def poll(self, now: float) -> list[LeaseEnd]:
         ends, self._ended = self._ended, []
         fresh = self._receive(now)

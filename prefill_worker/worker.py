@@ -119,7 +119,11 @@ class PrefillWorker:
 
     def _execute(self, plan, seqs: list[Sequence], now: float):
         if not self.stream_layers:
-            return self.runner.execute(plan)
+            if not getattr(self.runner, "runs_layer_hook", False):
+                return self.runner.execute(plan)
+            # Earlier requests' pulls are answered between layers, not after the batch:
+            # a long prompt would otherwise hold the previous request's KV for seconds.
+            return self.runner.execute(plan, on_layer=lambda i: self.sender.serve(time.monotonic()))
         tids = []
         for seq in seqs:   # offered before the forward: layers go out as they are computed
             offer = self._offer(seq, now, stream=True)

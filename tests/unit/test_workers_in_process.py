@@ -464,6 +464,51 @@ def test_a_pull_that_cannot_start_aborts_the_prefill_lease_at_once(make_pair, or
     pair.assert_all_free()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_pull_is_answered_during_the_next_prefill_forward(make_pair, oracle, backend):
+    """A decode worker's PULL that reaches the prefill worker while it runs another
+    batch is answered between layers (no stream_layers), not after the batch."""
+    first, long = _prompt(10, seed=80), _prompt(60, seed=81)
+    pair = make_pair(backend=backend, forward=False)
+    pair.submit("a", first, _sp(4))
+    pair.step_prefill()
+    pair.forward("a")
+    pair.submit("b", long, _sp(4))
+    runner = pair.prefill.runner
+    plain_execute = runner.execute
+    layers_after_pull = []
+
+    def execute(plan, on_layer=None):
+        assert on_layer is not None, "the prefill worker gave its forward no per-layer hook"
+
+        def hook(i):
+            if i == 0:
+                pair.step_decode()            # decode admits "a" and sends its PULL now
+            else:                             # a real layer takes this long on a real model
+                layers_after_pull.append(i)
+                time.sleep(0.05)
+            on_layer(i)
+        return plain_execute(plan, on_layer=hook)
+
+    runner.execute = execute
+    try:
+        pair.step_prefill()                   # b's forward: a's PULL arrives inside it
+    finally:
+        runner.execute = plain_execute
+    assert layers_after_pull and "b" in pair.done
+    # a's KV lands without another prefill step
+    deadline = time.monotonic() + 5.0
+    while pair.decode._pulls and time.monotonic() < deadline:
+        pair.step_decode()
+        time.sleep(0.001)
+    assert not pair.decode._pulls, "the pull waited for the prefill worker's next step"
+    pair.forward("b")
+    pair.run_to_end(["a", "b"])
+    expected = _expected(oracle, [first, long], _params(_sp(4)))
+    assert [pair.tokens["a"], pair.tokens["b"]] == expected
+    pair.assert_all_free()
+
+
 # -- bad work --------------------------------------------------------------------------------------
 def test_bad_work_fails_that_request_and_the_workers_keep_serving(make_pair, oracle):
     good, other = _prompt(11, seed=70), _prompt(6, seed=71)
