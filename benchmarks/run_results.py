@@ -38,12 +38,14 @@ class Setting:
     time_limit_s: float      # per rate point: the arrivals' span fits, plus a bounded drain
 
 
-# SLOs (docs/results.md, "SLOs"): TTFT ~4x a median prompt's TTFT alone through this cluster
-# (bench-results/overhead.json: 192 tokens ~0.39 s, 512 tokens ~1.05 s); TPOT ~2x the decode
-# step at the batch the workload runs at: chatbot (batches of ~4-8, 60-80 ms) 150 ms,
-# summarization (short answers, batches of ~1-2 at ~512 tokens of context, ~57 ms) 100 ms.
+# SLOs (docs/results.md, "SLOs"), from single requests through this cluster on this machine:
+# TTFT ~2x the TTFT alone of the workload's 90th-percentile prompt (the target is 90%, so that
+# prompt must be servable): chatbot 535 tokens, ~1.2 s alone -> 2.5 s; summarization 802
+# tokens, ~2 s alone -> 4 s. TPOT ~2x the decode step at the batch the workload runs at:
+# chatbot (batches of ~4-8, 60-80 ms) 150 ms; summarization (batches of 1-2 over ~512 tokens
+# of context, ~57 ms) 100 ms.
 SETTINGS = {
-    "chatbot": Setting(rates=(0.5, 1.0, 1.5, 2.0), num_requests=24, ttft_slo_s=1.5, tpot_slo_s=0.15,
+    "chatbot": Setting(rates=(0.5, 1.0, 1.5, 2.0), num_requests=24, ttft_slo_s=2.5, tpot_slo_s=0.15,
                        time_limit_s=90.0),
     "summarization": Setting(rates=(0.25, 0.5, 0.75, 1.0), num_requests=20, ttft_slo_s=4.0, tpot_slo_s=0.1,
                              time_limit_s=110.0),
