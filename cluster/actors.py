@@ -37,7 +37,8 @@ class WorkerActor:
     def stats(self) -> dict:
         w = self.host.worker
         return {"num_free_blocks": w.blocks.num_free_blocks, "num_blocks": w.blocks.num_blocks,
-                "idle": w.is_idle(), "loop_error": self.host.error}
+                "idle": w.is_idle(), "loop_error": self.host.error,
+                "num_prefetched": getattr(w, "num_prefetched", 0)}
 
     def stop(self) -> bool:
         self.host.stop()

@@ -1,7 +1,8 @@
 """Runs a worker object's step loop on a thread, between two zmq sockets.
 
     commands:  router PUSH -> PULL here (ToWorker)     bound on `host`, random port
-    replies:   PUSH here -> router PULL (FromWorker)   after every step with news
+    replies:   PUSH here -> router PULL (FromWorker)   after every step with news,
+               and a prefill worker's early offers (stream_layers) as they are made
 
 The loop owns the worker: commands are applied between steps, so a worker
 never sees two threads. When the worker has nothing to do the loop sleeps in
@@ -38,6 +39,14 @@ class WorkerHost:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: str | None = None     # the last unexpected exception of the loop
+        if getattr(worker, "stream_layers", False):
+            worker.on_offer = self._send_early_offer
+
+    def _send_early_offer(self, req_id: str, offer: bytes) -> None:
+        """Called inside the worker's step (this loop's thread): the router binds a decode
+        instance now, so it pulls each layer while this prefill still runs."""
+        msg = wpb.FromWorker(instance=self.worker.name, offered=[wpb.EarlyOffer(req_id=req_id, offer=offer)])
+        self._out.send(msg.SerializeToString())
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name=f"{self.worker.name}-loop", daemon=True)

@@ -104,6 +104,7 @@ class DecodeWorker:
         self._transfer_s: dict[str, float] = {}     # reported with the request's next tokens
         self._early: dict[str, _EarlyPull] = {}     # req_id -> a pull from an early offer
         self.early_ttl_s = early_ttl_s
+        self.num_prefetched = 0                     # early offers taken (stream_layers)
         self._out = wpb.FromWorker(instance=name)
         self._on_close = on_close
         self.num_steps, self._step_time = 0, 0.0
@@ -113,6 +114,8 @@ class DecodeWorker:
         kind = msg.WhichOneof("kind")
         if kind == "decode":
             self.submit(msg.decode, now)
+        elif kind == "prefetch":
+            self.prefetch(msg.prefetch.offer, now)
         elif kind == "abort":
             self.abort(msg.abort.req_id)
         else:
@@ -169,6 +172,7 @@ class DecodeWorker:
             self.blocks.free(block_ids)
             return False
         self._early[offer.req_id] = _EarlyPull(offer, block_ids, time.monotonic())
+        self.num_prefetched += 1
         return True
 
     def _claim(self, seq: Sequence, early: _EarlyPull) -> None:

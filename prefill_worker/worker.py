@@ -48,7 +48,8 @@ class PrefillWorker:
             raise EngineError(f"stream_layers: the {type(sender).__name__} cannot stream layers "
                               f"(transfer backend zmq, or shm zero copy)")
         self.name = name
-        self.stream_layers, self._on_offer = stream_layers, on_offer
+        self.stream_layers = stream_layers
+        self.on_offer = on_offer   # the worker host sends early offers to the router at once
         self.runner, self.blocks, self.sender = runner, blocks, sender
         self.vocab_size, self.eos_token_ids, self.max_model_len = vocab_size, eos_token_ids, max_model_len
         self.scheduler = PrefillScheduler(config, blocks)
@@ -128,8 +129,8 @@ class PrefillWorker:
         for seq in seqs:   # offered before the forward: layers go out as they are computed
             offer = self._offer(seq, now, stream=True)
             tids.append(offer.transfer_id)
-            if self._on_offer is not None:
-                self._on_offer(seq.req_id, pickle.dumps(offer))
+            if self.on_offer is not None:
+                self.on_offer(seq.req_id, pickle.dumps(offer))
         result = self.runner.execute(
             plan, on_layer=lambda i: self.sender.layers_ready(tids, i + 1, time.monotonic()))
         self.sender.layers_ready(tids, None, time.monotonic())   # all of them, whatever the runner called

@@ -37,15 +37,25 @@ class Abort(_message.Message):
     req_id: str
     def __init__(self, req_id: _Optional[str] = ...) -> None: ...
 
+class EarlyOffer(_message.Message):
+    __slots__ = ("req_id", "offer")
+    REQ_ID_FIELD_NUMBER: _ClassVar[int]
+    OFFER_FIELD_NUMBER: _ClassVar[int]
+    req_id: str
+    offer: bytes
+    def __init__(self, req_id: _Optional[str] = ..., offer: _Optional[bytes] = ...) -> None: ...
+
 class ToWorker(_message.Message):
-    __slots__ = ("prefill", "decode", "abort")
+    __slots__ = ("prefill", "decode", "abort", "prefetch")
     PREFILL_FIELD_NUMBER: _ClassVar[int]
     DECODE_FIELD_NUMBER: _ClassVar[int]
     ABORT_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_FIELD_NUMBER: _ClassVar[int]
     prefill: PrefillWork
     decode: DecodeWork
     abort: Abort
-    def __init__(self, prefill: _Optional[_Union[PrefillWork, _Mapping]] = ..., decode: _Optional[_Union[DecodeWork, _Mapping]] = ..., abort: _Optional[_Union[Abort, _Mapping]] = ...) -> None: ...
+    prefetch: EarlyOffer
+    def __init__(self, prefill: _Optional[_Union[PrefillWork, _Mapping]] = ..., decode: _Optional[_Union[DecodeWork, _Mapping]] = ..., abort: _Optional[_Union[Abort, _Mapping]] = ..., prefetch: _Optional[_Union[EarlyOffer, _Mapping]] = ...) -> None: ...
 
 class PrefillDone(_message.Message):
     __slots__ = ("req_id", "first_token_id", "offer", "finish_reason", "queue_s", "prefill_s")
@@ -104,15 +114,17 @@ class Load(_message.Message):
     def __init__(self, num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., queued_prompt_tokens: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_blocks: _Optional[int] = ..., num_leases: _Optional[int] = ..., mean_step_s: _Optional[float] = ..., num_steps: _Optional[int] = ...) -> None: ...
 
 class FromWorker(_message.Message):
-    __slots__ = ("instance", "prefilled", "tokens", "failed", "load")
+    __slots__ = ("instance", "prefilled", "tokens", "failed", "load", "offered")
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
     PREFILLED_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
+    OFFERED_FIELD_NUMBER: _ClassVar[int]
     instance: str
     prefilled: _containers.RepeatedCompositeFieldContainer[PrefillDone]
     tokens: _containers.RepeatedCompositeFieldContainer[Tokens]
     failed: _containers.RepeatedCompositeFieldContainer[Failed]
     load: Load
-    def __init__(self, instance: _Optional[str] = ..., prefilled: _Optional[_Iterable[_Union[PrefillDone, _Mapping]]] = ..., tokens: _Optional[_Iterable[_Union[Tokens, _Mapping]]] = ..., failed: _Optional[_Iterable[_Union[Failed, _Mapping]]] = ..., load: _Optional[_Union[Load, _Mapping]] = ...) -> None: ...
+    offered: _containers.RepeatedCompositeFieldContainer[EarlyOffer]
+    def __init__(self, instance: _Optional[str] = ..., prefilled: _Optional[_Iterable[_Union[PrefillDone, _Mapping]]] = ..., tokens: _Optional[_Iterable[_Union[Tokens, _Mapping]]] = ..., failed: _Optional[_Iterable[_Union[Failed, _Mapping]]] = ..., load: _Optional[_Union[Load, _Mapping]] = ..., offered: _Optional[_Iterable[_Union[EarlyOffer, _Mapping]]] = ...) -> None: ...

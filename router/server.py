@@ -9,6 +9,10 @@ message with the phase timings. A request that ends early (client cancel,
 frees its blocks there. The router sees only worker snapshots and plain
 messages; it never reaches into a worker.
 
+With `transfer.stream_layers` the prefill instance sends an early offer before
+its forward pass: the decode instance is bound then (early binding) and pulls
+each layer as it is computed; the DecodeWork after the first token goes to it.
+
 In the colocated modes (the baselines) there is one pool whose instances run
 both phases: the request goes to the instance with the least load (prompt
 tokens still to prefill + requests running), which streams the first token
@@ -220,12 +224,16 @@ class Router(pb_grpc.GenerationServicer, pb_grpc.AdminServicer):
                 st.queue_s, st.prefill_s = msg.queue_s, msg.prefill_s
                 ends = bool(msg.finish_reason)
                 yield st.chunk([msg.first_token_id], now, final=ends)
+                if ends and st.decode and not self.colocated:   # bound early: free its early pull
+                    self.links.send(st.decode, wpb.ToWorker(abort=wpb.Abort(req_id=st.req_id)))
                 if st.detok.stopped or ends:
                     yield self._finish(st, "stop" if st.detok.stopped else msg.finish_reason, now)
                 elif self.colocated:
                     continue   # the same instance decodes on: its tokens follow
                 elif not self._send_decode(st, msg, sampling):
                     await context.abort(grpc.StatusCode.UNAVAILABLE, "no live decode instance")
+            elif kind == "offered":
+                self._bind_decode_early(st, msg)
             elif kind == "tokens":
                 if msg.transfer_s:
                     st.transfer_s = msg.transfer_s
@@ -254,14 +262,35 @@ class Router(pb_grpc.GenerationServicer, pb_grpc.AdminServicer):
         if not self.links.send(view.name, wpb.ToWorker(prefill=work)):
             st.events.put_nowait(("failed", wpb.Failed(req_id=st.req_id, error=f"{view.name} is not reachable")))
 
-    def _send_decode(self, st: RequestState, done: wpb.PrefillDone, sampling: pb.SamplingParams) -> bool:
+    def _bind_decode(self, st: RequestState) -> InstanceView | None:
+        """The decode instance with the most room now; counted against it until the request ends."""
         need = blocks_needed(len(st.prompt_ids) + 1, self.model.block_size)
         view = pick_decode(self._live_views(), need)
+        if view is not None:
+            st.decode, st.decode_blocks = view.name, need
+            view.active += 1
+            view.assigned_blocks += need
+        return view
+
+    def _bind_decode_early(self, st: RequestState, early: wpb.EarlyOffer) -> None:
+        """stream_layers: the prefill lease started before its forward. Bind a decode
+        instance now and let it pull layers as they are computed; the DecodeWork that
+        follows PrefillDone goes to the same instance and joins that pull."""
+        if self.colocated or st.decode or st.prefill_done:
+            return
+        view = self._bind_decode(st)
+        if view is not None:
+            self.links.send(view.name, wpb.ToWorker(prefetch=early))
+
+    def _send_decode(self, st: RequestState, done: wpb.PrefillDone, sampling: pb.SamplingParams) -> bool:
+        view = self.views.get(st.decode) if st.decode else None
+        if view is not None and not view.alive:   # bound early, gone since: pick again
+            view.active -= 1
+            st.decode, view = "", None
+        if view is None:
+            view = self._bind_decode(st)
         if view is None:
             return False
-        st.decode, st.decode_blocks = view.name, need
-        view.active += 1
-        view.assigned_blocks += need
         work = wpb.DecodeWork(req_id=st.req_id, prompt_token_ids=st.prompt_ids, sampling=sampling,
                               first_token_id=done.first_token_id, offer=done.offer)
         if not self.links.send(view.name, wpb.ToWorker(decode=work)):
@@ -314,6 +343,8 @@ class Router(pb_grpc.GenerationServicer, pb_grpc.AdminServicer):
                     view.assigned_blocks = 0
             for done in msg.prefilled:
                 self._deliver(done.req_id, "prefilled", done)
+            for early in msg.offered:
+                self._deliver(early.req_id, "offered", early)
             for tokens in msg.tokens:
                 self._deliver(tokens.req_id, "tokens", tokens)
             for failed in msg.failed:

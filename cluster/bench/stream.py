@@ -57,7 +57,7 @@ def _prefill_main(cmd_q, out_q, backend: str) -> None:
         stamps["end"] = time.monotonic()
         return result
     worker.runner.execute = execute
-    worker._on_offer = lambda req_id, offer: out_q.put(("early", offer))
+    worker.on_offer = lambda req_id, offer: out_q.put(("early", offer))
     out_q.put(("ready", worker.sender.layout))
     try:
         while True:

@@ -1,4 +1,5 @@
-"""Two prefill instances + one decode instance; admission control under overload."""
+"""Two prefill instances + one decode instance over zmq with layer-wise streaming (early
+offers bind the decode instance before prefill runs); admission control under overload."""
 from __future__ import annotations
 
 import threading
@@ -20,7 +21,7 @@ MAX_ACTIVE = 6
 @pytest.fixture(scope="module")
 def cluster():
     cfg = cluster_config(prefill={"num_instances": 2}, router={"max_active_requests": MAX_ACTIVE},
-                         transfer={"backend": "zmq", "checksum": True})
+                         transfer={"backend": "zmq", "checksum": True, "stream_layers": True})
     c = Cluster(cfg, log=lambda *_: None).start()
     yield c
     stop_and_check_nothing_left(c)
@@ -37,6 +38,17 @@ def test_greedy_matches_the_engine_with_both_prefill_instances_used(cluster):
     assert {r.prefill_instance for r in results} == {"prefill-0", "prefill-1"}
     assert {r.decode_instance for r in results} == {"decode-0"}
     assert wait_until(lambda: all_blocks_free(cluster))
+    # the router forwarded each early offer: decode pulled while prefill ran
+    assert cluster.worker_stats()["decode-0"]["num_prefetched"] >= MAX_ACTIVE
+
+
+def test_a_request_ending_at_prefill_frees_its_early_pull(cluster):
+    before = cluster.worker_stats()["decode-0"]["num_prefetched"]
+    with Client(cluster.address, timeout_s=120) as client:
+        one = client.complete("Tell me about the sea." * 8, max_tokens=1, temperature=0.0)
+    assert one.finish_reason == "length" and len(one.token_ids) == 1
+    assert wait_until(lambda: all_blocks_free(cluster))   # the router's Abort freed it on decode
+    assert cluster.worker_stats()["decode-0"]["num_prefetched"] == before + 1
 
 
 def test_over_capacity_is_resource_exhausted_and_the_admitted_finish(cluster):

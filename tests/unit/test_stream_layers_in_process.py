@@ -27,7 +27,7 @@ def _stream_pair(make_pair, backend: str, early: bool = True, **kw):
     assert pair.prefill.stream_layers
     pair.prefetched = []
     if early:   # the router's part: the early offer goes to the decode worker at once
-        pair.prefill._on_offer = lambda req_id, offer: pair.prefetched.append(
+        pair.prefill.on_offer = lambda req_id, offer: pair.prefetched.append(
             (req_id, pair.decode.prefetch(offer, time.monotonic())))
     return pair
 
