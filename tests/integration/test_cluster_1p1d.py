@@ -10,7 +10,7 @@ import torch
 
 from cluster.client import Client, InvalidRequest
 from cluster.local import Cluster
-from engine import LLM, SamplingParams
+from engine import SamplingParams
 from tests.helpers import hf_greedy
 from tests.integration.conftest import all_blocks_free, stop_and_check_nothing_left, cluster_config, wait_until
 
@@ -37,11 +37,6 @@ def cluster():
 def client(cluster):
     with Client(cluster.address, timeout_s=120) as c:
         yield c
-
-
-@pytest.fixture(scope="module")
-def llm():
-    return LLM(dtype="float32", kv_cache_memory_gb=0.1)
 
 
 def test_greedy_is_token_identical_to_engine_and_transformers(client, llm):

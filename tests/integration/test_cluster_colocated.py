@@ -15,7 +15,7 @@ import pytest
 
 from cluster.client import Client
 from cluster.local import Cluster
-from engine import LLM, SamplingParams
+from engine import SamplingParams
 from tests.integration.conftest import all_blocks_free, cluster_config, stop_and_check_nothing_left, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -45,11 +45,6 @@ def cluster(request):
 def client(cluster):
     with Client(cluster.address, timeout_s=120) as c:
         yield c
-
-
-@pytest.fixture(scope="module")
-def llm():
-    return LLM(dtype="float32", kv_cache_memory_gb=0.1)
 
 
 def test_only_the_colocated_pool_runs(cluster):

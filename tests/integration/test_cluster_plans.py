@@ -17,7 +17,7 @@ import pytest
 
 from cluster.client import Client
 from cluster.local import Cluster
-from engine import LLM, SamplingParams
+from engine import SamplingParams
 from tests.integration.conftest import cluster_config, pid_alive, stop_and_check_nothing_left, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -54,11 +54,6 @@ def cluster(request):
 def client(cluster):
     with Client(cluster.address, timeout_s=180) as c:
         yield c
-
-
-@pytest.fixture(scope="module")
-def llm():
-    return LLM(dtype="float32", kv_cache_memory_gb=0.1)
 
 
 def test_greedy_is_token_identical_to_the_engine(client, cluster, llm):
