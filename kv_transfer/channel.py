@@ -385,7 +385,9 @@ class ChannelReceiver(KVReceiver):
     def poll(self) -> list[TransferResult]:
         results: list[TransferResult] = []
         for sock in list(self._socks.values()):
-            while True:
+            # Handling one sender's message may evict another idle sender's socket (the
+            # LRU bound): it had no pending pull, so what it still holds is stale.
+            while not sock.closed:
                 try:
                     frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.Again:

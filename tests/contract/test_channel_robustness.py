@@ -297,6 +297,36 @@ def test_the_receiver_keeps_at_most_max_endpoints_sockets_and_mappings(zero_copy
             s.close()
 
 
+def test_a_socket_evicted_while_polling_is_skipped_not_read():
+    """One poll handles sender 1's reply, whose ACK evicts idle sender 0's socket, which comes
+    later in that poll's list of sockets: it is skipped (it used to raise ENOTSOCK)."""
+    caches = [make_cache(LAYOUT, 8, seed=20 + i) for i in range(3)]
+    senders = [ChannelSender(c, LAYOUT, "zmq") for c in caches]
+    dst = torch.zeros(LAYOUT.cache_shape(8), dtype=LAYOUT.torch_dtype)
+    receiver = ChannelReceiver(dst, LAYOUT, "zmq", max_endpoints=2)
+    try:
+        offers = [senders[k].offer(f"e{k}", [k], 3, time.monotonic()) for k in range(3)]
+        for k, offer in enumerate(offers):
+            receiver.pull(offer, [k + 4])
+        assert len(receiver._socks) == 3   # all busy: over the bound
+        results, _ = _run(senders[0], receiver, lambda r, e: r)   # sender 0 done: idle, last used
+        assert list(receiver._socks) == [offers[1].endpoint, offers[2].endpoint, offers[0].endpoint]
+        stop_at = time.monotonic() + 10
+        while len(results) < 3 and time.monotonic() < stop_at:
+            for s in senders[1:]:
+                s.poll(time.monotonic())
+            time.sleep(0.2)   # both replies queued before the one poll that reads them
+            results += receiver.poll()
+        assert [r.status for r in results] == [TransferStatus.DONE] * 3
+        assert offers[0].endpoint not in receiver._socks and len(receiver._socks) == 2
+        for k in range(3):
+            assert torch.equal(sequence_kv(dst, LAYOUT, [k + 4], 3), sequence_kv(caches[k], LAYOUT, [k], 3))
+    finally:
+        receiver.close()
+        for s in senders:
+            s.close()
+
+
 def test_wait_sockets_wake_a_sleeping_loop_on_the_other_sides_message():
     """What a worker host sleeps on (zmq.Poller): the sender's socket wakes on a PULL, the
     receiver's on the reply; with injected delays the sender has work no socket announces."""
