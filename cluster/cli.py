@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--out", default="bench-results/profile-cpu.json", help="profile JSON")
     prof.add_argument("--repeats", type=int, default=3, help="timed runs per point (the fastest is kept)")
     prof.add_argument("--plans", default="1x1", help="plans to measure, e.g. 1x1,2x1,1x2 (multi-rank: slower)")
+    prof.add_argument("--no-interference", dest="interference", action="store_false",
+                      help="skip measuring how a step slows beside a busy neighbour core (~1 min)")
     prof.set_defaults(fn=_profile)
 
     st = sub.add_parser("status", help="show the pools, their load and plans")

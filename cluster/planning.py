@@ -83,5 +83,6 @@ def plan_main(args: argparse.Namespace) -> int:
 
 def profile_main(args: argparse.Namespace) -> int:
     from cluster.bench.profile import run
-    run(out=args.out, repeats=args.repeats, plans=tuple(x for x in args.plans.split(",") if x))
+    run(out=args.out, repeats=args.repeats, plans=tuple(x for x in args.plans.split(",") if x),
+        interference=getattr(args, "interference", True))
     return 0

@@ -16,6 +16,7 @@ measured and the planner derives (t, p) > 1 by its stated scaling assumption;
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -113,13 +114,21 @@ def build_profile(prefill, decode, parts, kv_cache_memory_gb: float = 0.5) -> di
     }
 
 
-def run(out: str = "bench-results/profile-cpu.json", repeats: int = 3, plans: tuple[str, ...] = ("1x1",)) -> dict:
-    """Measure 1x1 (always) and any other "<t>x<p>" in `plans` (multi-rank, fewer points), fit, write."""
+def run(out: str = "bench-results/profile-cpu.json", repeats: int = 3, plans: tuple[str, ...] = ("1x1",),
+        interference: bool = True) -> dict:
+    """Measure 1x1 (always) and any other "<t>x<p>" in `plans` (multi-rank, fewer points), fit, write.
+    `interference`: also measure how a step slows beside a busy neighbour core (cluster/bench/interference.py)."""
     from router.planner.profile import parse_plan_key, fit_decode, fit_prefill, profile_from_dict
     t0 = time.perf_counter()
     others = sorted({parse_plan_key(p) for p in plans} - {(1, 1)})
     prefill, decode, parts = measure(repeats, log=lambda m: print(m, flush=True))
     data = build_profile(prefill, decode, parts)
+    del parts                              # the interference probes build their own engines
+    if interference and (os.cpu_count() or 1) >= 2:
+        from cluster.bench.interference import measure as measure_interference
+        data["interference"] = measure_interference(repeats=3 * repeats, log=lambda m: print(m, flush=True))
+        data["source"] += (" interference: median step time beside a neighbour process looping a prefill "
+                           "or a decode step on the other core, over the median alone, minus 1.")
     for tp, pp in others:
         from cluster.bench.profile_parallel import measure_parallel
         print(f"profiling {tp}x{pp} ({tp * pp} ranks)", flush=True)

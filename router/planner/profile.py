@@ -16,7 +16,8 @@ A profile is JSON (format "pdcluster-profile/1"):
      "hardware": {"name", "device_kind", "device_memory_gb", "memory_utilization",
                   "intra_node_gb_s", "inter_node_gb_s"},
      "scaling": {"tp_efficiency", "tp_step_latency_s", "tp_s_per_token", "pp_stage_latency_s"},
-     "plans": {"1x1": {"prefill": {"a", "b", "c"}, "decode": {"a", "b", "c"}}, "2x1": ...}}
+     "plans": {"1x1": {"prefill": {"a", "b", "c"}, "decode": {"a", "b", "c"}}, "2x1": ...},
+     "interference": {"prefill": {"prefill": k, "decode": k}, "decode": {"prefill": k, "decode": k}}}
 
 `plans` keys are "<t>x<p>". Plans that were not measured are derived from
 1x1 with the scaling assumption (see `derive`): every term is split across the
@@ -25,6 +26,12 @@ TP adds an all-reduce latency per step and a per-token all-reduce cost, PP
 adds a hand-off latency per stage boundary and does not shorten one pass (the
 stages run one after another; PP raises throughput by overlapping batches,
 which the simulator models).
+
+`interference` (optional, default none) is for devices that share a memory
+system, such as the cores of one CPU: a step of phase X runs (1 + k[X][Y])
+times longer for each other instance running phase Y at the step's start
+(`pdcluster profile` measures it with a neighbour process looping on the other
+core). Separate GPUs do not slow each other's steps this way; leave it out.
 """
 from __future__ import annotations
 
@@ -73,6 +80,27 @@ class Scaling:
     pp_stage_latency_s: float = 0.0    # activation hand-off per stage boundary
 
 
+PHASES = ("prefill", "decode")
+
+
+@dataclass(frozen=True)
+class Interference:
+    """k[phase][neighbour phase]: the fraction a step slows per neighbour instance busy with that phase."""
+    k: dict = field(default_factory=lambda: {a: {b: 0.0 for b in PHASES} for a in PHASES})
+
+    def factor(self, phase: str, neighbours) -> float:
+        """A step's slowdown (>= 1) while `neighbours` (their phases) run beside it."""
+        row = self.k[phase]
+        return 1.0 + sum(row[n] for n in neighbours)
+
+    @property
+    def none(self) -> bool:
+        return not any(v for row in self.k.values() for v in row.values())
+
+    def to_dict(self) -> dict:
+        return {a: dict(row) for a, row in self.k.items()}
+
+
 @dataclass(frozen=True)
 class Profile:
     name: str
@@ -89,6 +117,7 @@ class Profile:
     device_kind: str = "gpu"           # "gpu" or "cpu": a plan asks Ray for GPUs only on "gpu"
     intra_node_gb_s: float = 100.0     # GB/s between devices of one node
     inter_node_gb_s: float = 3.0       # GB/s between nodes
+    interference: Interference = field(default_factory=Interference)
 
     def latency(self, t: int, p: int) -> PlanLatency:
         if (t, p) in self.plans:
@@ -116,6 +145,7 @@ class Profile:
                         "tp_s_per_token": s.tp_s_per_token, "pp_stage_latency_s": s.pp_stage_latency_s},
             "plans": {f"{t}x{p}": {"prefill": pl.prefill.to_dict(), "decode": pl.decode.to_dict()}
                       for (t, p), pl in sorted(self.plans.items())},
+            **({} if self.interference.none else {"interference": self.interference.to_dict()}),
         }
 
 
@@ -181,7 +211,26 @@ def profile_from_dict(data) -> Profile:
             pp_stage_latency_s=_num(sc, "pp_stage_latency_s", "scaling.pp_stage_latency_s", minimum=0,
                                     default=0.0)),
         plans={parse_plan_key(k): _plan(v, f"plans.{k}") for k, v in plans.items()},
+        interference=_interference(data.get("interference", {})),
     )
+
+
+def _interference(value) -> Interference:
+    if not isinstance(value, dict):
+        raise ProfileError(f"interference must be an object, got {value!r}")
+    unknown = set(value) - set(PHASES)
+    if unknown:
+        raise ProfileError(f"interference: unknown phase(s) {sorted(unknown)}; known: {list(PHASES)}")
+    k = {}
+    for phase in PHASES:
+        row = value.get(phase, {})
+        if not isinstance(row, dict):
+            raise ProfileError(f"interference.{phase} must be an object, got {row!r}")
+        unknown = set(row) - set(PHASES)
+        if unknown:
+            raise ProfileError(f"interference.{phase}: unknown phase(s) {sorted(unknown)}; known: {list(PHASES)}")
+        k[phase] = {n: _num(row, n, f"interference.{phase}.{n}", minimum=0, default=0.0) for n in PHASES}
+    return Interference(k)
 
 
 def _kind(hw: dict) -> str:

@@ -33,6 +33,13 @@ into TPOT; SimConfig.ttft_includes_transfer=True counts TTFT at the end of the
 transfer instead (DistServe's convention when the first token streams from
 decode). TPOT = (e2e - ttft) / (output_tokens - 1).
 
+Interference: with a profile that has it (cores of one CPU sharing memory
+bandwidth), a step runs (1 + k) times longer for each other instance busy at
+its start, instances starting at the same instant included (the profile's
+`interference` k by phase; see profile.py). All the
+instances of one simulation count as neighbours: right for the one CPU node it
+is measured on; GPU profiles leave it out.
+
 Memory: decode reserves KV for prompt + output at admission (the simulator
 knows the output length; the real worker grows blocks and may preempt, which
 this does not model). Prefill holds a prompt's KV until its transfer ends.
@@ -104,6 +111,26 @@ class _Sim:
         self.profile, self.cfg = profile, cfg
         self.events: list = []
         self.seq = itertools.count()
+        self.busy: dict[int, tuple[str, float]] = {}   # id(instance) -> (phase, end) of its step now
+
+    def begin(self, inst, now: float, phase: str, base_s: float, then: Callable) -> None:
+        """`inst` starts a step of `phase` at `now`; `then(now, duration)` schedules its end.
+        With interference, the duration is known once every instance starting at this same
+        instant has said so (a zero-delay event), and is slowed by the neighbours busy then."""
+        if self.profile.interference.none:
+            then(now, base_s)
+            return
+        self.busy[id(inst)] = (phase, math.inf)
+        self.at(now, self._commit, inst, phase, base_s, then)
+
+    def _commit(self, now: float, inst, phase: str, base_s: float, then: Callable) -> None:
+        others = [p for i, (p, end) in self.busy.items() if i != id(inst) and end > now]
+        duration = base_s * self.profile.interference.factor(phase, others)
+        self.busy[id(inst)] = (phase, now + duration)
+        then(now, duration)
+
+    def end(self, inst) -> None:
+        self.busy.pop(id(inst), None)
 
     def at(self, t: float, fn: Callable, *args) -> None:
         heapq.heappush(self.events, (t, next(self.seq), fn, args))
@@ -170,13 +197,17 @@ class _Prefill:
         if not batch:
             return      # waits for KV held by earlier prompts to be handed off
         self.queued_tokens -= tokens
-        latency = self.lat.prefill(tokens, sum(r.spec.prompt_tokens ** 2 for r in batch))
         self.stage_busy = True
-        self.sim.at(now + latency / self.pp, self._stage_free)
-        self.sim.at(now + latency, self._done, batch)
+
+        def run(start: float, latency: float) -> None:
+            self.sim.at(start + latency / self.pp, self._stage_free)
+            self.sim.at(start + latency, self._done, batch)
+        self.sim.begin(self, now, "prefill", self.lat.prefill(tokens, sum(r.spec.prompt_tokens ** 2 for r in batch)),
+                       run)
 
     def _stage_free(self, now: float) -> None:
         self.stage_busy = False
+        self.sim.end(self)
         self.kick(now)
 
     def _done(self, now: float, batch: list[_Req]) -> None:
@@ -256,10 +287,12 @@ class _Decode:
         self.ready.clear()
         if not self.running:
             self.stepping = False
+            self.sim.end(self)
             return
         self.stepping = True
         ctx = sum(r.spec.prompt_tokens + r.spec.output_tokens - r.left for r in self.running)
-        self.sim.at(now + decode_round_s(self.lat, self.pp, len(self.running), ctx), self._stepped)
+        self.sim.begin(self, now, "decode", decode_round_s(self.lat, self.pp, len(self.running), ctx),
+                       lambda start, step: self.sim.at(start + step, self._stepped))
 
     def _stepped(self, now: float) -> None:
         still = []
@@ -290,9 +323,13 @@ class _Colocated:
         self.running: list[_Req] = []
         self.queued_tokens = 0
         self.stepping = False
+        self.in_step: list = []           # prompts the current step finishes (not running yet)
 
     def load(self) -> int:
-        return self.queued_tokens + len(self.running) + len(self.partial)
+        """As the router's pick_colocated: prompt tokens still to prefill (the current step's
+        too) plus the requests there."""
+        return (self.queued_tokens + sum(n for _, n in self.in_step) + len(self.in_step)
+                + len(self.running) + len(self.partial))
 
     def add(self, now: float, r: _Req) -> None:
         if self.sim.blocks(r.spec.prompt_tokens + r.spec.output_tokens) > self.total_blocks:
@@ -358,10 +395,15 @@ class _Colocated:
     def _step(self, now: float) -> None:
         plan = self._plan()
         self.stepping = plan is not None
-        if plan is not None:
-            self.sim.at(now + plan[0], self._stepped, plan[1], plan[2])
+        if plan is None:
+            self.sim.end(self)
+            return
+        self.in_step = [] if self.chunked else plan[1]
+        self.sim.begin(self, now, "prefill" if plan[1] else "decode", plan[0],
+                       lambda start, d: self.sim.at(start + d, self._stepped, plan[1], plan[2]))
 
     def _stepped(self, now: float, chunks: list, decoding: list[_Req]) -> None:
+        self.in_step = []
         for r in decoding:
             r.left -= 1
             if r.left <= 0:

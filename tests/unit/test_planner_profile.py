@@ -136,3 +136,18 @@ def test_profile_bench_measures_the_engine_and_writes_a_loadable_profile(tmp_pat
     lat = p.latency(1, 1)
     assert lat.prefill(64, 64 * 64) > 0 and lat.decode(4, 4 * 256) > 0
     assert "1x1: prefill(s)" in capsys.readouterr().out
+
+
+def test_interference_is_optional_round_trips_and_names_a_bad_key():
+    assert profile_from_dict(make_profile_dict()).interference.none
+    p = profile_from_dict(make_profile_dict(interference={"decode": {"prefill": 0.9}}))
+    assert p.interference.factor("decode", ["prefill", "prefill"]) == pytest.approx(2.8)
+    assert p.interference.factor("prefill", ["decode"]) == 1.0
+    again = profile_from_dict(json.loads(json.dumps(p.to_dict())))
+    assert again.interference.k == p.interference.k
+    assert "interference" not in profile_from_dict(make_profile_dict()).to_dict()
+    for bad, key in (({"decode": {"prefill": -0.1}}, "interference.decode.prefill"),
+                     ({"decode": {"prefil": 0.1}}, "interference.decode"),
+                     ({"colocated": {}}, "interference"), ([], "interference")):
+        with pytest.raises(ProfileError, match=key):
+            profile_from_dict(make_profile_dict(interference=bad))

@@ -150,3 +150,35 @@ def test_an_instance_whose_weights_do_not_fit_is_rejected():
         simulate("disaggregated", big, [RequestSpec(0.0, 10, 2)], **ONE)
     assert simulate("disaggregated", big, [RequestSpec(0.0, 10, 2)], prefill=PoolSpec(2, 1, 1),
                     decode=PoolSpec(1, 2, 1))[0].e2e_s > 0
+
+
+def test_cross_core_interference_slows_a_step_by_the_neighbours_busy_at_its_start():
+    """k[decode][prefill] = 0.5: A's decode steps, which start while B's long prefill runs on
+    the prefill instance, take 1.5x; B's prefill started while A's decode instance was idle
+    (A's KV still in transfer), so k[prefill][decode] does not touch it."""
+    inter = {"decode": {"prefill": 0.5}, "prefill": {"decode": 0.25}}
+    profile = profile_from_dict(make_profile_dict(interference=inter))
+    cfg = SimConfig(transfer_gb_s=1.0)
+    p, t = prefill_s(100), 100 * 1e5 / 1e9
+    reqs = [RequestSpec(0.0, 100, 3), RequestSpec(p + t / 2, 1000, 2)]
+    a, b = simulate("disaggregated", profile, reqs, config=cfg, **ONE)
+    assert a.e2e_s == pytest.approx(p + t + 1.5 * (decode_s(1, 101) + decode_s(1, 102)))
+    assert b.ttft_s == pytest.approx(prefill_s(1000))
+    alone = simulate("disaggregated", PROFILE, reqs, config=cfg, **ONE)
+    assert b.e2e_s == pytest.approx(alone[1].e2e_s)      # its decode ran with the prefill idle
+    assert a.e2e_s > alone[0].e2e_s
+
+
+def test_interference_counts_every_busy_neighbour_and_never_the_instance_itself():
+    """Colocated, one instance: its own prefill never slows its own decode. Two instances each
+    decoding: k[decode][decode] slows both."""
+    profile = profile_from_dict(make_profile_dict(interference={"decode": {"prefill": 1.0, "decode": 0.5}}))
+    one = [RequestSpec(0.0, 50, 4)]
+    pool1 = dict(colocated=PoolSpec(1, 1, 1))
+    assert simulate("colocated", profile, one, **pool1) == simulate("colocated", PROFILE, one, **pool1)
+    two = [RequestSpec(0.0, 50, 4), RequestSpec(0.0, 50, 4)]
+    pool2 = dict(colocated=PoolSpec(1, 1, 2))
+    slow, fast = simulate("colocated", profile, two, **pool2), simulate("colocated", PROFILE, two, **pool2)
+    for s, f in zip(slow, fast):
+        assert s.ttft_s == pytest.approx(f.ttft_s)                   # prefills: k[prefill] is 0
+        assert s.e2e_s - s.ttft_s == pytest.approx(1.5 * (f.e2e_s - f.ttft_s))   # each step beside a decode
