@@ -159,6 +159,37 @@ def test_paged_attention_ref_matches_naive(dtype, tol, heads, kv_heads, head_dim
     torch.testing.assert_close(ref.double(), naive, atol=tol * naive.abs().max().item(), rtol=tol)
 
 
+def test_length_groups_partition_the_batch_and_bound_the_padding():
+    from kernels.paged_attention import GROUP_MIN_TOKENS, PAD_SLACK, length_groups
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        lens = torch.randint(1, 1500, (int(torch.randint(1, 40, (1,), generator=rng)),), generator=rng).tolist()
+        groups = length_groups(lens, 16)
+        assert sorted(i for g in groups for i in g) == list(range(len(lens)))
+        for g in groups:
+            blocks = [-(-lens[i] // 16) for i in g]
+            padded = len(g) * max(blocks)
+            assert padded <= (1 + PAD_SLACK) * sum(blocks) or padded * 16 <= GROUP_MIN_TOKENS
+    assert length_groups([1000, 30, 990, 20], 16) == [[0, 2], [1, 3]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_attention_ref_grouped_by_length_equals_each_sequence_alone(dtype):
+    """A batch of very different lengths runs in several padded passes; every sequence's
+    output is exactly what it gets alone (no cross-talk, nothing left unwritten)."""
+    from kernels.paged_attention import length_groups
+    lens = [900, 17, 640, 33, 1000, 250, 5, 260]
+    assert len(length_groups(lens, 16)) > 1
+    q, k_cache, v_cache, block_tables, ctx = paged_inputs(lens, 9, 3, 64, 16, dtype)
+    out = paged_decode_attention_ref(q, k_cache, v_cache, block_tables, ctx, 0.125)
+    for i in range(len(lens)):
+        alone = paged_decode_attention_ref(q[i:i + 1], k_cache, v_cache, block_tables[i:i + 1], ctx[i:i + 1], 0.125)
+        torch.testing.assert_close(out[i:i + 1], alone)   # padding to a longer context adds exact zeros
+    naive = naive_attention(q, k_cache, v_cache, block_tables, ctx, 0.125)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), naive, atol=tol * naive.abs().max().item(), rtol=tol)
+
+
 def test_paged_attention_ref_single_token_returns_its_value():
     q, k_cache, v_cache, block_tables, lens = paged_inputs([1, 1, 1], 4, 2, 16, 16, torch.float32)
     out = paged_decode_attention_ref(q, k_cache, v_cache, block_tables, lens, 1.0)

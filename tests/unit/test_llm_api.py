@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from engine import LLM, ConfigError, InvalidRequestError, ModelLoadError, SamplingParams
 from tests.helpers import save_tiny_model
@@ -143,3 +144,22 @@ def test_tiny_temperature_is_greedy_and_stop_needs_a_tokenizer(tiny):
     with pytest.raises(InvalidRequestError, match="stop strings need a tokenizer"):
         tiny.generate(prompt, SamplingParams(stop=["x"]))
     assert _all_free(tiny)
+
+
+def test_a_batch_of_very_different_lengths_decodes_like_transformers(tiny_dir):
+    """Decode attention runs such a batch in several passes grouped by length
+    (kernels/paged_attention.length_groups); every sequence still gets transformers' tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from kernels.paged_attention import length_groups
+    from tests.helpers import hf_greedy
+    lens = [5, 300, 20, 700, 12, 460]
+    assert len(length_groups([n + 1 for n in lens], 4)) > 1
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 512, (n,), generator=gen).tolist() for n in lens]
+    llm = LLM(model=tiny_dir, dtype="float32", kv_cache_memory_gb=0.05, block_size=4)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    hf = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    for ids, out in zip(prompts, outs):
+        want = hf_greedy(hf, ids, 8)
+        assert out.token_ids[:len(want)] == want   # transformers stops at the tiny model's EOS
