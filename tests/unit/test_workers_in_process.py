@@ -364,7 +364,9 @@ def test_abort_in_every_state_frees_every_block(make_pair, oracle, backend, stat
             pair.abort("v")
         elif state == "decode-pulling":
             pair.forward("v")
-            pair.step_decode()          # admitted: blocks allocated, PULL sent, no answer yet
+            # admitted, not polled: blocks allocated, pull started (a direct zero copy lands
+            # at the step's poll, so a whole step would already have it running)
+            pair.decode._admit(time.monotonic())
             assert pair.decode.blocks.num_free_blocks < d_total
             assert pair.decode.load().num_running == 0
             pair.abort("v", prefill=False)   # only decode: its ABORT must end the prefill lease
@@ -600,7 +602,7 @@ def test_decode_request_waits_pending_until_room_frees(make_pair, oracle, backen
     pair.submit("big", big, _sp(6))       # 25 + 6 = 31 tokens: fits 8 blocks
     pair.submit("small", small, _sp(5))
     pair.step_prefill()                   # both prefilled together, both forwarded, big first
-    pair.step_decode()                    # big admitted, small must wait
+    pair.decode._admit(time.monotonic())  # big admitted (pulling, not polled yet), small must wait
     assert pair.decode.load().num_waiting == 2
     pair.run_until(lambda: len(pair.tokens["big"]) >= 3, "big running")
     assert pair.tokens["small"] == [pair.done["small"].first_token_id]       # nothing decoded yet
@@ -699,7 +701,7 @@ def test_closing_the_decode_worker_mid_pull_frees_the_prefill_lease(make_pair, b
     pair = make_pair(backend=backend, lease_ttl_s=30.0)
     pair.submit("r", _prompt(14, seed=100), _sp(8))
     pair.step_prefill()
-    pair.step_decode()                       # pulling
+    pair.decode._admit(time.monotonic())     # pulling (a step would land a direct zero copy)
     assert pair.decode.load().num_waiting == 1 and pair.prefill.load().num_leases == 1
     pair.closed = True
     pair.decode.close()
