@@ -27,7 +27,7 @@ def make_sender(backend: str, cache_data, layout: KVLayout, **kwargs) -> KVSende
 def make_receiver(backend: str, cache_data, layout: KVLayout, **kwargs) -> KVReceiver:
     if backend not in BACKENDS:
         raise TransferError(f"kv_transfer backend {backend!r} is not one of {BACKENDS}")
-    from kv_transfer.channel import ChannelReceiver
+    from kv_transfer.channel_receiver import ChannelReceiver
     return ChannelReceiver(cache_data, layout, backend, **kwargs)
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import enum
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kv_transfer.layout import KVLayout
 from kv_transfer.lease import LeaseEnd
@@ -44,6 +44,9 @@ class TransferOffer:
     endpoint: str         # the sender's control address (handshake)
     backend: str
     streamed: bool = False   # offered before prefill ran: layers arrive as they are computed
+    # shm zero copy, not streamed: what to copy (shared cache name, shape, dtype, block ids,
+    # generations), so the receiver copies without asking first; plain dict/list/int/str
+    zero_copy: dict | None = field(default=None, hash=False)
 
 
 class TransferStatus(enum.Enum):

@@ -60,6 +60,7 @@ class AttachedCaches:
     def __init__(self, max_maps: int = 64) -> None:
         self.max_maps = max_maps
         self._maps: OrderedDict[str, object] = OrderedDict()
+        self._views: dict[str, tuple] = {}   # name -> ((shape, dtype), cache, generations)
 
     def view(self, name: str, shape: list[int], dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(cache, generations) of another process's SharedKVCache."""
@@ -69,9 +70,13 @@ class AttachedCaches:
         else:
             self._evict()
             mapping = self._maps[name] = attach_segment(name)
-        cache = tensor_view(mapping, dtype, shape, 0)
-        gens = tensor_view(mapping, "int64", [shape[2]], _layout_bytes(shape, cache.dtype))
-        return cache, gens
+        key = (tuple(shape), dtype)
+        views = self._views.get(name)
+        if views is None or views[0] != key:   # kept: making them costs ~0.1 ms a transfer
+            cache = tensor_view(mapping, dtype, shape, 0)
+            gens = tensor_view(mapping, "int64", [shape[2]], _layout_bytes(shape, cache.dtype))
+            views = self._views[name] = (key, cache, gens)
+        return views[1], views[2]
 
     def __len__(self) -> int:
         return len(self._maps)
@@ -80,6 +85,7 @@ class AttachedCaches:
         for name in list(self._maps):
             if len(self._maps) < self.max_maps:
                 return
+            self._views.pop(name, None)   # our own views must go before the unmap
             try:
                 self._maps[name].close()
             except BufferError:
@@ -87,6 +93,7 @@ class AttachedCaches:
             del self._maps[name]
 
     def close(self) -> None:
+        self._views.clear()
         for mapping in self._maps.values():
             try:
                 mapping.close()

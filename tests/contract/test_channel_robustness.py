@@ -55,7 +55,8 @@ def test_a_retry_answered_twice_lands_once_from_the_latest_reply(backend):
 
 def test_zero_copy_fails_when_the_lease_ended_before_the_copy():
     """Zero copy reads the sender's cache late: if the lease expired and the blocks were
-    reused meanwhile, the transfer must fail, never report another request's KV as done."""
+    reused meanwhile, the transfer must fail, never report another request's KV as done.
+    (The PULL path: an offer without the direct head, as a direct copy's fallback asks.)"""
     shared = SharedKVCache(LAYOUT.cache_shape(16), LAYOUT.torch_dtype)
     shared.tensor.copy_(make_cache(LAYOUT, 16, seed=2))
     dst = torch.zeros(LAYOUT.cache_shape(16), dtype=LAYOUT.torch_dtype)
@@ -63,7 +64,7 @@ def test_zero_copy_fails_when_the_lease_ended_before_the_copy():
     receiver = ChannelReceiver(dst, LAYOUT, "shm")
     try:
         offer = sender.offer("r", [3, 7], 6, time.monotonic(), ttl_s=0.1)
-        receiver.pull(offer, [0, 1])
+        receiver.pull(dataclasses_replace(offer, zero_copy=None), [0, 1])
         stop_at = time.monotonic() + 5                  # serve it: a header naming the blocks
         while sender.leases.get(offer.transfer_id).state is not LeaseState.IN_FLIGHT:
             assert time.monotonic() < stop_at and sender.poll(time.monotonic()) == []
