@@ -51,7 +51,7 @@ import itertools
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from router.planner.profile import PlanLatency, PlannerError, Profile
 from router.workload import RequestSpec
@@ -92,6 +92,18 @@ class RequestResult:
     e2e_s: float
 
 
+@dataclass
+class SimStats:
+    """What the simulated instances did, by step phase: steps run and seconds busy (summed over
+    instances) — the figures a worker reports as num_steps and mean_step_s, to compare with."""
+    steps: dict = field(default_factory=lambda: {"prefill": 0, "decode": 0})
+    busy_s: dict = field(default_factory=lambda: {"prefill": 0.0, "decode": 0.0})
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.steps[phase] += 1
+        self.busy_s[phase] += seconds
+
+
 class _Req:
     __slots__ = ("spec", "first", "finish", "blocks", "done_prompt", "left", "src", "ready")
 
@@ -107,8 +119,9 @@ class _Req:
 class _Sim:
     """The event queue and the shared helpers of every instance kind."""
 
-    def __init__(self, profile: Profile, cfg: SimConfig) -> None:
+    def __init__(self, profile: Profile, cfg: SimConfig, stats: SimStats | None = None) -> None:
         self.profile, self.cfg = profile, cfg
+        self.stats = stats if stats is not None else SimStats()
         self.events: list = []
         self.seq = itertools.count()
         self.busy: dict[int, tuple[str, float]] = {}   # id(instance) -> (phase, end) of its step now
@@ -118,6 +131,7 @@ class _Sim:
         With interference, the duration is known once every instance starting at this same
         instant has said so (a zero-delay event), and is slowed by the neighbours busy then."""
         if self.profile.interference.none:
+            self.stats.add(phase, base_s)
             then(now, base_s)
             return
         self.busy[id(inst)] = (phase, math.inf)
@@ -127,6 +141,7 @@ class _Sim:
         others = [p for i, (p, end) in self.busy.items() if i != id(inst) and end > now]
         duration = base_s * self.profile.interference.factor(phase, others)
         self.busy[id(inst)] = (phase, now + duration)
+        self.stats.add(phase, duration)
         then(now, duration)
 
     def end(self, inst) -> None:
@@ -431,12 +446,13 @@ class _Colocated:
 
 def simulate(mode: str, profile: Profile, requests: Sequence[RequestSpec], prefill: PoolSpec | None = None,
              decode: PoolSpec | None = None, colocated: PoolSpec | None = None,
-             config: SimConfig = SimConfig()) -> list[RequestResult]:
-    """Run the requests through the cluster; one result per request, in input order."""
+             config: SimConfig = SimConfig(), stats: SimStats | None = None) -> list[RequestResult]:
+    """Run the requests through the cluster; one result per request, in input order.
+    `stats`, when given, receives the steps and busy seconds of every instance by phase."""
     if mode not in MODES:
         raise PlannerError(f"unknown simulation mode {mode!r}; known: {list(MODES)}")
     _check_config(config)
-    sim = _Sim(profile, config)
+    sim = _Sim(profile, config, stats)
     reqs = [_Req(_check_request(i, s)) for i, s in enumerate(requests)]
     route = _build(mode, sim, prefill, decode, colocated)
     for r in reqs:

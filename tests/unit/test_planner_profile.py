@@ -151,3 +151,18 @@ def test_interference_is_optional_round_trips_and_names_a_bad_key():
                      ({"colocated": {}}, "interference"), ([], "interference")):
         with pytest.raises(ProfileError, match=key):
             profile_from_dict(make_profile_dict(interference=bad))
+
+
+def test_calibrated_scales_each_phase_of_every_plan_and_rejects_bad_factors():
+    from router.planner.profile import calibrated
+    p = profile_from_dict(make_profile_dict())
+    c = calibrated(p, prefill=1.5, decode=2.0, note="a test run")
+    assert c.latency(1, 1).prefill(100, 1e4) == pytest.approx(1.5 * p.latency(1, 1).prefill(100, 1e4))
+    assert c.latency(1, 1).decode(4, 400) == pytest.approx(2.0 * p.latency(1, 1).decode(4, 400))
+    assert c.latency(2, 1).decode(4, 400) > p.latency(2, 1).decode(4, 400)   # derived plans follow
+    assert "prefill x1.500, decode x2.000 (a test run)" in c.source
+    assert c.kv_capacity_tokens(1, 1) == p.kv_capacity_tokens(1, 1)
+    assert calibrated(p).latency(1, 1) == p.latency(1, 1)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(PlannerError, match="decode"):
+            calibrated(p, decode=bad)

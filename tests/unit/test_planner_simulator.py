@@ -182,3 +182,13 @@ def test_interference_counts_every_busy_neighbour_and_never_the_instance_itself(
     for s, f in zip(slow, fast):
         assert s.ttft_s == pytest.approx(f.ttft_s)                   # prefills: k[prefill] is 0
         assert s.e2e_s - s.ttft_s == pytest.approx(1.5 * (f.e2e_s - f.ttft_s))   # each step beside a decode
+
+
+def test_stats_count_the_steps_and_busy_seconds_of_each_phase():
+    from router.planner.simulator import SimStats
+    req = RequestSpec(0.0, 100, 5)
+    stats = SimStats()
+    simulate("disaggregated", PROFILE, [req], config=SimConfig(transfer_gb_s=1.0), stats=stats, **ONE)
+    assert stats.steps == {"prefill": 1, "decode": 4}
+    assert stats.busy_s["prefill"] == pytest.approx(prefill_s(100))
+    assert stats.busy_s["decode"] == pytest.approx(sum(decode_s(1, 100 + k) for k in range(1, 5)))
