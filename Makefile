@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.pdcluster-installed
 
-.PHONY: demo test install bench bench-engine clean
+.PHONY: demo test install bench bench-fidelity bench-engine clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ bench: install
 	$(VENV)/bin/pdcluster profile --out docs/results/profile-cpu.json
 	$(PY) benchmarks/run_results.py --out docs/results
 	$(PY) benchmarks/simulate_results.py --results docs/results --profile docs/results/profile-cpu.json
+
+# Simulator fidelity (~7 min): 1P1D chatbot measured at five rates next to the simulator,
+# after a calibration on two rates (docs/planner.md, "Simulator fidelity").
+bench-fidelity: install
+	$(PY) benchmarks/simulator_fidelity.py --profile docs/results/profile-cpu.json
 
 bench-engine: install
 	$(VENV)/bin/pdcluster bench engine
