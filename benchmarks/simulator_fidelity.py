@@ -1,7 +1,10 @@
 """Simulator fidelity: simulated SLO attainment next to the attainment measured on the real
 1 prefill + 1 decode cluster, at the same rates with the same requests.
 
-    .venv/bin/python benchmarks/simulator_fidelity.py            # ~8 min; writes docs/results/fidelity.*
+    .venv/bin/python benchmarks/simulator_fidelity.py --profile docs/results/profile-cpu.json   # ~7 min
+    .venv/bin/python benchmarks/simulator_fidelity.py --reanalyse docs/results/fidelity.json    # re-score only
+
+Writes `<out>/fidelity.md` and `fidelity.json` (default out: docs/results).
 
 One cluster (deploy/bench-disagg.yaml) is started and kept for the whole run:
 
@@ -18,7 +21,7 @@ One cluster (deploy/bench-disagg.yaml) is started and kept for the whole run:
 Each rate is then simulated twice (offline profile; calibrated profile), and the three rates
 the fidelity target names are picked from the measurement: low (the lowest rate), near
 goodput (the measured goodput: the highest rate with attainment >= target at it and every
-lower one) and overloaded (the highest rate). The target: |simulated - measured| <= 10
+lower one) and overloaded (the highest rate, when it is below the target). The target: |simulated - measured| <= 10
 percentage points at all three.
 """
 from __future__ import annotations
