@@ -6,7 +6,8 @@ import time, torch, statistics
 torch.set_num_threads(1)
 from engine.cpu_tuning import keep_freed_memory; keep_freed_memory()
 from kv_transfer.layout import KVLayout
-from kv_transfer.channel import ChannelSender, ChannelReceiver
+from kv_transfer.channel import ChannelSender
+from kv_transfer.channel_receiver import ChannelReceiver
 from kv_transfer.shared_cache import SharedKVCache, copy_block_runs
 lay = KVLayout(num_layers=30, layer_start=0, layer_end=30, num_kv_heads=3, head_start=0, head_end=3, head_dim=64, block_size=16, dtype="bfloat16")
 n = 16 * 2**20 // lay.bytes_per_token; nb = -(-n // 16)

@@ -1,7 +1,7 @@
 """KV transfer over a zmq control channel with a pluggable data path (every backend).
 
 Sender (prefill) binds a ROUTER socket on its host (127.0.0.1 by default); each
-receiver (decode, `channel_receiver.ChannelReceiver`, re-exported here) talks
+receiver (decode, `channel_receiver.ChannelReceiver`) talks
 to it through one DEALER socket per sender endpoint.
 
   receiver -> sender   PULL    {transfer_id, attempt}
@@ -24,12 +24,11 @@ changed because the lease ended) is retried the old way: PULL attempt 2.
 With a deferred data path (`torch_dist`, `ray`) DATA only announces the
 bytes, which travel on the path's own connection; the receiver lands them
 once the path reports them arrived. Every message is parsed defensively: a
-malformed one is dropped, never raised. Both sides work inside `poll`,
+malformed one is dropped, never raised (framing: `messages`). Both sides work inside `poll`,
 called from their step loops; no call blocks.
 """
 from __future__ import annotations
 
-import json
 import os
 import uuid
 from collections.abc import Sequence
@@ -42,40 +41,15 @@ from kv_transfer.base import KVSender, TransferError, TransferOffer
 from kv_transfer.data_path import make_data_path
 from kv_transfer.faults import FaultInjector, FaultSpec
 from kv_transfer.lease import LeaseEnd, LeaseState, LeaseTable
+from kv_transfer.messages import header as _message, parse as _parse, send as _send
 from kv_transfer.shared_cache import SharedKVCache
 from kv_transfer.staging import StagingPool
 from kv_transfer.stream import LayerStream, chunk_payload, layers_per_message
 
 COMPRESSIONS = (None, "int8")
-# A closing socket keeps trying this long to deliver what is queued on it (a last ABORT
-# or ACK); with linger 0 those were dropped whenever the connection was not up yet.
-CLOSE_LINGER_MS = 200
 # zmq sends a whole transfer as DATA messages of whole layers, about this many bytes each:
 # packing, the wire and unpacking then overlap (one 128 MB frame: ~1.3 GB/s on loopback).
 CHUNK_BYTES = 4 << 20
-
-
-def _send(sock, frames: list, track: bool = False):
-    """Non-blocking send; None when the peer's queue is full (the receiver's timeout retries)."""
-    try:
-        return sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False, track=track) or True
-    except zmq.Again:
-        return None
-
-
-def _message(head: dict) -> bytes:
-    return json.dumps(head).encode()
-
-
-def _parse(frames) -> tuple[bytes, dict, list] | None:
-    """(kind, header, data frames) of a message, or None if it is malformed."""
-    try:
-        kind, head = bytes(frames[0].buffer), json.loads(bytes(frames[1].buffer))
-    except (IndexError, ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(head, dict) or not isinstance(head.get("transfer_id"), str):
-        return None
-    return kind, head, list(frames[2:])
 
 
 class ChannelSender(KVSender):
@@ -339,12 +313,3 @@ class ChannelSender(KVSender):
         self._delayed = [d for d in self._delayed if d[1] != tid]
         self._path.release(tid)
         self._staging.give_back(tid)
-
-
-def __getattr__(name: str):
-    """`ChannelReceiver` lives in `channel_receiver` (which imports this module's helpers):
-    re-exported on first use, so that either module can be imported first."""
-    if name == "ChannelReceiver":
-        from kv_transfer.channel_receiver import ChannelReceiver
-        return ChannelReceiver
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

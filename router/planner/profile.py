@@ -162,28 +162,21 @@ def derive(base: PlanLatency, t: int, p: int, s: Scaling) -> PlanLatency:
     return PlanLatency(scale(base.prefill), scale(base.decode), measured=False)
 
 
-def calibrated(profile: Profile, prefill: float = 1.0, decode: float = 1.0, note: str = "",
-               interference: Interference | None = None, decode_per_token: float | None = None) -> Profile:
+def calibrated(profile: Profile, prefill: float = 1.0, decode: float = 1.0, note: str = "") -> Profile:
     """`profile` with every plan's step times multiplied per phase: the offline profile brought to
     what serving steps really take (other processes on the cores, the machine's speed that day,
     batches of mixed lengths), with factors measured from a serving run
-    (benchmarks/simulator_fidelity.py). `decode` scales the decode step's fixed part and, unless
-    `decode_per_token` is given, its per-sequence and per-context-token parts too;
-    `interference`, when given, replaces the profile's."""
-    per_token = decode if decode_per_token is None else decode_per_token
-    for name, f in (("prefill", prefill), ("decode", decode), ("decode_per_token", per_token)):
+    (benchmarks/simulator_fidelity.py)."""
+    for name, f in (("prefill", prefill), ("decode", decode)):
         if not (math.isfinite(f) and f > 0):
             raise PlannerError(f"calibration factor for {name} must be a positive number, got {f!r}")
-    if interference is not None:
-        profile = replace(profile, interference=interference)
 
-    def scale(m: PhaseModel, fixed: float, rest: float) -> PhaseModel:
-        return PhaseModel(m.a * fixed, m.b * rest, m.c * rest)
-    plans = {k: PlanLatency(scale(pl.prefill, prefill, prefill), scale(pl.decode, decode, per_token), pl.measured)
+    def scale(m: PhaseModel, f: float) -> PhaseModel:
+        return PhaseModel(m.a * f, m.b * f, m.c * f)
+    plans = {k: PlanLatency(scale(pl.prefill, prefill), scale(pl.decode, decode), pl.measured)
              for k, pl in profile.plans.items()}
-    what = (f"prefill x{prefill:.3f}, decode x{decode:.3f}" if decode_per_token is None else
-            f"prefill x{prefill:.3f}, decode fixed part x{decode:.3f} and per-token parts x{per_token:.3f}")
-    return replace(profile, plans=plans, source=f"{profile.source} Calibrated: {what}" + (f" ({note})" if note else ""))
+    source = f"{profile.source} Calibrated: prefill x{prefill:.3f}, decode x{decode:.3f}"
+    return replace(profile, plans=plans, source=source + (f" ({note})" if note else ""))
 
 
 # -- loading -------------------------------------------------------------------------------------

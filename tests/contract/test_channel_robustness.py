@@ -12,7 +12,8 @@ import zmq
 
 from kv_transfer import make_receiver, make_sender
 from kv_transfer.base import TransferError, TransferOffer, TransferStatus
-from kv_transfer.channel import ChannelReceiver, ChannelSender
+from kv_transfer.channel import ChannelSender
+from kv_transfer.channel_receiver import ChannelReceiver
 from kv_transfer.lease import LeaseState
 from kv_transfer.shared_cache import SharedKVCache
 from tests.contract.harness import make_cache, make_layout, sequence_kv

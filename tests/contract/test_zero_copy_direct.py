@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from kv_transfer.base import TransferStatus
-from kv_transfer.channel import ChannelReceiver, ChannelSender
+from kv_transfer.channel import ChannelSender
+from kv_transfer.channel_receiver import ChannelReceiver
 from kv_transfer.lease import LeaseState
 from kv_transfer.shared_cache import SharedKVCache
 from tests.contract.harness import ZERO_COPY, Pair, make_cache, make_layout, ok, sequence_kv
