@@ -1,5 +1,5 @@
 """Decode steps over a batch of mixed context lengths: one padded attention pass against
-attention grouped by length (kernels/paged_attention.py, PAD_SLACK), side by side.
+attention grouped by length (pdkernels/paged_attention.py, PAD_SLACK), side by side.
 
     .venv/bin/python benchmarks/decode_mixed_lengths.py
 
@@ -29,7 +29,7 @@ def main() -> None:
     from cluster.bench.profile import _works
     from engine.cpu_tuning import keep_freed_memory
     from engine.instance import build_engine
-    from kernels import paged_attention as pa
+    from pdkernels import paged_attention as pa
     from router.workload import get_workload
     keep_freed_memory()
     parts = build_engine(None, "bfloat16", 16, 1.0, None, 1, 0)

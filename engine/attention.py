@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-import kernels
+import pdkernels
 
 
 @dataclass
@@ -31,7 +31,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     sequence's last token: [seqs, heads, head_dim].
     """
     if kv_cache is not None:
-        kernels.store_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
+        pdkernels.store_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
     if meta.is_prefill:
         if last_only:
             return _last_token_attention(q, k, v, meta.seq_bounds, scale)
@@ -40,7 +40,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if getattr(meta, "is_mixed", False):   # chunked prefill: decode rows + chunks over cached prefixes
         from engine.chunked_prefill import mixed_attention   # imported here: it builds on this module
         return mixed_attention(q, k, v, kv_cache, meta, scale)
-    return kernels.paged_decode_attention(q, kv_cache[0], kv_cache[1], meta.block_tables,
+    return pdkernels.paged_decode_attention(q, kv_cache[0], kv_cache[1], meta.block_tables,
                                           meta.context_lens, scale)
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-import kernels
+import pdkernels
 from engine.attention import AttentionMetadata
 from engine.cpu_tuning import matmul_backend
 from engine.chunked_scheduler import NO_TOKEN
@@ -50,7 +50,7 @@ def mixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = torch.empty_like(q)
     nd = meta.num_decodes
     if nd:
-        out[:nd] = kernels.paged_decode_attention(q[:nd], k_cache, v_cache, meta.block_tables,
+        out[:nd] = pdkernels.paged_decode_attention(q[:nd], k_cache, v_cache, meta.block_tables,
                                                   meta.context_lens, scale)
     gqa = q.shape[1] != k.shape[1]
     for c in meta.chunks:

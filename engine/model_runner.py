@@ -3,7 +3,7 @@
 `prefill` and `decode_step` are separate because the two worker kinds call
 them apart; `execute` picks one for a `StepPlan`. The KV of a sequence lives
 in the blocks named by its block ids, so it can be exported and imported
-block by block (see `KVCache.slabs` and `kernels.gather_blocks`).
+block by block (see `KVCache.slabs` and `pdkernels.gather_blocks`).
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-import kernels
+import pdkernels
 from engine.block_manager import blocks_needed
 from engine.parallel import split_range
 
@@ -182,7 +182,7 @@ def pack(cache_data: torch.Tensor, layout: KVLayout, block_ids: BlockIds, num_to
     if full:
         # Whole blocks go straight into the wire: its first full * bs tokens, viewed as blocks.
         slabs = cache_data.view(layout.local_layers * 2, cache_data.shape[2], -1)
-        kernels.gather_blocks(slabs, ids[:full], out[:, :, :full * bs].view(layout.local_layers * 2, full, -1))
+        pdkernels.gather_blocks(slabs, ids[:full], out[:, :, :full * bs].view(layout.local_layers * 2, full, -1))
     if full * bs < num_tokens:
         last = cache_data.index_select(2, ids[full:])  # [local_layers, 2, 1, block_size, heads, head_dim]
         out[:, :, full * bs:] = last[:, :, 0, :num_tokens - full * bs]
@@ -239,7 +239,7 @@ def unpack_into(cache_data: torch.Tensor, dst_layout: KVLayout, dst_block_ids: B
     if full:
         # Whole blocks of all this rank's heads: one block copy straight from the wire.
         buffer = part[:, :, :full * bs].reshape(len(layers) * 2, full, -1)  # a view unless moved
-        kernels.scatter_blocks(buffer, dst.view(len(layers) * 2, num_blocks, -1), ids[:full])
+        pdkernels.scatter_blocks(buffer, dst.view(len(layers) * 2, num_blocks, -1), ids[:full])
     if full * bs < num_tokens:
         # Partial heads or a partial last block: write token slots one by one (one index_copy_).
         slots = (ids[:, None] * bs + torch.arange(bs, device=ids.device)).flatten()[full * bs:num_tokens]

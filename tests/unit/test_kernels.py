@@ -7,10 +7,10 @@ import sys
 import pytest
 import torch
 
-import kernels
-from kernels.block_copy import gather_blocks_ref, gather_blocks_triton, scatter_blocks_ref, scatter_blocks_triton
-from kernels.paged_attention import paged_decode_attention_ref, paged_decode_attention_triton
-from kernels.store_kv import store_kv_ref, store_kv_triton
+import pdkernels
+from pdkernels.block_copy import gather_blocks_ref, gather_blocks_triton, scatter_blocks_ref, scatter_blocks_triton
+from pdkernels.paged_attention import paged_decode_attention_ref, paged_decode_attention_triton
+from pdkernels.store_kv import store_kv_ref, store_kv_triton
 
 CONTEXT_LENS = [1, 15, 16, 17, 33, 100]  # one token, block edges, partial last blocks
 HEAD_CONFIGS = [(9, 3, 64), (4, 4, 32), (8, 2, 20)]  # (heads, kv_heads, head_dim): default model, MHA, GQA + odd dim
@@ -160,7 +160,7 @@ def test_paged_attention_ref_matches_naive(dtype, tol, heads, kv_heads, head_dim
 
 
 def test_length_groups_partition_the_batch_and_bound_the_padding():
-    from kernels.paged_attention import GROUP_MIN_TOKENS, PAD_SLACK, length_groups
+    from pdkernels.paged_attention import GROUP_MIN_TOKENS, PAD_SLACK, length_groups
     rng = torch.Generator().manual_seed(0)
     for _ in range(50):
         lens = torch.randint(1, 1500, (int(torch.randint(1, 40, (1,), generator=rng)),), generator=rng).tolist()
@@ -177,7 +177,7 @@ def test_length_groups_partition_the_batch_and_bound_the_padding():
 def test_paged_attention_ref_grouped_by_length_equals_each_sequence_alone(dtype):
     """A batch of very different lengths runs in several padded passes; every sequence's
     output is exactly what it gets alone (no cross-talk, nothing left unwritten)."""
-    from kernels.paged_attention import length_groups
+    from pdkernels.paged_attention import length_groups
     lens = [900, 17, 640, 33, 1000, 250, 5, 260]
     assert len(length_groups(lens, 16)) > 1
     q, k_cache, v_cache, block_tables, ctx = paged_inputs(lens, 9, 3, 64, 16, dtype)
@@ -256,27 +256,27 @@ def test_blocks_round_trip_between_caches():
 
 def test_dispatcher_uses_reference_on_cpu():
     q, k_cache, v_cache, block_tables, lens = paged_inputs([3, 20], 4, 2, 16, 8, torch.float32)
-    out = kernels.paged_decode_attention(q, k_cache, v_cache, block_tables, lens, 0.25)
+    out = pdkernels.paged_decode_attention(q, k_cache, v_cache, block_tables, lens, 0.25)
     assert torch.equal(out, paged_decode_attention_ref(q, k_cache, v_cache, block_tables, lens, 0.25))
     cache = torch.randn(2, 6, 10)
-    buffer = kernels.gather_blocks(cache, torch.tensor([4, 1]))
+    buffer = pdkernels.gather_blocks(cache, torch.tensor([4, 1]))
     assert torch.equal(buffer, cache[:, [4, 1]])
-    kernels.scatter_blocks(buffer, cache, torch.tensor([0, 2]))
+    pdkernels.scatter_blocks(buffer, cache, torch.tensor([0, 2]))
     assert torch.equal(cache[:, [0, 2]], buffer)
     key = torch.randn(2, 2, 16)
-    kernels.store_kv(key, -key, k_cache, v_cache, torch.tensor([0, -1]))
+    pdkernels.store_kv(key, -key, k_cache, v_cache, torch.tensor([0, -1]))
     assert torch.equal(k_cache[0, 0], key[0]) and torch.equal(v_cache[0, 0], -key[0])
 
 
 def test_kernels_import_and_run_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None\n"  # makes `import triton` raise ImportError
-        "import torch, kernels\n"
-        "assert not kernels.HAS_TRITON\n"
-        "out = kernels.gather_blocks(torch.arange(6.).view(1, 3, 2), torch.tensor([2, 0]))\n"
+        "import torch, pdkernels\n"
+        "assert not pdkernels.HAS_TRITON\n"
+        "out = pdkernels.gather_blocks(torch.arange(6.).view(1, 3, 2), torch.tensor([2, 0]))\n"
         "assert out.tolist() == [[[4., 5.], [0., 1.]]]\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=kernels.__path__[0] + "/..")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=pdkernels.__path__[0] + "/..")
 
 
 

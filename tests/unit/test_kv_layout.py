@@ -252,11 +252,11 @@ def test_layout_helpers():
 
 def test_through_the_triton_block_copy_kernels(monkeypatch):
     """On a GPU pack/unpack run the Triton kernels on strided views of the wire; check that here."""
-    import kernels
-    if not kernels.HAS_TRITON:
+    import pdkernels
+    if not pdkernels.HAS_TRITON:
         pytest.skip("triton is not installed")
-    from kernels.block_copy import gather_blocks_triton, scatter_blocks_triton
-    monkeypatch.setattr(kernels, "gather_blocks", gather_blocks_triton)
-    monkeypatch.setattr(kernels, "scatter_blocks", scatter_blocks_triton)
+    from pdkernels.block_copy import gather_blocks_triton, scatter_blocks_triton
+    monkeypatch.setattr(pdkernels, "gather_blocks", gather_blocks_triton)
+    monkeypatch.setattr(pdkernels, "scatter_blocks", scatter_blocks_triton)
     run_transfer(with_dtype(FULL, "bfloat16"), with_block_size(with_dtype(FULL, "bfloat16"), 8), 14)
     run_transfer(with_dtype(FULL, "bfloat16"), with_dtype(CASES["1_to_tp2xpp2"][1], "bfloat16"), 14)

@@ -148,10 +148,10 @@ def test_tiny_temperature_is_greedy_and_stop_needs_a_tokenizer(tiny):
 
 def test_a_batch_of_very_different_lengths_decodes_like_transformers(tiny_dir):
     """Decode attention runs such a batch in several passes grouped by length
-    (kernels/paged_attention.length_groups); every sequence still gets transformers' tokens."""
+    (pdkernels/paged_attention.length_groups); every sequence still gets transformers' tokens."""
     from transformers import AutoModelForCausalLM
 
-    from kernels.paged_attention import length_groups
+    from pdkernels.paged_attention import length_groups
     from tests.helpers import hf_greedy
     lens = [5, 300, 20, 700, 12, 460]
     assert len(length_groups([n + 1 for n in lens], 4)) > 1

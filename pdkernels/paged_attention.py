@@ -8,7 +8,7 @@ import threading
 
 import torch
 
-from kernels._triton import tl, triton
+from pdkernels._triton import tl, triton
 
 _scratch = threading.local()
 

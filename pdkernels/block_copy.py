@@ -9,7 +9,7 @@ block_ids may come in any order; for scatter they must be distinct.
 """
 import torch
 
-from kernels._triton import tl, triton
+from pdkernels._triton import tl, triton
 
 
 def gather_blocks_ref(cache, block_ids, out=None):

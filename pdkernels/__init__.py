@@ -2,15 +2,15 @@
 
 The public functions below dispatch on where the tensors live: CUDA tensors go to
 the Triton kernel when Triton imports, everything else (CPU, or no Triton) to
-the torch reference. Triton is optional here: importing `kernels` never needs it
+the torch reference. Triton is optional here: importing `pdkernels` never needs it
 or a GPU. Tests call the `*_triton` functions directly on CPU tensors under
 TRITON_INTERPRET=1 (set before this package is imported) and compare them with
 the references.
 """
-from kernels._triton import HAS_TRITON
-from kernels.block_copy import gather_blocks_ref, gather_blocks_triton, scatter_blocks_ref, scatter_blocks_triton
-from kernels.paged_attention import paged_decode_attention_ref, paged_decode_attention_triton
-from kernels.store_kv import store_kv_ref, store_kv_triton
+from pdkernels._triton import HAS_TRITON
+from pdkernels.block_copy import gather_blocks_ref, gather_blocks_triton, scatter_blocks_ref, scatter_blocks_triton
+from pdkernels.paged_attention import paged_decode_attention_ref, paged_decode_attention_triton
+from pdkernels.store_kv import store_kv_ref, store_kv_triton
 
 __all__ = ["HAS_TRITON", "gather_blocks", "paged_decode_attention", "scatter_blocks", "store_kv"]
 

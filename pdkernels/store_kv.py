@@ -5,7 +5,7 @@ not cached (padding), which both versions skip.
 """
 import torch
 
-from kernels._triton import tl, triton
+from pdkernels._triton import tl, triton
 
 
 def store_kv_ref(key, value, k_cache, v_cache, slot_mapping):
