@@ -3,9 +3,11 @@
 * glibc returns freed allocations above its mmap threshold to the OS, so every
   step's multi-MB temporaries were page-faulted in again (2-4x the cost of the
   math in decode attention). Raising the mmap and trim thresholds keeps them.
-* oneDNN's bf16 matmul is slow for one or two rows (a GEMV: ~7 GB/s against
-  ~14 GB/s for ATen's own kernel); from four rows up it is much faster. The
-  model runner turns oneDNN off around steps with that few rows.
+* oneDNN's bf16 matmul is slow for one row (a GEMV: ~7 GB/s against ~14 GB/s
+  for ATen's own kernel). The model runner turns oneDNN off around one-row
+  steps. From two rows up oneDNN is faster, computed as (W @ x^T)^T
+  (engine.layers.linear); ATen's kernel is linear in the rows (2 rows: 1.4x
+  slower per step than oneDNN that way, measured 2026-12-04).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _applied = False
 
-SMALL_BATCH_ROWS = 2
+SMALL_BATCH_ROWS = 1
 
 
 def keep_freed_memory(threshold_bytes: int = 1 << 30) -> None:

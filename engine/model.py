@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from engine.attention import AttentionMetadata, paged_attention
-from engine.layers import Linear, RMSNorm, RotaryEmbedding, empty_param
+from engine.layers import Linear, RMSNorm, RotaryEmbedding, empty_param, linear
 from engine.model_config import ModelConfig
 from engine.parallel import ParallelContext
 
@@ -132,4 +132,4 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [rows, hidden] -> [rows, vocab] in fp32
         weight = self.lm_head if self.lm_head is not None else self.embed_tokens
-        return nn.functional.linear(hidden, weight).float()
+        return linear(hidden, weight).float()
