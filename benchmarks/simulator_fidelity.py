@@ -35,9 +35,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.run_results import SETTINGS  # noqa: E402
+from benchmarks.bench_settings import fidelity_rates, settings_for  # noqa: E402
 from benchmarks.simulate_results import load_or_make_profile, sim_setup  # noqa: E402
 from cluster.bench.serve import SweepSpec  # noqa: E402
+from router.workload import WORKLOADS  # noqa: E402
 from cluster.bench.serve_metrics import SLO, goodput  # noqa: E402
 
 TOLERANCE_PP = 10.0
@@ -232,11 +233,13 @@ def markdown(res: dict, a: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="deploy/bench-disagg.yaml")
-    p.add_argument("--workload", default="chatbot", choices=sorted(SETTINGS))
-    p.add_argument("--rates", default="0.5,1,1.25,1.5,2.5")
+    p.add_argument("--workload", default="chatbot", choices=sorted(WORKLOADS))
+    p.add_argument("--rates", default=None, help="req/s, comma-separated (default: fractions 0.25, 0.5, 0.65, "
+                   "0.8, 1.3 of the 1P1D capacity the profile gives, benchmarks/bench_settings.py)")
     p.add_argument("--num-requests", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--calibration-rates", default="0.5,2", help="a low and a high rate (req/s)")
+    p.add_argument("--calibration-rates", default=None,
+                   help="a low and a high rate (req/s; default: 0.25 and 1.05 of the capacity)")
     p.add_argument("--profile", default=None, help="offline latency profile JSON (as simulate_results.py)")
     p.add_argument("--num-blocks", type=int, default=1456)
     p.add_argument("--out", default="docs/results")
@@ -250,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         res["profile"] = profile_path
     else:
         profile_path, profile = load_or_make_profile(args.profile)   # before the run: a missing one is measured
-        res = {**_run(args, p), "profile": profile_path}
+        res = {**_run(args, p, profile), "profile": profile_path}
     slo = SLO(res["slo"]["ttft_s"], res["slo"]["tpot_s"])
     spec = SweepSpec(res["workload"], tuple(res["rates"]), res["num_requests"], slo, seed=res["seed"])
     cal_spec = SweepSpec(res["workload"], tuple(res["calibration_rates"]), res["num_requests"], slo,
@@ -269,15 +272,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _run(args, parser) -> dict:
+def _run(args, parser, profile) -> dict:
     """Start the cluster, measure the calibration points and the judged sweep; the record."""
     from cluster.bench.serve import _git_commit
     from cluster.config import load_config
     from cluster.local import Cluster
-    s = SETTINGS[args.workload]
+    s = settings_for(args.workload, profile)
     slo = SLO(s.ttft_slo_s, s.tpot_slo_s)
-    rates = tuple(float(x) for x in args.rates.split(",") if x)
-    cal_rates = tuple(float(x) for x in args.calibration_rates.split(",") if x)
+    default_rates, default_cal = fidelity_rates(args.workload, profile)
+    rates = tuple(float(x) for x in args.rates.split(",") if x) if args.rates else default_rates
+    cal_rates = (tuple(float(x) for x in args.calibration_rates.split(",") if x) if args.calibration_rates
+                 else default_cal)
     if len(cal_rates) != 2 or cal_rates[0] >= cal_rates[1]:
         parser.error(f"--calibration-rates takes a low and a higher rate, got {args.calibration_rates!r}")
     spec = SweepSpec(args.workload, rates, args.num_requests, slo, seed=args.seed, time_limit_s=s.time_limit_s)
