@@ -1,7 +1,7 @@
 """Reproduce the measurements of docs/results.md: disaggregated 1P+1D against colocated and
 colocated_chunked (2 instances each), one CPU thread per instance, on `chatbot` and `summarization`.
 
-    .venv/bin/python benchmarks/run_results.py            # what `make bench` runs (~20 min)
+    .venv/bin/python benchmarks/run_results.py            # what `make bench` runs (12-23 min)
     .venv/bin/python benchmarks/run_results.py --workloads chatbot --scale 0.3 --out /tmp/pilot
 
 For each workload, each mode's cluster is started once (deploy/bench-*.yaml),
