@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/zero_copy_in_process.py
 """
-import time, torch, statistics
+import time, torch
 torch.set_num_threads(1)
 from engine.cpu_tuning import keep_freed_memory; keep_freed_memory()
 from kv_transfer.layout import KVLayout

@@ -49,7 +49,7 @@ def ref_to_header(ref) -> dict:
 
 def ref_from_header(info: dict):
     """The ObjectRef `ref_to_header` described, registered as borrowed from its owner."""
-    ray = _ray()
+    _ray()   # raises unless this process is connected to a Ray cluster
     from ray._private.serialization import _object_ref_deserializer
     try:
         binary, owner, status = (base64.b64decode(info[k], validate=True) for k in ("id", "owner", "status"))
