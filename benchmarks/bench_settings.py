@@ -21,6 +21,7 @@ settings (docs/results.md, "SLOs"):
 """
 from __future__ import annotations
 
+import functools
 import math
 import random
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ class Setting:
     tpot_slo_s: float
     time_limit_s: float      # per rate point: the arrivals' span fits, plus a bounded drain
     cdf_rate: float          # the rate whose latency distributions are plotted (where the modes part)
+    capacity_rps: float      # of one prefill + one decode instance, which the rates are fractions of
 
 
 NUM_REQUESTS = {"chatbot": 24, "summarization": 20, "code": 24}
@@ -58,6 +60,7 @@ def _nice_rate(x: float) -> float:
     return float(f"{x:.2g}")
 
 
+@functools.lru_cache(maxsize=None)
 def length_stats(workload: str, seed: int = 0) -> tuple[float, float, float]:
     """(90th-percentile prompt, mean prompt, mean output) in tokens, over seeded draws."""
     wl = get_workload(workload)
@@ -91,7 +94,7 @@ def settings_for(workload: str, profile: Profile) -> Setting:
     n = NUM_REQUESTS[workload]
     return Setting(rates=rates, num_requests=n, ttft_slo_s=ttft, tpot_slo_s=tpot,
                    time_limit_s=round(1.5 * n / rates[0] + DRAIN_S),
-                   cdf_rate=_nice_rate(CDF_FRACTION * cap))
+                   cdf_rate=_nice_rate(CDF_FRACTION * cap), capacity_rps=cap)
 
 
 FIDELITY_FRACTIONS = (0.25, 0.5, 0.65, 0.8, 1.3)     # the fidelity check's judged sweep
@@ -101,16 +104,14 @@ CALIBRATION_FRACTIONS = (0.25, 1.05)                 # and its two calibration p
 def fidelity_rates(workload: str, profile: Profile) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(judged rates, calibration rates) of benchmarks/simulator_fidelity.py, as fractions of the
     1P1D capacity (on the 2026-11-22 machine: 0.5, 1, 1.25, 1.5, 2.5 and 0.5, 2 req/s of chatbot)."""
-    cap = capacity_rps(profile, workload, settings_for(workload, profile).tpot_slo_s)
+    cap = settings_for(workload, profile).capacity_rps
     return (tuple(_nice_rate(f * cap) for f in FIDELITY_FRACTIONS),
             tuple(_nice_rate(f * cap) for f in CALIBRATION_FRACTIONS))
 
 
-def describe(workload: str, profile: Profile) -> str:
+def describe(workload: str, s: Setting) -> str:
     """One line of how the settings came out (printed by the benchmarks, kept in their output)."""
-    s = settings_for(workload, profile)
     p90, mean_prompt, mean_out = length_stats(workload)
-    cap = capacity_rps(profile, workload, s.tpot_slo_s)
     return (f"{workload}: p90 prompt {p90:.0f} tokens, mean prompt {mean_prompt:.0f}, mean output {mean_out:.0f}; "
             f"TTFT SLO {s.ttft_slo_s:g} s, TPOT SLO {s.tpot_slo_s * 1e3:g} ms (decode batch "
-            f"{TPOT_BATCH[workload]}); 1P1D capacity {cap:.2f} req/s; rates {list(s.rates)}")
+            f"{TPOT_BATCH[workload]}); 1P1D capacity {s.capacity_rps:.2f} req/s; rates {list(s.rates)}")

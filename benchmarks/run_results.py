@@ -24,15 +24,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cluster.bench.serve import SweepSpec, run_configs, write_results  # noqa: E402
-from benchmarks.bench_settings import describe, settings_for  # noqa: E402
+from benchmarks.bench_settings import Setting, describe, settings_for  # noqa: E402
 from cluster.bench.serve_metrics import SLO  # noqa: E402
 from router.workload import WORKLOADS  # noqa: E402
 
 CONFIGS = ("deploy/bench-disagg.yaml", "deploy/bench-colocated.yaml", "deploy/bench-colocated-chunked.yaml")
 
 
-def spec_for(workload: str, profile, scale: float = 1.0, seed: int = 0) -> SweepSpec:
-    s = settings_for(workload, profile)
+def spec_for(workload: str, s: Setting, scale: float = 1.0, seed: int = 0) -> SweepSpec:
     n = max(4, round(s.num_requests * scale))
     return SweepSpec(workload, s.rates, n, SLO(s.ttft_slo_s, s.tpot_slo_s), seed=seed,
                      time_limit_s=s.time_limit_s * max(scale, 0.3), warmup=2)
@@ -61,13 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     parts = []
     for wl in workloads:
-        spec = spec_for(wl, profile, args.scale, args.seed)
-        print(f"=== settings from {args.profile}: {describe(wl, profile)}", flush=True)
+        setting = settings_for(wl, profile)
+        spec = spec_for(wl, setting, args.scale, args.seed)
+        print(f"=== settings from {args.profile}: {describe(wl, setting)}", flush=True)
         load = os.getloadavg()
         print(f"=== {wl}: rates {list(spec.rates)}, {spec.num_requests} requests each, SLO TTFT "
               f"{spec.slo.ttft_s:g} s / TPOT {spec.slo.tpot_s:g} s; load average {load[0]:.2f}", flush=True)
         modes = run_configs(configs, spec, progress=not args.no_progress)
-        write_results(str(Path(args.out) / wl), spec, modes, load, settings_for(wl, profile).cdf_rate)
+        write_results(str(Path(args.out) / wl), spec, modes, load, setting.cdf_rate)
         parts.append((Path(args.out) / wl / "tables.md").read_text())
         print(f"=== {wl} done at {time.monotonic() - t0:.0f} s", flush=True)
     (Path(args.out) / "summary.md").write_text("\n".join(parts))
