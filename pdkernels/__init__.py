@@ -2,12 +2,14 @@
 
 The public functions below dispatch on where the tensors live: CUDA tensors go to
 the Triton kernel when Triton imports, everything else (CPU, or no Triton) to
-the torch reference. Triton is optional here: importing `pdkernels` never needs it
+the torch reference. Decode attention on CPU has a C kernel (cpu_native.py), built
+on first use, that the reference stands in for where it cannot be built. Triton is optional here: importing `pdkernels` never needs it
 or a GPU. Tests call the `*_triton` functions directly on CPU tensors under
 TRITON_INTERPRET=1 (set before this package is imported) and compare them with
 the references.
 """
 from pdkernels._triton import HAS_TRITON
+from pdkernels import cpu_native
 from pdkernels.block_copy import gather_blocks_ref, gather_blocks_triton, scatter_blocks_ref, scatter_blocks_triton
 from pdkernels.paged_attention import paged_decode_attention_ref, paged_decode_attention_triton
 from pdkernels.store_kv import store_kv_ref, store_kv_triton
@@ -27,7 +29,12 @@ def store_kv(key, value, k_cache, v_cache, slot_mapping):
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale):
     # q: [batch, heads, head_dim] -> [batch, heads, head_dim]
-    fn = paged_decode_attention_triton if _on_triton(q) else paged_decode_attention_ref
+    if _on_triton(q):
+        fn = paged_decode_attention_triton
+    elif cpu_native.supports(q, k_cache, v_cache, block_tables, context_lens):
+        fn = cpu_native.paged_decode_attention_cpu
+    else:
+        fn = paged_decode_attention_ref
     return fn(q, k_cache, v_cache, block_tables, context_lens, scale)
 
 

@@ -1,6 +1,8 @@
 """Kernels: every Triton kernel (run by the interpreter on CPU, TRITON_INTERPRET=1
 from tests/conftest.py) against its torch reference, and every reference against
 a naive loop written independently here."""
+import os
+import shutil
 import subprocess
 import sys
 
@@ -11,6 +13,8 @@ import pdkernels
 from pdkernels.block_copy import gather_blocks_ref, gather_blocks_triton, scatter_blocks_ref, scatter_blocks_triton
 from pdkernels.paged_attention import paged_decode_attention_ref, paged_decode_attention_triton
 from pdkernels.store_kv import store_kv_ref, store_kv_triton
+from pdkernels import cpu_native
+from pdkernels.cpu_native import paged_decode_attention_cpu
 
 CONTEXT_LENS = [1, 15, 16, 17, 33, 100]  # one token, block edges, partial last blocks
 HEAD_CONFIGS = [(9, 3, 64), (4, 4, 32), (8, 2, 20)]  # (heads, kv_heads, head_dim): default model, MHA, GQA + odd dim
@@ -197,11 +201,106 @@ def test_paged_attention_ref_single_token_returns_its_value():
     torch.testing.assert_close(out, first.repeat_interleave(2, dim=1))
 
 
-@pytest.mark.parametrize("attention", [paged_decode_attention_ref, paged_decode_attention_triton])
+@pytest.mark.parametrize("attention", [paged_decode_attention_ref, paged_decode_attention_triton,
+                                       paged_decode_attention_cpu])
 def test_paged_attention_empty_batch(attention):
     q, k_cache, v_cache, block_tables, lens = paged_inputs([4], 4, 2, 16, 8, torch.float32)
     out = attention(q[:0], k_cache, v_cache, block_tables[:0], lens[:0], 0.25)
     assert out.shape == (0, 4, 16)
+
+
+# --- the C kernel for CPU decode attention (pdkernels/cpu_native.py) -------------------
+
+def test_c_kernel_builds_where_there_is_a_compiler():
+    # without this, every test below would pass on the torch reference's behalf
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.skip("no C compiler on this machine: the torch reference serves")
+    assert cpu_native.load() is not None
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", HEAD_CONFIGS)
+@pytest.mark.parametrize("block_size", [16, 8])
+def test_c_kernel_matches_naive(dtype, tol, heads, kv_heads, head_dim, block_size):
+    # unowned cache slots hold NaN (paged_inputs): a read past a sequence's length shows
+    q, k_cache, v_cache, block_tables, lens = paged_inputs(CONTEXT_LENS, heads, kv_heads, head_dim, block_size, dtype)
+    assert cpu_native.supports(q, k_cache, v_cache, block_tables, lens)
+    out = paged_decode_attention_cpu(q, k_cache, v_cache, block_tables, lens, 0.3)
+    naive = naive_attention(q, k_cache, v_cache, block_tables, lens, 0.3)
+    assert out.dtype == dtype and out.shape == q.shape and torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), naive, atol=tol * naive.abs().max().item(), rtol=tol)
+
+
+def test_c_kernel_is_closer_to_exact_than_the_bf16_reference():
+    # it accumulates in fp32 and rounds once; the reference rounds scores and weights to bf16
+    lens = [700, 33, 410, 1, 256, 999]
+    q, k_cache, v_cache, block_tables, ctx = paged_inputs(lens, 9, 3, 64, 16, torch.bfloat16, seed=4)
+    naive = naive_attention(q, k_cache, v_cache, block_tables, ctx, 0.125)
+    c_err = (paged_decode_attention_cpu(q, k_cache, v_cache, block_tables, ctx, 0.125).double() - naive).abs().max()
+    ref_err = (paged_decode_attention_ref(q, k_cache, v_cache, block_tables, ctx, 0.125).double() - naive).abs().max()
+    assert c_err < ref_err
+
+
+def test_c_kernel_takes_a_strided_q():
+    # q sliced out of a fused qkv projection: token stride != heads * head_dim
+    _, k_cache, v_cache, block_tables, lens = paged_inputs([5, 40], 9, 3, 64, 16, torch.float32)
+    q = torch.randn(2, 9 + 3 + 3, 64)[:, :9]
+    out = paged_decode_attention_cpu(q, k_cache, v_cache, block_tables, lens, 0.125)
+    torch.testing.assert_close(out, paged_decode_attention_ref(q, k_cache, v_cache, block_tables, lens, 0.125),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad", ["block id past the cache", "negative block id", "context past the table",
+                                 "empty context"])
+def test_c_kernel_refuses_bad_tables_instead_of_reading_out_of_bounds(bad):
+    q, k_cache, v_cache, block_tables, lens = paged_inputs([20, 3], 4, 2, 16, 8, torch.float32)
+    if bad == "block id past the cache":
+        block_tables[0, 1] = k_cache.shape[0]
+    elif bad == "negative block id":
+        block_tables[1, 0] = -1
+    elif bad == "context past the table":
+        lens[0] = block_tables.shape[1] * 8 + 1
+    else:
+        lens[1] = 0
+    with pytest.raises(ValueError, match="block"):
+        paged_decode_attention_cpu(q, k_cache, v_cache, block_tables, lens, 0.25)
+
+
+@pytest.mark.parametrize("env", [{"PDCLUSTER_NATIVE_KERNELS": "0"}, {"CC": "/nonexistent/cc"}])
+def test_without_the_c_kernel_attention_falls_back_to_the_reference(env, tmp_path):
+    # switched off, or no compiler (in a fresh cache, so nothing built earlier is found)
+    code = (
+        "import torch, pdkernels\n"
+        "from pdkernels import cpu_native\n"
+        "assert cpu_native.load() is None\n"
+        "q, k, v = torch.randn(2, 4, 16), torch.randn(6, 8, 2, 16), torch.randn(6, 8, 2, 16)\n"
+        "tables, lens = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32), torch.tensor([9, 16], dtype=torch.int32)\n"
+        "out = pdkernels.paged_decode_attention(q, k, v, tables, lens, 0.25)\n"
+        "assert torch.equal(out, pdkernels.paged_decode_attention_ref(q, k, v, tables, lens, 0.25))\n"
+    )
+    run_env = {**os.environ, "PDCLUSTER_CACHE_DIR": str(tmp_path), **env}
+    done = subprocess.run([sys.executable, "-c", code], cwd=pdkernels.__path__[0] + "/..", env=run_env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    if "CC" in env:
+        assert "CPU decode-attention kernel unavailable" in done.stderr
+        assert not list(tmp_path.rglob("*.so")) and not list(tmp_path.rglob("*.so.*"))
+
+
+def test_c_kernel_builds_once_when_processes_race(tmp_path):
+    # Ray starts several workers at once on a fresh machine: each builds to a temporary name
+    # and renames it, so none loads a half-written library
+    code = ("from pdkernels import cpu_native\n"
+            "assert cpu_native.load() is not None\n")
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.skip("no C compiler on this machine")
+    env = {**os.environ, "PDCLUSTER_CACHE_DIR": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=pdkernels.__path__[0] + "/..", env=env,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    for p in procs:
+        assert p.wait(timeout=180) == 0, p.stderr.read()
+    built = sorted(p.name for p in (tmp_path / "native").iterdir())
+    assert len(built) == 1 and built[0].startswith("cpu_decode_attention-") and built[0].endswith(".so")
 
 
 # --- block copy ---------------------------------------------------------------------
@@ -254,10 +353,14 @@ def test_blocks_round_trip_between_caches():
 
 # --- dispatcher -----------------------------------------------------------------------
 
-def test_dispatcher_uses_reference_on_cpu():
+def test_dispatcher_on_cpu_uses_the_c_kernel_for_attention_and_references_for_the_rest():
     q, k_cache, v_cache, block_tables, lens = paged_inputs([3, 20], 4, 2, 16, 8, torch.float32)
     out = pdkernels.paged_decode_attention(q, k_cache, v_cache, block_tables, lens, 0.25)
-    assert torch.equal(out, paged_decode_attention_ref(q, k_cache, v_cache, block_tables, lens, 0.25))
+    assert torch.equal(out, paged_decode_attention_cpu(q, k_cache, v_cache, block_tables, lens, 0.25))
+    half = [t.half() if t.is_floating_point() else t for t in (q, k_cache, v_cache)]
+    assert not cpu_native.supports(*half, block_tables, lens)   # fp16: the reference
+    assert torch.equal(pdkernels.paged_decode_attention(*half, block_tables, lens, 0.25),
+                       paged_decode_attention_ref(*half, block_tables, lens, 0.25))
     cache = torch.randn(2, 6, 10)
     buffer = pdkernels.gather_blocks(cache, torch.tensor([4, 1]))
     assert torch.equal(buffer, cache[:, [4, 1]])
