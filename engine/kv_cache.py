@@ -6,6 +6,23 @@ import torch
 from engine.errors import ConfigError
 
 
+PAGE_BYTES = 4096
+
+
+def touch_pages(t: torch.Tensor) -> None:
+    """Write a zero into every page of a zero-filled CPU tensor, so the kernel maps them all now.
+
+    A large zero-filled allocation (calloc, a new shared-memory segment) is mapped lazily: each
+    page faults the first time it is written. Blocks are handed out first-in first-out, so until
+    every block had been used once, each prefill paid for the faults of its new blocks: in a
+    worker whose cache is in shared memory, a 512-token prefill ran 1.22x slower over its first
+    ~45 prompts than after them (0.5 GB cache). Mapped at start-up instead: ~0.1 s per GB."""
+    if t.device.type != "cpu" or t.numel() == 0 or not t.is_contiguous():
+        return
+    flat = t.view(-1)
+    flat[::max(1, PAGE_BYTES // t.element_size())] = 0
+
+
 class KVCache:
     """[layers, 2 (K, V), num_blocks, block_size, kv_heads, head_dim], zero-filled.
 
@@ -25,6 +42,7 @@ class KVCache:
         if tuple(self.data.shape) != shape or self.data.dtype != dtype:
             raise ConfigError(f"KV cache allocator returned {tuple(self.data.shape)} {self.data.dtype}, "
                               f"expected {shape} {dtype}")
+        touch_pages(self.data)
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
