@@ -37,7 +37,8 @@ def cpu_seconds() -> dict[int, tuple[float, str]]:
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2:].split()
-        out[int(p.name)] = ((int(fields[11]) + int(fields[12])) / tick, cmd or stat[stat.index("(") + 1:stat.rindex(")")])
+        name = cmd or stat[stat.index("(") + 1:stat.rindex(")")]   # kernel threads have no command line
+        out[int(p.name)] = ((int(fields[11]) + int(fields[12])) / tick, name)
     return out
 
 

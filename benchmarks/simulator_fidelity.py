@@ -94,8 +94,8 @@ def fit_calibration(profile, sim, cal_points: list[dict], cal_spec: SweepSpec, n
     reqs = [cal_spec.requests(c["rate"]) for c in cal_points]
     offline = [sim(profile, q)[1] for q in reqs]
     factors = {"prefill": 1.0, "decode": 1.0}
+    highest = max(range(len(cal_points)), key=lambda i: cal_points[i]["rate"])
     for phase in PHASES:
-        highest = max(range(len(cal_points)), key=lambda i: cal_points[i]["rate"])
         used = [highest] if phase in PREFILL_FROM_HIGHEST else range(len(cal_points))
         target = sum(cal_points[i]["workers"][phase]["busy_s"] for i in used)
 

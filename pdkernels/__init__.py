@@ -1,12 +1,12 @@
-"""Kernels: each file holds one Triton kernel and a pure-torch reference of it.
+"""Kernels: one Triton kernel per file with its pure-torch reference, and a C kernel for CPU decode attention.
 
 The public functions below dispatch on where the tensors live: CUDA tensors go to
 the Triton kernel when Triton imports, everything else (CPU, or no Triton) to
 the torch reference. Decode attention on CPU has a C kernel (cpu_native.py), built
-on first use, that the reference stands in for where it cannot be built. Triton is optional here: importing `pdkernels` never needs it
-or a GPU. Tests call the `*_triton` functions directly on CPU tensors under
-TRITON_INTERPRET=1 (set before this package is imported) and compare them with
-the references.
+on first use; the reference stands in for it where it cannot be built. Triton is
+optional here: importing `pdkernels` never needs it or a GPU. Tests call the
+`*_triton` functions directly on CPU tensors under TRITON_INTERPRET=1 (set before
+this package is imported) and compare them with the references.
 """
 from pdkernels._triton import HAS_TRITON
 from pdkernels import cpu_native
