@@ -56,6 +56,12 @@ class GatheringSender(KVSender):
     def abort(self, transfer_id: str, now: float):
         return self.inner.abort(transfer_id, now)
 
+    def wait_sockets(self) -> list | None:
+        return self.inner.wait_sockets()
+
+    def wait(self, timeout_s: float) -> None:
+        self.inner.wait(timeout_s)
+
     def close(self) -> None:
         self.inner.close()
 
@@ -84,6 +90,12 @@ class ScatteringReceiver(KVReceiver):
 
     def abort_offer(self, offer: TransferOffer) -> None:
         self.inner.abort_offer(offer)
+
+    def wait_sockets(self) -> list | None:
+        return self.inner.wait_sockets()
+
+    def wait(self, timeout_s: float) -> None:
+        self.inner.wait(timeout_s)
 
     def close(self) -> None:
         self.inner.close()

@@ -3,33 +3,33 @@
 The interface is in `base` (KVSender / KVReceiver, TransferOffer); `lease`
 holds the prefill side's ownership bookkeeping, `layout` the canonical wire
 form and the conversion between parallelism plans, `codec` int8 compression
-and checksums. Backends, all over `channel` (a zmq control channel with a
-pluggable data path): `zmq` (bytes in the zmq frames), `shm` (a shared-memory
-segment, or zero copy out of the sender's cache), `torch_dist` (gloo / NCCL
-point-to-point in a per-pair process group) and `ray` (Ray's object store; both
-processes connected to one Ray cluster). `make_sender` / `make_receiver` pick
-one by name.
+and checksums. Backends (`backends.BACKENDS`), all over `channel` (a zmq
+control channel with a data path from `data_paths`): `zmq` (bytes in the zmq
+frames), `shm` (a shared-memory segment, or zero copy out of the sender's
+cache), `torch_dist` (gloo / NCCL point-to-point in a per-pair process group)
+and `ray` (Ray's object store; both processes connected to one Ray cluster).
+`make_sender` / `make_receiver` (`factory`) pick one by name.
+
+The names below are resolved lazily, so that `kv_transfer.backends` can be
+imported (by the config) without torch or zmq.
 """
-from kv_transfer.base import (KVReceiver, KVSender, TransferError, TransferOffer, TransferResult,
-                              TransferStatus)
-from kv_transfer.layout import KVLayout
+from importlib import import_module
 
-BACKENDS = ("zmq", "shm", "torch_dist", "ray")
-
-
-def make_sender(backend: str, cache_data, layout: KVLayout, **kwargs) -> KVSender:
-    if backend not in BACKENDS:
-        raise TransferError(f"kv_transfer backend {backend!r} is not one of {BACKENDS}")
-    from kv_transfer.channel import ChannelSender
-    return ChannelSender(cache_data, layout, backend, **kwargs)
-
-
-def make_receiver(backend: str, cache_data, layout: KVLayout, **kwargs) -> KVReceiver:
-    if backend not in BACKENDS:
-        raise TransferError(f"kv_transfer backend {backend!r} is not one of {BACKENDS}")
-    from kv_transfer.channel_receiver import ChannelReceiver
-    return ChannelReceiver(cache_data, layout, backend, **kwargs)
+_EXPORTS = {
+    "BACKENDS": "kv_transfer.backends",
+    "KVLayout": "kv_transfer.layout",
+    "KVReceiver": "kv_transfer.base", "KVSender": "kv_transfer.base", "TransferError": "kv_transfer.base",
+    "TransferOffer": "kv_transfer.base", "TransferResult": "kv_transfer.base",
+    "TransferStatus": "kv_transfer.base",
+    "make_receiver": "kv_transfer.factory", "make_sender": "kv_transfer.factory",
+}
+__all__ = list(_EXPORTS)
 
 
-__all__ = ["BACKENDS", "KVLayout", "KVReceiver", "KVSender", "TransferError", "TransferOffer",
-           "TransferResult", "TransferStatus", "make_receiver", "make_sender"]
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kv_transfer' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value

@@ -21,6 +21,7 @@ Neither `poll` blocks; `close` releases sockets and shared memory.
 from __future__ import annotations
 
 import enum
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -64,7 +65,23 @@ class TransferResult:
     attempts: int = 1     # > 1 when a corrupted transfer was retried
 
 
-class KVSender(ABC):
+class StepLoopWaits:
+    """How a worker's step loop sleeps on a transfer side instead of spinning."""
+
+    def wait_sockets(self) -> list | None:
+        """zmq sockets a step loop may sleep on (with its own, in one zmq.Poller) until this
+        side has work; None: work can also come another way, so the loop must not sleep
+        past its next wake-up time."""
+        return None
+
+    def wait(self, timeout_s: float) -> None:
+        """Block until this side may have work or `timeout_s` passed: a loop with nothing else
+        to do sleeps here rather than spinning on `poll` (on 2 shared cores, a spinning
+        loop takes the core the other side needs)."""
+        time.sleep(timeout_s)
+
+
+class KVSender(StepLoopWaits, ABC):
     """Prefill side: offers blocks under leases and serves pulls from its step loop."""
 
     @property
@@ -96,7 +113,7 @@ class KVSender(ABC):
     def close(self) -> None: ...
 
 
-class KVReceiver(ABC):
+class KVReceiver(StepLoopWaits, ABC):
     """Decode side: pulls offered KV into blocks it has allocated."""
 
     @abstractmethod

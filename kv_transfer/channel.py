@@ -38,7 +38,7 @@ import zmq
 
 from kv_transfer import codec, layout as kvl
 from kv_transfer.base import KVSender, TransferError, TransferOffer
-from kv_transfer.data_path import make_data_path
+from kv_transfer.data_paths import make_data_path
 from kv_transfer.faults import FaultInjector, FaultSpec
 from kv_transfer.lease import LeaseEnd, LeaseState, LeaseTable
 from kv_transfer.messages import header as _message, parse as _parse, send as _send

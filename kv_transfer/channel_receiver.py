@@ -13,7 +13,7 @@ import zmq
 from engine.block_manager import blocks_needed
 from kv_transfer import codec, layout as kvl
 from kv_transfer.base import KVReceiver, TransferError, TransferOffer, TransferResult, TransferStatus
-from kv_transfer.data_path import make_data_path
+from kv_transfer.data_paths import make_data_path
 from kv_transfer.messages import CLOSE_LINGER_MS, header as _message, parse as _parse, send as _send
 from kv_transfer.shared_cache import AttachedCaches, copy_block_runs
 from kv_transfer.stream import LayerProgress, layer_range, layers_layout, unpack_runs

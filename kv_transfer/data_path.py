@@ -20,8 +20,9 @@ import torch
 
 from kv_transfer.codec import wire_nbytes
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
-           "int8": torch.int8, "uint8": torch.uint8, "int64": torch.int64}
+# the dtypes a payload tensor may have on the wire (KV, int8 codes and their scales, ids)
+WIRE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+                "int8": torch.int8, "uint8": torch.uint8, "int64": torch.int64}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -45,11 +46,11 @@ def describe(tensors: list[torch.Tensor]) -> list[dict]:
 
 def tensor_view(buffer, dtype: str, shape: list[int], offset: int) -> torch.Tensor:
     """A tensor over `buffer` (read-only buffers too: callers only read those)."""
-    nbytes = int(np.prod(shape)) * _DTYPES[dtype].itemsize
+    nbytes = int(np.prod(shape)) * WIRE_DTYPES[dtype].itemsize
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)   # "the given buffer is not writable"
         flat = torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes, offset=offset)
-    return flat.view(_DTYPES[dtype]).view(shape)
+    return flat.view(WIRE_DTYPES[dtype]).view(shape)
 
 
 def _view(buffer, m: dict) -> torch.Tensor:
@@ -193,20 +194,3 @@ def attach_segment(name: str) -> mmap.mmap:
         return mmap.mmap(fd, os.fstat(fd).st_size, prot=mmap.PROT_READ)
     finally:
         os.close(fd)
-
-
-def make_data_path(backend: str, prefix: str, host: str = "127.0.0.1",
-                   device: torch.device | None = None) -> DataPath:
-    """`host`: the address a sender's path listens on; `device`: where a receiver's path
-    puts what it receives (the device of its cache)."""
-    if backend == "zmq":
-        return InlinePath()
-    if backend == "shm":
-        return ShmPath(prefix)
-    if backend == "torch_dist":
-        from kv_transfer.torch_dist_path import TorchDistPath
-        return TorchDistPath(host=host, device=device)
-    if backend == "ray":
-        from kv_transfer.ray_path import RayPath
-        return RayPath()
-    raise ValueError(f"no data path for backend {backend!r} (zmq, shm, torch_dist, ray)")

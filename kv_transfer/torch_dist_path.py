@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 from kv_transfer.base import TransferError
-from kv_transfer.data_path import _DTYPES, DataPath, describe
+from kv_transfer.data_path import WIRE_DTYPES, DataPath, describe
 from kv_transfer.staging import StagingPool
 
 GROUP_TIMEOUT_S = 30.0    # rendezvous, and the longest any one send/recv may take
@@ -401,7 +401,7 @@ class TorchDistPath(DataPath):
         errors = [op.error for op in inc.ops if op.error]
         if errors:
             raise ValueError(f"the torch_dist receive failed: {errors[0]}")
-        return [inc.buffer[m["offset"]:m["offset"] + m["nbytes"]].view(_DTYPES[m["dtype"]]).view(m["shape"])
+        return [inc.buffer[m["offset"]:m["offset"] + m["nbytes"]].view(WIRE_DTYPES[m["dtype"]]).view(m["shape"])
                 for m in inc.meta]
 
     def close_import(self, transfer_id: str, attempt: int | None = None) -> None:
@@ -469,10 +469,10 @@ def _check_meta(meta: list) -> int:
     """Total bytes of a header's payload description; ValueError if it is not one we made."""
     total = 0
     for m in meta:
-        if not isinstance(m, dict) or m.get("dtype") not in _DTYPES or not isinstance(m.get("shape"), list) \
+        if not isinstance(m, dict) or m.get("dtype") not in WIRE_DTYPES or not isinstance(m.get("shape"), list) \
                 or not all(isinstance(d, int) and d >= 0 for d in m["shape"]):
             raise ValueError(f"DATA header's payload entry is malformed: {m!r}")
-        nbytes = _DTYPES[m["dtype"]].itemsize
+        nbytes = WIRE_DTYPES[m["dtype"]].itemsize
         for d in m["shape"]:
             nbytes *= d
         if m.get("nbytes") != nbytes or m.get("offset") != total:
