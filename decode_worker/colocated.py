@@ -25,12 +25,15 @@ the Ray actor in `cluster.actors`; tests step it in-process.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from engine.block_manager import BlockManager
 from engine.chunked_scheduler import NO_TOKEN
 from engine.errors import EngineError
+from engine.runner import Runner
 from engine.sampling_params import SamplingParams
-from engine.sequence import Sequence
+from engine.scheduler import Scheduler
+from engine.sequence import SeqState
 from engine.validation import validate_request
 from protos import worker_pb2 as wpb
 
@@ -38,8 +41,10 @@ from protos import worker_pb2 as wpb
 class ColocatedWorker:
     role = "colocated"
 
-    def __init__(self, name: str, runner, blocks: BlockManager, scheduler, *, vocab_size: int,
-                 max_model_len: int, on_close=None) -> None:
+    stream_layers = False   # no KV leaves this instance
+
+    def __init__(self, name: str, runner: Runner, blocks: BlockManager, scheduler: Scheduler, *,
+                 vocab_size: int, max_model_len: int, on_close: Callable[[], None] | None = None) -> None:
         """`scheduler`: an `engine.scheduler.Scheduler` or its chunked variant over `blocks`."""
         self.name = name
         self.runner, self.blocks, self.scheduler = runner, blocks, scheduler
@@ -71,7 +76,7 @@ class ColocatedWorker:
         except EngineError as e:
             self._fail(work.req_id, str(e))
             return
-        self.scheduler.add(Sequence(work.req_id, ids, params, arrival_time=now))
+        self.scheduler.add(SeqState(work.req_id, ids, params, arrival_time=now))
 
     def abort(self, req_id: str) -> None:
         self._prefill_s.pop(req_id, None)
@@ -106,7 +111,7 @@ class ColocatedWorker:
                 self._report(seq, token, work.req_id in finished, done)
         return self._flush(True)
 
-    def _report(self, seq: Sequence, token: int, finished: bool, now: float) -> None:
+    def _report(self, seq: SeqState, token: int, finished: bool, now: float) -> None:
         if seq.first_token_time is None:
             seq.first_token_time = now
             first = seq.first_scheduled_time if seq.first_scheduled_time is not None else now
@@ -136,11 +141,8 @@ class ColocatedWorker:
     # -- state ------------------------------------------------------------------------------
     def load(self) -> wpb.Load:
         s = self.scheduler
-        # the chunked scheduler also counts the rest of the prompts it is prefilling
-        queued = getattr(s, "queued_prompt_tokens", None)
-        if queued is None:
-            queued = sum(q.num_tokens for q in s.waiting)
-        return wpb.Load(num_waiting=len(s.waiting), num_running=len(s.running), queued_prompt_tokens=queued,
+        return wpb.Load(num_waiting=len(s.waiting), num_running=len(s.running),
+                        queued_prompt_tokens=s.queued_prompt_tokens,
                         num_free_blocks=self.blocks.num_free_blocks, num_blocks=self.blocks.num_blocks,
                         num_steps=self.num_steps,
                         mean_step_s=self._step_time / self.num_steps if self.num_steps else 0.0)
@@ -150,6 +152,9 @@ class ColocatedWorker:
 
     def next_wakeup(self, now: float) -> float | None:
         return 0.0 if self.scheduler.has_unfinished() else None
+
+    def wait_sockets(self) -> list | None:
+        return []   # only commands bring work here
 
     def close(self) -> None:
         if self._on_close is not None:

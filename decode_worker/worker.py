@@ -38,13 +38,15 @@ import logging
 import pickle
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from engine.block_manager import BlockManager, blocks_needed
 from engine.errors import EngineError
+from engine.runner import Runner
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
-from engine.sequence import Sequence
+from engine.sequence import SeqState
 from engine.validation import validate_request
 from kv_transfer.base import KVReceiver, TransferOffer, TransferStatus
 from protos import worker_pb2 as wpb
@@ -72,7 +74,7 @@ def load_offer(data: bytes) -> TransferOffer:
 
 @dataclass
 class _Pull:
-    seq: Sequence
+    seq: SeqState
     offer: TransferOffer
     started: float
 
@@ -89,16 +91,18 @@ class _EarlyPull:
 
 class DecodeWorker:
     role = "decode"
+    stream_layers = False   # a receiver: early offers come to it (prefetch), it makes none
 
-    def __init__(self, name: str, runner, blocks: BlockManager, receiver: KVReceiver, *, vocab_size: int,
+    def __init__(self, name: str, runner: Runner, blocks: BlockManager, receiver: KVReceiver, *, vocab_size: int,
                  eos_token_ids: frozenset[int], max_model_len: int,
-                 config: SchedulerConfig = SchedulerConfig(), on_close=None, early_ttl_s: float = 60.0) -> None:
+                 config: SchedulerConfig = SchedulerConfig(), on_close: Callable[[], None] | None = None,
+                 early_ttl_s: float = 60.0) -> None:
         self.name = name
         self.runner, self.blocks, self.receiver = runner, blocks, receiver
         self.vocab_size, self.max_model_len = vocab_size, max_model_len
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    max_model_len), blocks, eos_token_ids)
-        self.pending: deque[tuple[Sequence, TransferOffer]] = deque()
+        self.pending: deque[tuple[SeqState, TransferOffer]] = deque()
         self._pulls: dict[str, _Pull] = {}          # transfer_id -> pull
         self._pull_of: dict[str, str] = {}          # req_id -> transfer_id
         self._transfer_s: dict[str, float] = {}     # reported with the request's next tokens
@@ -139,7 +143,7 @@ class DecodeWorker:
         except Exception as e:   # whatever the bytes were, this request fails and the worker goes on
             self._fail(work.req_id, f"bad decode work: {e}")
             return
-        seq = Sequence(work.req_id, ids, params, arrival_time=now)
+        seq = SeqState(work.req_id, ids, params, arrival_time=now)
         seq.output_token_ids.append(work.first_token_id)
         early = self._early.pop(work.req_id, None)
         if early is not None and early.offer.transfer_id == offer.transfer_id:
@@ -175,7 +179,7 @@ class DecodeWorker:
         self.num_prefetched += 1
         return True
 
-    def _claim(self, seq: Sequence, early: _EarlyPull) -> None:
+    def _claim(self, seq: SeqState, early: _EarlyPull) -> None:
         """The DecodeWork of an early pull: join it, or run at once if its KV is here."""
         seq.block_ids = early.block_ids
         if early.done_at is None:
@@ -290,14 +294,14 @@ class DecodeWorker:
             log.warning("%s freed the early KV of %r: no DecodeWork came", self.name, req_id)
             self.blocks.free(self._early.pop(req_id).block_ids)
 
-    def _recompute(self, seq: Sequence, why: str) -> None:
+    def _recompute(self, seq: SeqState, why: str) -> None:
         log.warning("%s recomputes request %r locally: %s", self.name, seq.req_id, why)
         self.blocks.free(seq.block_ids)
         seq.block_ids = []
         seq.num_preemptions += 1
         self.scheduler.add(seq)   # WAITING: prefilled here over prompt + first token
 
-    def _report(self, req_id: str, finished: dict[str, Sequence]) -> None:
+    def _report(self, req_id: str, finished: dict[str, SeqState]) -> None:
         seq = finished.get(req_id) or self.scheduler.get(req_id)
         if seq is None or not seq.output_token_ids:
             return
@@ -345,8 +349,7 @@ class DecodeWorker:
     def wait_sockets(self) -> list | None:
         """zmq sockets whose messages are work for this worker (the host's poller sleeps on
         them too); None: it must not sleep past next_wakeup."""
-        fn = getattr(self.receiver, "wait_sockets", None)
-        return fn() if fn is not None else None
+        return self.receiver.wait_sockets()
 
     def close(self) -> None:
         self.receiver.close()

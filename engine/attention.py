@@ -7,17 +7,39 @@ import torch
 import torch.nn.functional as F
 
 import pdkernels
+from engine.sequence import StepKind
 
 
 @dataclass
 class AttentionMetadata:
-    """Per-step tensors shared by every layer (built once by the model runner)."""
+    """Per-step tensors shared by every layer (built once by the model runner).
 
-    is_prefill: bool
+    `attend` is the step's attention over the cache; a step of another kind
+    (chunked prefill's mixed step, engine.chunked_prefill) brings its own
+    metadata subclass with its own `attend`."""
+
+    kind: StepKind                        # PREFILL or DECODE here
     slot_mapping: torch.Tensor            # [tokens] int64 cache slot of each new token, -1 = none
     seq_bounds: list[tuple[int, int]]     # prefill: each sequence's [start, end) in the packed batch
     block_tables: torch.Tensor | None     # decode: [batch, max_blocks] int32
     context_lens: torch.Tensor | None     # decode: [batch] int32, the new token included
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.kind is StepKind.PREFILL
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               kv_cache: tuple[torch.Tensor, torch.Tensor] | None, scale: float,
+               last_only: bool = False) -> torch.Tensor:
+        """Attention of this step's queries once their K/V is in the cache (see paged_attention)."""
+        if self.is_prefill:
+            if last_only:
+                return _last_token_attention(q, k, v, self.seq_bounds, scale)
+            return _packed_causal_attention(q, k, v, self.seq_bounds, scale)
+        if kv_cache is None:
+            raise ValueError("a decode step needs the KV cache")
+        return pdkernels.paged_decode_attention(q, kv_cache[0], kv_cache[1], self.block_tables,
+                                                self.context_lens, scale)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -32,16 +54,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     if kv_cache is not None:
         pdkernels.store_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
-    if meta.is_prefill:
-        if last_only:
-            return _last_token_attention(q, k, v, meta.seq_bounds, scale)
-        return _packed_causal_attention(q, k, v, meta.seq_bounds, scale)
-    assert kv_cache is not None, "decode needs the KV cache"
-    if getattr(meta, "is_mixed", False):   # chunked prefill: decode rows + chunks over cached prefixes
-        from engine.chunked_prefill import mixed_attention   # imported here: it builds on this module
-        return mixed_attention(q, k, v, kv_cache, meta, scale)
-    return pdkernels.paged_decode_attention(q, kv_cache[0], kv_cache[1], meta.block_tables,
-                                          meta.context_lens, scale)
+    return meta.attend(q, k, v, kv_cache, scale, last_only)
 
 
 def _packed_causal_attention(q, k, v, seq_bounds, scale):

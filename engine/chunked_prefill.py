@@ -21,7 +21,7 @@ from engine.attention import AttentionMetadata
 from engine.cpu_tuning import matmul_backend
 from engine.chunked_scheduler import NO_TOKEN
 from engine.sampler import sample
-from engine.sequence import StepResult
+from engine.sequence import StepKind, StepResult
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,11 @@ class MixedAttentionMetadata(AttentionMetadata):
 
     num_decodes: int = 0
     chunks: tuple[Chunk, ...] = ()
-    is_mixed: bool = True
+
+    def attend(self, q, k, v, kv_cache, scale, last_only=False):
+        if kv_cache is None:
+            raise ValueError("a mixed step needs the KV cache")
+        return mixed_attention(q, k, v, kv_cache, self, scale)
 
 
 def mixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -109,7 +113,7 @@ def execute_mixed(runner, plan) -> StepResult:
         for i, s in enumerate(decodes):
             tables[i, :len(s.block_ids)] = torch.tensor(s.block_ids, dtype=torch.int32)
         lens = torch.tensor([s.context_len for s in decodes], dtype=torch.int32)
-    meta = MixedAttentionMetadata(False, torch.cat(slots), [], tables, lens, num_decodes=nd,
+    meta = MixedAttentionMetadata(StepKind.MIXED, torch.cat(slots), [], tables, lens, num_decodes=nd,
                                   chunks=tuple(chunks))
     with matmul_backend(len(ids), runner.dtype):
         hidden = runner.model(torch.tensor(ids), torch.cat(pos), runner._kv_layers, meta)   # [tokens, hidden]

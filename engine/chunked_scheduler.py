@@ -25,11 +25,11 @@ Pure: no torch, no threads, no clock (the time is passed in).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.block_manager import BlockManager
 from engine.scheduler import Scheduler, SchedulerConfig
-from engine.sequence import SeqStatus, Sequence, SeqWork, StepPlan, StepResult
+from engine.sequence import SeqState, SeqStatus, SeqWork, StepKind, StepPlan, StepResult
 
 NO_TOKEN = -1   # the token of a row that sampled nothing: a chunk short of its prompt's end
 
@@ -44,8 +44,7 @@ class MixedStepPlan:
 
     seqs: tuple[SeqWork, ...]
     samples: tuple[bool, ...]
-    is_prefill = False
-    is_mixed = True
+    kind: StepKind = field(default=StepKind.MIXED, init=False)
 
     @property
     def num_tokens(self) -> int:
@@ -60,7 +59,7 @@ class ChunkedScheduler(Scheduler):
         super().__init__(config, blocks, eos_token_ids)
         self._computed: dict[str, int] = {}   # req_id -> tokens whose KV is in the cache (RUNNING only)
 
-    def add_running(self, seq: Sequence) -> None:
+    def add_running(self, seq: SeqState) -> None:
         super().add_running(seq)
         self._computed[seq.req_id] = seq.num_tokens - 1
 
@@ -78,7 +77,7 @@ class ChunkedScheduler(Scheduler):
     def schedule(self, now: float) -> StepPlan | MixedStepPlan | None:
         decodes = self._schedule_decodes()
         budget = self.config.max_num_batched_tokens - len(decodes)
-        chunks: list[tuple[Sequence, int]] = []      # (request, chunk length)
+        chunks: list[tuple[SeqState, int]] = []      # (request, chunk length)
         for seq in self.running:
             if budget == 0:
                 break
@@ -101,7 +100,7 @@ class ChunkedScheduler(Scheduler):
             budget -= chunks[-1][1]
         return self._plan(decodes, chunks)
 
-    def update(self, plan: StepPlan | MixedStepPlan, result: StepResult) -> list[Sequence]:
+    def update(self, plan: StepPlan | MixedStepPlan, result: StepResult) -> list[SeqState]:
         finished = []
         for work, token_id in zip(plan.seqs, result.token_ids, strict=True):
             seq = self._by_id.get(work.req_id)
@@ -119,9 +118,9 @@ class ChunkedScheduler(Scheduler):
         return finished
 
     # -- internals ------------------------------------------------------------------
-    def _schedule_decodes(self) -> list[Sequence]:
+    def _schedule_decodes(self) -> list[SeqState]:
         """Every running request with only its last token left gets a slot for it (a)."""
-        scheduled: list[Sequence] = []
+        scheduled: list[SeqState] = []
         queue = list(self.running)
         while queue:
             seq = queue.pop(0)
@@ -137,7 +136,7 @@ class ChunkedScheduler(Scheduler):
                 scheduled.append(seq)
         return scheduled
 
-    def _plan(self, decodes: list[Sequence], chunks: list[tuple[Sequence, int]]):
+    def _plan(self, decodes: list[SeqState], chunks: list[tuple[SeqState, int]]):
         works = [SeqWork(s.req_id, (s.last_token_id,), s.num_tokens - 1, tuple(s.block_ids), s.sampling,
                          len(s.output_token_ids)) for s in decodes]
         samples = [True] * len(works)
@@ -149,15 +148,15 @@ class ChunkedScheduler(Scheduler):
         if not works:
             return None
         if not chunks:
-            return StepPlan(False, tuple(works))
+            return StepPlan(StepKind.DECODE, tuple(works))
         if not decodes and all(w.start_pos == 0 for w in works) and all(samples):
-            return StepPlan(True, tuple(works))     # whole prompts: the plain packed prefill
+            return StepPlan(StepKind.PREFILL, tuple(works))     # whole prompts: the plain packed prefill
         return MixedStepPlan(tuple(works), tuple(samples))
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _preempt(self, seq: SeqState) -> None:
         self._computed.pop(seq.req_id, None)
         super()._preempt(seq)
 
-    def _finish(self, seq: Sequence, reason) -> None:
+    def _finish(self, seq: SeqState, reason) -> None:
         self._computed.pop(seq.req_id, None)
         super()._finish(seq, reason)

@@ -24,7 +24,7 @@ from engine.validation import validate_request
 from engine.output import RequestOutput, StopChecker
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
-from engine.sequence import FinishReason, Sequence as Seq
+from engine.sequence import FinishReason, SeqState
 
 Prompt = str | Sequence[int]
 
@@ -86,7 +86,7 @@ class LLM:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     # -- internals ----------------------------------------------------------------
-    def _make_request(self, prompt: Prompt, params: SamplingParams) -> Seq:
+    def _make_request(self, prompt: Prompt, params: SamplingParams) -> SeqState:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InvalidRequestError("this model has no tokenizer: give prompts as token ids")
@@ -97,9 +97,9 @@ class LLM:
             raise InvalidRequestError("stop strings need a tokenizer; this model has none")
         validate_request(ids, params, self.model_config.vocab_size, self.max_model_len,
                          self.block_manager.num_blocks, self.block_manager.block_size)
-        return Seq(f"llm-{next(self._ids)}", ids, params, arrival_time=time.monotonic())
+        return SeqState(f"llm-{next(self._ids)}", ids, params, arrival_time=time.monotonic())
 
-    def _run(self, seqs: list[Seq], use_tqdm: bool) -> dict[str, RequestOutput]:
+    def _run(self, seqs: list[SeqState], use_tqdm: bool) -> dict[str, RequestOutput]:
         texts: dict[str, str] = {}
         pending = {s.req_id: s for s in seqs}
         bar = _progress(len(seqs)) if use_tqdm else None
@@ -132,7 +132,7 @@ class LLM:
                 bar.close()
         return done
 
-    def _check_stop(self, seq: Seq, texts: dict[str, str]) -> None:
+    def _check_stop(self, seq: SeqState, texts: dict[str, str]) -> None:
         checker = self._stop_checkers.get(seq.req_id)
         if checker is None:
             return
@@ -146,7 +146,7 @@ class LLM:
         if seq.is_finished:
             del self._stop_checkers[seq.req_id]
 
-    def _output(self, seq: Seq, text: str | None, now: float) -> RequestOutput:
+    def _output(self, seq: SeqState, text: str | None, now: float) -> RequestOutput:
         if text is None:
             text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True) if self.tokenizer else ""
         n = len(seq.output_token_ids)

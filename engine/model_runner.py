@@ -14,29 +14,25 @@ import torch
 from engine.attention import AttentionMetadata
 from engine.chunked_prefill import execute_mixed
 from engine.cpu_tuning import keep_freed_memory, matmul_backend
+from engine.dtypes import DTYPE_ALIASES, DTYPE_NAMES
 from engine.errors import ConfigError
 from engine.kv_cache import KVCache
 from engine.model import CausalLM
 from engine.model_config import ModelConfig
 from engine.parallel import ParallelContext
 from engine.sampler import sample
-from engine.sequence import SeqWork, StepPlan, StepResult
+from engine.sequence import SeqWork, StepKind, StepPlan, StepResult
 from engine.weights import load_weights
-
-DTYPES = {
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-}
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A model dtype by name (engine.dtypes: bfloat16, float16, float32, or an alias such as bf16)."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
-    return DTYPES[dtype]
-
+    name = DTYPE_ALIASES.get(dtype, dtype)
+    if name not in DTYPE_NAMES:
+        raise ConfigError(f"dtype {dtype!r} is not one of {sorted([*DTYPE_NAMES, *DTYPE_ALIASES])}")
+    return getattr(torch, name)
 
 class ModelRunner:
     runs_layer_hook = True   # execute(on_layer=) calls it after each layer of a prefill
@@ -60,9 +56,9 @@ class ModelRunner:
 
     def execute(self, plan: StepPlan, on_layer=None) -> StepResult:
         """`on_layer(i)`: called in a prefill once local layer i's KV is stored (streaming)."""
-        if getattr(plan, "is_mixed", False):   # chunked prefill (engine/chunked_scheduler.py)
+        if plan.kind is StepKind.MIXED:   # chunked prefill (engine/chunked_scheduler.py)
             return execute_mixed(self, plan)
-        return self.prefill(plan.seqs, on_layer) if plan.is_prefill else self.decode_step(plan.seqs)
+        return self.prefill(plan.seqs, on_layer) if plan.kind is StepKind.PREFILL else self.decode_step(plan.seqs)
 
     @torch.inference_mode()
     def prefill(self, seqs: Sequence[SeqWork], on_layer=None) -> StepResult:
@@ -79,7 +75,7 @@ class ModelRunner:
             slots.append(self._slots(s.block_ids, positions))
             bounds.append((start, start + n))
             start += n
-        meta = AttentionMetadata(True, torch.cat(slots), bounds, None, None)
+        meta = AttentionMetadata(StepKind.PREFILL, torch.cat(slots), bounds, None, None)
         last_rows = [end - 1 for _, end in bounds]
         hidden = self.model(torch.tensor(ids), torch.cat(pos), self._kv_layers, meta,
                             last_rows=last_rows, on_layer=on_layer)   # [seqs, hidden]
@@ -95,7 +91,7 @@ class ModelRunner:
         for i, s in enumerate(seqs):
             tables[i, :len(s.block_ids)] = torch.tensor(s.block_ids, dtype=torch.int32)
         slots = tables.gather(1, (positions // bs).unsqueeze(1)).squeeze(1).long() * bs + positions % bs
-        meta = AttentionMetadata(False, slots, [], tables,
+        meta = AttentionMetadata(StepKind.DECODE, slots, [], tables,
                                  torch.tensor([s.context_len for s in seqs], dtype=torch.int32))
         ids = torch.tensor([s.token_ids[0] for s in seqs])
         with matmul_backend(len(seqs), self.dtype):

@@ -211,7 +211,9 @@ class RankServer:
 
 
 class ParallelRunner:
-    """Rank 0's runner: what a worker object steps, with the ModelRunner interface it uses."""
+    """Rank 0's runner: what a worker object steps (engine.runner.Runner)."""
+
+    runs_layer_hook = False   # the KV of a prefill is gathered on rank 0 after the whole forward
 
     def __init__(self, shard: ShardRunner, control, allocate_kv=torch.zeros) -> None:
         self.shard, self.control = shard, control

@@ -22,7 +22,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from engine.block_manager import BlockManager
-from engine.sequence import FinishReason, SeqStatus, Sequence, SeqWork, StepPlan, StepResult
+from engine.sequence import FinishReason, SeqState, SeqStatus, SeqWork, StepKind, StepPlan, StepResult
 
 
 @dataclass(frozen=True)
@@ -32,12 +32,12 @@ class SchedulerConfig:
     max_model_len: int = 8192            # prompt + output tokens per sequence
 
 
-def admit_prefill_batch(waiting: deque[Sequence], blocks: BlockManager, max_seqs: int,
-                        max_batched_tokens: int, now: float) -> list[Sequence]:
+def admit_prefill_batch(waiting: deque[SeqState], blocks: BlockManager, max_seqs: int,
+                        max_batched_tokens: int, now: float) -> list[SeqState]:
     """Take waiting requests in order while the sequence limit, the token budget and the
     free blocks allow; allocate their blocks and mark them RUNNING. Shared with the
     prefill worker's scheduler."""
-    batch: list[Sequence] = []
+    batch: list[SeqState] = []
     num_tokens = 0
     while waiting and len(batch) < max_seqs:
         seq = waiting[0]
@@ -57,9 +57,9 @@ def admit_prefill_batch(waiting: deque[Sequence], blocks: BlockManager, max_seqs
     return batch
 
 
-def prefill_plan(batch: list[Sequence]) -> StepPlan:
+def prefill_plan(batch: list[SeqState]) -> StepPlan:
     """One packed prefill step over every token of each sequence (prompt + any output)."""
-    return StepPlan(True, tuple(
+    return StepPlan(StepKind.PREFILL, tuple(
         SeqWork(s.req_id, tuple(s.all_token_ids), 0, tuple(s.block_ids), s.sampling,
                 len(s.output_token_ids)) for s in batch))
 
@@ -70,18 +70,18 @@ class Scheduler:
         self.config = config
         self.blocks = blocks
         self.eos_token_ids = eos_token_ids
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
-        self._by_id: dict[str, Sequence] = {}
+        self.waiting: deque[SeqState] = deque()
+        self.running: list[SeqState] = []
+        self._by_id: dict[str, SeqState] = {}
 
     # -- admission and removal -------------------------------------------
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: SeqState) -> None:
         if seq.req_id in self._by_id:
             raise ValueError(f"request id {seq.req_id!r} is already scheduled")
         self._by_id[seq.req_id] = seq
         self.waiting.append(seq)
 
-    def add_running(self, seq: Sequence) -> None:
+    def add_running(self, seq: SeqState) -> None:
         """Join a request whose KV is already in its blocks (it was prefilled elsewhere).
 
         Its cache holds every token but the last sampled one, which the next
@@ -96,13 +96,18 @@ class Scheduler:
         self._by_id[seq.req_id] = seq
         self.running.append(seq)
 
+    @property
+    def queued_prompt_tokens(self) -> int:
+        """Tokens still to prefill: the waiting requests' prompts (and outputs, if preempted)."""
+        return sum(s.num_tokens for s in self.waiting)
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def get(self, req_id: str) -> Sequence | None:
+    def get(self, req_id: str) -> SeqState | None:
         return self._by_id.get(req_id)
 
-    def finish(self, req_id: str, reason: FinishReason) -> Sequence | None:
+    def finish(self, req_id: str, reason: FinishReason) -> SeqState | None:
         """End a request now (stop string, abort); frees its blocks. Unknown ids are ignored."""
         seq = self._by_id.get(req_id)
         if seq is None:
@@ -114,7 +119,7 @@ class Scheduler:
         self._finish(seq, reason)
         return seq
 
-    def abort(self, req_id: str) -> Sequence | None:
+    def abort(self, req_id: str) -> SeqState | None:
         return self.finish(req_id, FinishReason.ABORT)
 
     # -- the step -------------------------------------------------------------
@@ -122,7 +127,7 @@ class Scheduler:
         plan = self._schedule_prefill(now)
         return plan if plan is not None else self._schedule_decode()
 
-    def update(self, plan: StepPlan, result: StepResult) -> list[Sequence]:
+    def update(self, plan: StepPlan, result: StepResult) -> list[SeqState]:
         """Record the sampled tokens; return the requests that finished in this step."""
         finished = []
         for work, token_id in zip(plan.seqs, result.token_ids, strict=True):
@@ -147,7 +152,7 @@ class Scheduler:
         return prefill_plan(batch)
 
     def _schedule_decode(self) -> StepPlan | None:
-        scheduled: list[Sequence] = []
+        scheduled: list[SeqState] = []
         queue = list(self.running)
         while queue:
             seq = queue.pop(0)
@@ -162,11 +167,11 @@ class Scheduler:
                 scheduled.append(seq)
         if not scheduled:
             return None
-        return StepPlan(False, tuple(
+        return StepPlan(StepKind.DECODE, tuple(
             SeqWork(s.req_id, (s.last_token_id,), s.num_tokens - 1, tuple(s.block_ids),
                     s.sampling, len(s.output_token_ids)) for s in scheduled))
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _preempt(self, seq: SeqState) -> None:
         self.running.remove(seq)
         self.blocks.free(seq.block_ids)
         seq.block_ids = []
@@ -174,7 +179,7 @@ class Scheduler:
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def _stop_reason(self, seq: Sequence, token_id: int) -> FinishReason | None:
+    def _stop_reason(self, seq: SeqState, token_id: int) -> FinishReason | None:
         if token_id in self.eos_token_ids and not seq.sampling.ignore_eos:
             return FinishReason.EOS
         if len(seq.output_token_ids) >= seq.sampling.max_tokens:
@@ -183,7 +188,7 @@ class Scheduler:
             return FinishReason.CONTEXT
         return None
 
-    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+    def _finish(self, seq: SeqState, reason: FinishReason) -> None:
         if seq.block_ids:
             self.blocks.free(seq.block_ids)
             seq.block_ids = []

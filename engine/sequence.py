@@ -11,6 +11,14 @@ from dataclasses import dataclass
 from engine.sampling_params import SamplingParams
 
 
+class StepKind(enum.Enum):
+    """What one forward pass computes."""
+
+    PREFILL = "prefill"    # whole prompts, packed
+    DECODE = "decode"      # one new token per sequence over its cached context
+    MIXED = "mixed"        # chunked prefill: decode rows and prompt chunks in one pass
+
+
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -25,7 +33,7 @@ class FinishReason(str, enum.Enum):
     ABORT = "abort"
 
 
-class Sequence:
+class SeqState:
     """Mutable per-request state, owned by exactly one scheduler."""
 
     def __init__(self, req_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
@@ -59,7 +67,7 @@ class Sequence:
         return self.status is SeqStatus.FINISHED
 
     def __repr__(self) -> str:
-        return (f"Sequence({self.req_id!r}, {self.status.value}, prompt={len(self.prompt_token_ids)}, "
+        return (f"SeqState({self.req_id!r}, {self.status.value}, prompt={len(self.prompt_token_ids)}, "
                 f"out={len(self.output_token_ids)}, blocks={len(self.block_ids)})")
 
 
@@ -82,8 +90,12 @@ class SeqWork:
 
 @dataclass(frozen=True)
 class StepPlan:
-    is_prefill: bool
+    kind: StepKind               # PREFILL or DECODE (MIXED plans are engine.chunked_scheduler's)
     seqs: tuple[SeqWork, ...]
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.kind is StepKind.PREFILL
 
     @property
     def num_tokens(self) -> int:

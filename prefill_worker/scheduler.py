@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from engine.block_manager import BlockManager
 from engine.scheduler import admit_prefill_batch, prefill_plan
-from engine.sequence import Sequence, StepPlan
+from engine.sequence import SeqState, StepPlan
 
 
 @dataclass(frozen=True)
@@ -26,14 +26,14 @@ class PrefillScheduler:
     def __init__(self, config: PrefillSchedulerConfig, blocks: BlockManager) -> None:
         self.config = config
         self.blocks = blocks
-        self.waiting: deque[Sequence] = deque()
+        self.waiting: deque[SeqState] = deque()
         self._queued_tokens = 0
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: SeqState) -> None:
         self.waiting.append(seq)
         self._queued_tokens += seq.num_tokens
 
-    def abort(self, req_id: str) -> Sequence | None:
+    def abort(self, req_id: str) -> SeqState | None:
         """Drop a waiting request (it holds no block); None when it is not waiting."""
         for seq in self.waiting:
             if seq.req_id == req_id:
@@ -46,7 +46,7 @@ class PrefillScheduler:
     def queued_prompt_tokens(self) -> int:
         return self._queued_tokens
 
-    def schedule(self, now: float) -> tuple[StepPlan, list[Sequence]] | None:
+    def schedule(self, now: float) -> tuple[StepPlan, list[SeqState]] | None:
         batch = admit_prefill_batch(self.waiting, self.blocks, self.config.max_num_seqs,
                                     self.config.max_num_batched_tokens, now)
         if not batch:

@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import pickle
 import time
+from collections.abc import Callable
 
 from engine.block_manager import BlockManager
 from engine.errors import EngineError
+from engine.runner import Runner
 from engine.sampling_params import SamplingParams
-from engine.sequence import FinishReason, Sequence
+from engine.sequence import FinishReason, SeqState, StepPlan, StepResult
 from engine.validation import validate_request
 from kv_transfer.base import KVSender
 from prefill_worker.scheduler import PrefillScheduler, PrefillSchedulerConfig
@@ -40,10 +42,11 @@ from protos import worker_pb2 as wpb
 class PrefillWorker:
     role = "prefill"
 
-    def __init__(self, name: str, runner, blocks: BlockManager, sender: KVSender, *, vocab_size: int,
+    def __init__(self, name: str, runner: Runner, blocks: BlockManager, sender: KVSender, *, vocab_size: int,
                  eos_token_ids: frozenset[int], max_model_len: int,
-                 config: PrefillSchedulerConfig = PrefillSchedulerConfig(), on_close=None,
-                 stream_layers: bool = False, on_offer=None) -> None:
+                 config: PrefillSchedulerConfig = PrefillSchedulerConfig(),
+                 on_close: Callable[[], None] | None = None, stream_layers: bool = False,
+                 on_offer: Callable[[str, bytes], None] | None = None) -> None:
         if stream_layers and not sender.supports_streaming:
             raise EngineError(f"stream_layers: the {type(sender).__name__} cannot stream layers "
                               f"(transfer backend zmq, or shm zero copy)")
@@ -80,7 +83,7 @@ class PrefillWorker:
         except EngineError as e:
             self._fail(work.req_id, str(e))
             return
-        seq = Sequence(work.req_id, ids, params, arrival_time=now)
+        seq = SeqState(work.req_id, ids, params, arrival_time=now)
         self._arrival[work.req_id] = now
         self.scheduler.add(seq)
 
@@ -118,9 +121,9 @@ class PrefillWorker:
                 self._hand_off(seq, token, elapsed, done)
         return self._flush(scheduled is not None)
 
-    def _execute(self, plan, seqs: list[Sequence], now: float):
+    def _execute(self, plan: StepPlan, seqs: list[SeqState], now: float) -> StepResult:
         if not self.stream_layers:
-            if not getattr(self.runner, "runs_layer_hook", False):
+            if not self.runner.runs_layer_hook:
                 return self.runner.execute(plan)
             # Earlier requests' pulls are answered between layers, not after the batch:
             # a long prompt would otherwise hold the previous request's KV for seconds.
@@ -136,7 +139,7 @@ class PrefillWorker:
         self.sender.layers_ready(tids, None, time.monotonic())   # all of them, whatever the runner called
         return result
 
-    def _offer(self, seq: Sequence, now: float, stream: bool = False):
+    def _offer(self, seq: SeqState, now: float, stream: bool = False):
         # The KV of the prompt is what decode needs; the first token's KV is made there.
         offer = self.sender.offer(seq.req_id, seq.block_ids, len(seq.prompt_token_ids), now, stream=stream)
         self._leases[seq.req_id] = offer.transfer_id
@@ -144,7 +147,7 @@ class PrefillWorker:
         self._offers[offer.transfer_id] = pickle.dumps(offer)
         return offer
 
-    def _drop_batch_seq(self, seq: Sequence, now: float) -> None:
+    def _drop_batch_seq(self, seq: SeqState, now: float) -> None:
         """A sequence of a failed batch: its lease (streaming) or its blocks go."""
         tid = self._leases.get(seq.req_id)
         if tid is not None:
@@ -155,7 +158,7 @@ class PrefillWorker:
         seq.block_ids = []
         self._arrival.pop(seq.req_id, None)
 
-    def _hand_off(self, seq: Sequence, token: int, elapsed: float, now: float) -> None:
+    def _hand_off(self, seq: SeqState, token: int, elapsed: float, now: float) -> None:
         seq.output_token_ids.append(token)
         queue_s = seq.first_scheduled_time - self._arrival.pop(seq.req_id, seq.first_scheduled_time)
         done = wpb.PrefillDone(req_id=seq.req_id, first_token_id=token, queue_s=queue_s, prefill_s=elapsed)
@@ -174,7 +177,7 @@ class PrefillWorker:
         seq.block_ids = []
         self._out.prefilled.append(done)
 
-    def _first_token_ends(self, seq: Sequence, token: int) -> FinishReason | None:
+    def _first_token_ends(self, seq: SeqState, token: int) -> FinishReason | None:
         if token in self.eos_token_ids and not seq.sampling.ignore_eos:
             return FinishReason.EOS
         if seq.sampling.max_tokens <= 1:
@@ -227,8 +230,7 @@ class PrefillWorker:
     def wait_sockets(self) -> list | None:
         """zmq sockets whose messages are work for this worker (the host's poller sleeps on
         them too); None: it must not sleep past next_wakeup."""
-        fn = getattr(self.sender, "wait_sockets", None)
-        return fn() if fn is not None else None
+        return self.sender.wait_sockets()
 
     def close(self) -> None:
         self.sender.close()

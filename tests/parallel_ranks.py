@@ -19,7 +19,7 @@ import torch
 from engine.block_manager import BlockManager, blocks_needed
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
-from engine.sequence import Sequence, SeqWork, StepPlan
+from engine.sequence import SeqState, SeqWork, StepKind, StepPlan
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 MAX_STEPS = 200
@@ -36,7 +36,7 @@ def generate(runner, num_blocks: int, block_size: int, prompts: list[list[int]],
     blocks = BlockManager(num_blocks, block_size)
     sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=4096, max_model_len=1024),
                       blocks, frozenset())
-    seqs = [Sequence(str(i), p, SamplingParams(max_tokens=max_tokens, **GREEDY)) for i, p in enumerate(prompts)]
+    seqs = [SeqState(str(i), p, SamplingParams(max_tokens=max_tokens, **GREEDY)) for i, p in enumerate(prompts)]
     for seq in seqs:
         sched.add(seq)
     for _ in range(MAX_STEPS):
@@ -56,12 +56,12 @@ def kv_round_trip(runner, prompt: list[int], num_decode: int, move) -> tuple[lis
     n = blocks_needed(len(prompt) + num_decode, bs)
     x, y = list(range(n)), list(range(n, 2 * n))
     params = SamplingParams(max_tokens=num_decode + 1, **GREEDY)
-    tokens = list(runner.execute(StepPlan(True, (SeqWork("a", tuple(prompt), 0, tuple(x), params, 0),))).token_ids)
+    tokens = list(runner.execute(StepPlan(StepKind.PREFILL, (SeqWork("a", tuple(prompt), 0, tuple(x), params, 0),))).token_ids)
     used = blocks_needed(len(prompt), bs)
     kv = move(x[:used], y[:used])
     for step in range(num_decode):
         work = SeqWork("a", (tokens[-1],), len(prompt) + step, tuple(y), params, len(tokens))
-        tokens.extend(runner.execute(StepPlan(False, (work,))).token_ids)
+        tokens.extend(runner.execute(StepPlan(StepKind.DECODE, (work,))).token_ids)
     return tokens, kv
 
 

@@ -27,15 +27,15 @@ def _free_port() -> int:
 
 def _measure_on_rank0(runner, vocab: int, repeats: int, results) -> tuple[list, list]:
     from cluster.bench.profile import _min_time, _works
-    from engine.sequence import StepPlan
+    from engine.sequence import StepKind, StepPlan
     bs = runner.block_size
     prefill, decode = [], []
     for lens in PREFILL_SHAPES:
-        plan = StepPlan(True, tuple(_works(lens, bs, None, vocab)))
+        plan = StepPlan(StepKind.PREFILL, tuple(_works(lens, bs, None, vocab)))
         prefill.append((list(lens), _min_time(lambda: runner.execute(plan), repeats)))
         results.put((0, "progress", f"prefill {len(lens)} x {lens[0]}: {prefill[-1][1] * 1e3:.1f} ms"))
     for batch, ctx in DECODE_POINTS:
-        plan = StepPlan(False, tuple(_works([ctx] * batch, bs, ctx, vocab)))
+        plan = StepPlan(StepKind.DECODE, tuple(_works([ctx] * batch, bs, ctx, vocab)))
         t = _min_time(lambda: runner.execute(plan), repeats)
         decode.append((batch, batch * (ctx + 1), t))
         results.put((0, "progress", f"decode batch {batch} x context {ctx}: {t * 1e3:.1f} ms/step"))

@@ -11,7 +11,7 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.chunked_scheduler import MixedStepPlan
-from engine.sequence import Sequence
+from engine.sequence import SeqState
 from tests.helpers import hf_greedy, save_tiny_model
 from tests.unit.test_engine_vs_transformers import MAX_NEW, _prompts
 
@@ -22,7 +22,7 @@ def _run_by_hand(llm: LLM, prompts: list[list[int]], max_tokens: int,
                  ignore_eos: bool = True) -> tuple[list[list[int]], list]:
     """The engine's step loop, keeping each plan: schedule -> runner.execute -> update."""
     sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=ignore_eos)
-    seqs = [Sequence(f"r{i}", p, sp) for i, p in enumerate(prompts)]
+    seqs = [SeqState(f"r{i}", p, sp) for i, p in enumerate(prompts)]
     for s in seqs:
         llm.scheduler.add(s)
     plans = []

@@ -19,7 +19,7 @@ from engine.block_manager import BlockManager, blocks_needed
 from engine.chunked_scheduler import NO_TOKEN, ChunkedScheduler, MixedStepPlan
 from engine.sampling_params import SamplingParams
 from engine.scheduler import SchedulerConfig
-from engine.sequence import FinishReason, SeqStatus, Sequence, StepPlan, StepResult
+from engine.sequence import FinishReason, SeqStatus, SeqState, StepPlan, StepResult
 
 EOS = 2
 ENGINE = Path(__file__).resolve().parents[2] / "engine"
@@ -31,8 +31,8 @@ def make(num_blocks: int = 64, block_size: int = 4, max_num_seqs: int = 8, budge
     return ChunkedScheduler(cfg, BlockManager(num_blocks, block_size), frozenset({EOS}))
 
 
-def seq(req_id: str, prompt_len: int, max_tokens: int = 4, first_token: int = 10) -> Sequence:
-    return Sequence(req_id, [first_token + i % 50 for i in range(prompt_len)],
+def seq(req_id: str, prompt_len: int, max_tokens: int = 4, first_token: int = 10) -> SeqState:
+    return SeqState(req_id, [first_token + i % 50 for i in range(prompt_len)],
                     SamplingParams(max_tokens=max_tokens, ignore_eos=True))
 
 
@@ -76,8 +76,8 @@ def step(s: ChunkedScheduler, now: float = 0.0):
     return plan, finished
 
 
-def run_to_completion(s: ChunkedScheduler, max_steps: int = 2000, trace: list | None = None) -> list[Sequence]:
-    finished: list[Sequence] = []
+def run_to_completion(s: ChunkedScheduler, max_steps: int = 2000, trace: list | None = None) -> list[SeqState]:
+    finished: list[SeqState] = []
     for i in range(max_steps):
         if not s.has_unfinished():
             break

@@ -17,7 +17,7 @@ import pytest
 from engine.block_manager import BlockManager, blocks_needed
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
-from engine.sequence import FinishReason, SeqStatus, Sequence, SeqWork, StepPlan, StepResult
+from engine.sequence import FinishReason, SeqState, SeqStatus, SeqWork, StepKind, StepPlan, StepResult
 
 EOS = 2
 ENGINE = Path(__file__).resolve().parents[2] / "engine"
@@ -32,9 +32,9 @@ def make(num_blocks: int = 64, block_size: int = 4, max_num_seqs: int = 8,
     return Scheduler(cfg, BlockManager(num_blocks, block_size), frozenset({EOS}))
 
 
-def seq(req_id: str, prompt_len: int, first_token: int = 10, **sampling) -> Sequence:
+def seq(req_id: str, prompt_len: int, first_token: int = 10, **sampling) -> SeqState:
     sampling.setdefault("max_tokens", 4)
-    return Sequence(req_id, list(range(first_token, first_token + prompt_len)),
+    return SeqState(req_id, list(range(first_token, first_token + prompt_len)),
                     SamplingParams(**sampling))
 
 
@@ -73,7 +73,7 @@ def check_plan(s: Scheduler, plan: StepPlan) -> None:
             assert w.token_ids == (q.last_token_id,) and w.start_pos == q.num_tokens - 1
 
 
-def step(s: Scheduler, now: float = 0.0, token=position_token) -> tuple[StepPlan | None, list[Sequence]]:
+def step(s: Scheduler, now: float = 0.0, token=position_token) -> tuple[StepPlan | None, list[SeqState]]:
     plan = s.schedule(now)
     check_state(s)
     if plan is None:
@@ -85,9 +85,9 @@ def step(s: Scheduler, now: float = 0.0, token=position_token) -> tuple[StepPlan
 
 
 def run_to_completion(s: Scheduler, token=position_token, max_steps: int = 500,
-                      trace: list | None = None) -> list[Sequence]:
+                      trace: list | None = None) -> list[SeqState]:
     """Drive the loop until nothing is left; fail on a stall, a runaway or a leaked block."""
-    finished: list[Sequence] = []
+    finished: list[SeqState] = []
     for i in range(max_steps):
         if not s.has_unfinished():
             break
@@ -124,10 +124,10 @@ def test_step_records_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         w.start_pos = 3
     with pytest.raises(dataclasses.FrozenInstanceError):
-        StepPlan(True, (w,)).is_prefill = False
+        StepPlan(StepKind.PREFILL, (w,)).kind = StepKind.DECODE
     with pytest.raises(dataclasses.FrozenInstanceError):
         StepResult((1,)).token_ids = (2,)
-    assert StepPlan(True, (w, w)).num_tokens == 2
+    assert StepPlan(StepKind.PREFILL, (w, w)).num_tokens == 2
 
 
 # -- admission ------------------------------------------------------------------------
@@ -260,7 +260,7 @@ def test_waiting_prompt_that_does_not_fit_lets_running_decode():
 def test_prefill_and_decode_plans_carry_tokens_positions_and_block_tables():
     s = make(block_size=4)
     prompt = [7, 8, 9]
-    s.add(Sequence("a", prompt, SamplingParams(max_tokens=8, temperature=0.0)))
+    s.add(SeqState("a", prompt, SamplingParams(max_tokens=8, temperature=0.0)))
     tokens = iter(range(50, 100))
     plan, _ = step(s, token=lambda w: next(tokens))
     (w,) = plan.seqs
