@@ -15,14 +15,12 @@ import os
 import typing
 from dataclasses import dataclass, field
 
+from engine.dtypes import DTYPE_NAMES
 from engine.errors import ConfigError
+from kv_transfer.backends import BACKENDS
+from router import modes
 
-TRANSFER_BACKENDS = ("shm", "zmq", "torch_dist", "ray")
-# disaggregated: a prefill pool and a decode pool with KV moved between them; the two
-# colocated modes are the baselines: one pool whose instances run both phases.
-MODES = ("disaggregated", "colocated", "colocated_chunked")
 CHUNKED_DEFAULT_BUDGET = 512           # Sarathi-Serve-sized token budget per step
-DTYPES = ("bfloat16", "float32", "float16")
 
 
 @dataclass(frozen=True)
@@ -32,7 +30,7 @@ class ModelSection:
     max_model_len: int | None = None   # None = the model's own context
 
     def check(self, key: str) -> None:
-        _one_of(self.dtype, DTYPES, f"{key}.dtype")
+        _one_of(self.dtype, DTYPE_NAMES, f"{key}.dtype")
         if self.path is not None and not os.path.isdir(self.path):
             raise ConfigError(f"{key}.path: model directory {self.path!r} does not exist")
         if self.max_model_len is not None:
@@ -77,10 +75,10 @@ class ColocatedPoolConfig(PoolConfig):
     def budget(self, mode: str) -> int:
         if self.max_num_batched_tokens is not None:
             return self.max_num_batched_tokens
-        return CHUNKED_DEFAULT_BUDGET if mode == "colocated_chunked" else PoolConfig.max_num_batched_tokens
+        return CHUNKED_DEFAULT_BUDGET if mode == modes.COLOCATED_CHUNKED else PoolConfig.max_num_batched_tokens
 
     def check(self, key: str) -> None:
-        PoolConfig.check(dataclasses.replace(self, max_num_batched_tokens=self.budget("colocated")), key)
+        PoolConfig.check(dataclasses.replace(self, max_num_batched_tokens=self.budget(modes.COLOCATED)), key)
         if self.tp_size * self.pp_size != 1:   # the colocated worker runs one rank
             raise ConfigError(f"{key}.tp_size/pp_size: colocated instances run 1 x 1 plans only "
                               f"(got {self.tp_size} x {self.pp_size})")
@@ -95,15 +93,20 @@ class TransferConfig:
     stream_layers: bool = False         # prefill sends each layer's KV as soon as it is computed
 
     def check(self, key: str) -> None:
-        _one_of(self.backend, TRANSFER_BACKENDS, f"{key}.backend")
+        _one_of(self.backend, BACKENDS, f"{key}.backend")
         if self.compress is not None:
             _one_of(self.compress, ("int8",), f"{key}.compress")
-        if self.stream_layers and not (self.backend == "zmq" or
-                                       (self.backend == "shm" and not self.checksum and self.compress is None)):
+        if self.stream_layers and not (self.backend == "zmq" or self.zero_copy):
             raise ConfigError(f"{key}.stream_layers needs backend zmq, or shm with checksum false and no "
                               f"compress (zero copy); got backend {self.backend!r}")
         if not self.lease_ttl_s > 0 or not math.isfinite(self.lease_ttl_s):
             raise ConfigError(f"{key}.lease_ttl_s must be > 0, got {self.lease_ttl_s}")
+
+    @property
+    def zero_copy(self) -> bool:
+        """shm without checksum or compression: decode reads the prefill cache in place (one copy),
+        so a prefill instance keeps its cache in shared memory."""
+        return self.backend == "shm" and not self.checksum and self.compress is None
 
 
 @dataclass(frozen=True)
@@ -137,7 +140,7 @@ class RayConfig:
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    mode: str = "disaggregated"         # disaggregated | colocated | colocated_chunked
+    mode: str = modes.DISAGGREGATED   # router.modes: disaggregated | colocated | colocated_chunked
     model: ModelSection = field(default_factory=ModelSection)
     prefill: PoolConfig = field(default_factory=PoolConfig)
     decode: PoolConfig = field(default_factory=PoolConfig)
@@ -147,13 +150,13 @@ class ClusterConfig:
     ray: RayConfig = field(default_factory=RayConfig)
 
     def check(self) -> ClusterConfig:
-        _one_of(self.mode, MODES, "mode")
+        _one_of(self.mode, modes.MODES, "mode")
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section):
                 section.check(f.name)
         budget = self.colocated.budget(self.mode)
-        if self.mode == "colocated_chunked" and budget < self.colocated.max_num_seqs:
+        if self.mode == modes.COLOCATED_CHUNKED and budget < self.colocated.max_num_seqs:
             # every running request decodes one token per step inside the budget: it must hold them all
             raise ConfigError(f"colocated.max_num_batched_tokens ({budget}) must be >= "
                               f"colocated.max_num_seqs ({self.colocated.max_num_seqs}) in mode colocated_chunked")
@@ -171,7 +174,7 @@ class ClusterConfig:
 
     @property
     def is_colocated(self) -> bool:
-        return self.mode != "disaggregated"
+        return modes.is_colocated(self.mode)
 
     def pools(self) -> dict[str, PoolConfig]:
         """The pools this mode runs, by role."""

@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 
 def build_parallel_worker(role: str, name: str, cfg: ClusterConfig, model_path: str, host: str, rank_spec: dict):
     """Rank 0: a PrefillWorker / DecodeWorker; any other rank: a RankServer (serve it with RankHost)."""
-    from cluster.worker_factory import zero_copy
     pool = cfg.prefill if role == "prefill" else cfg.decode
     spec = RankSpec(**rank_spec)
     if role == "prefill" and cfg.transfer.stream_layers:
@@ -46,7 +45,7 @@ def build_parallel_worker(role: str, name: str, cfg: ClusterConfig, model_path: 
         shared.append(SharedKVCache(shape, dtype))
         return shared[-1].tensor
 
-    use_shared = role == "prefill" and zero_copy(cfg)
+    use_shared = role == "prefill" and cfg.transfer.zero_copy
     args = EngineArgs(model_path, cfg.model.dtype, pool.block_size, pool.kv_cache_memory_gb,
                       cfg.model.max_model_len, pool.num_threads)
     runner, max_len = build_rank(spec, args, allocate_kv=allocate_shared if use_shared else torch.zeros)

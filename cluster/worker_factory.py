@@ -6,8 +6,10 @@ import gc
 import torch
 
 from cluster.config import ClusterConfig
+from cluster.parallel_worker import build_parallel_worker
 from decode_worker.colocated import ColocatedWorker
 from decode_worker.worker import DecodeWorker
+from engine.chunked_scheduler import ChunkedScheduler
 from engine.instance import build_engine
 from engine.scheduler import Scheduler, SchedulerConfig
 from kv_transfer import make_receiver, make_sender
@@ -15,12 +17,7 @@ from kv_transfer.layout import KVLayout
 from kv_transfer.shared_cache import SharedKVCache
 from prefill_worker.scheduler import PrefillSchedulerConfig
 from prefill_worker.worker import PrefillWorker
-
-
-def zero_copy(cfg: ClusterConfig) -> bool:
-    """shm without checksum or compression reads the prefill cache in place (one copy)."""
-    t = cfg.transfer
-    return t.backend == "shm" and not t.checksum and t.compress is None
+from router import modes
 
 
 def build_worker(role: str, name: str, cfg: ClusterConfig, model_path: str, host: str = "127.0.0.1",
@@ -29,7 +26,6 @@ def build_worker(role: str, name: str, cfg: ClusterConfig, model_path: str, host
     if role == "colocated":
         return build_colocated_worker(name, cfg, model_path)
     if rank_spec is not None:
-        from cluster.parallel_worker import build_parallel_worker
         return build_parallel_worker(role, name, cfg, model_path, host, rank_spec)
     pool = cfg.prefill if role == "prefill" else cfg.decode
     shared: list[SharedKVCache] = []
@@ -38,7 +34,7 @@ def build_worker(role: str, name: str, cfg: ClusterConfig, model_path: str, host
         shared.append(SharedKVCache(shape, dtype))
         return shared[-1].tensor
 
-    use_shared = role == "prefill" and zero_copy(cfg)
+    use_shared = role == "prefill" and cfg.transfer.zero_copy
     parts = build_engine(model_path, cfg.model.dtype, pool.block_size, pool.kv_cache_memory_gb,
                          cfg.model.max_model_len, pool.num_threads,
                          allocate_kv=allocate_shared if use_shared else torch.zeros)
@@ -75,8 +71,7 @@ def build_colocated_worker(name: str, cfg: ClusterConfig, model_path: str) -> Co
                          cfg.model.max_model_len, pool.num_threads)
     mc = parts.model_config
     sched_cfg = SchedulerConfig(pool.max_num_seqs, pool.budget(cfg.mode), parts.max_model_len)
-    if cfg.mode == "colocated_chunked":
-        from engine.chunked_scheduler import ChunkedScheduler
+    if cfg.mode == modes.COLOCATED_CHUNKED:
         scheduler = ChunkedScheduler(sched_cfg, parts.blocks, mc.eos_token_ids)
     else:
         scheduler = Scheduler(sched_cfg, parts.blocks, mc.eos_token_ids)

@@ -15,18 +15,37 @@ import logging
 import threading
 import time
 import traceback
+from typing import Protocol
 
 import zmq
 from google.protobuf.message import DecodeError
 
+from engine.block_manager import BlockManager
 from protos import worker_pb2 as wpb
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 1.0
 
 
+class Worker(Protocol):
+    """What this loop drives: a prefill, decode or colocated worker object."""
+
+    name: str
+    role: str
+    blocks: BlockManager
+    stream_layers: bool   # a prefill worker that hands out early offers through `on_offer`
+
+    def handle(self, msg: wpb.ToWorker, now: float) -> None: ...
+    def step(self, now: float) -> wpb.FromWorker | None: ...
+    def load(self) -> wpb.Load: ...
+    def is_idle(self) -> bool: ...
+    def next_wakeup(self, now: float) -> float | None: ...
+    def wait_sockets(self) -> list | None: ...
+    def close(self) -> None: ...
+
+
 class WorkerHost:
-    def __init__(self, worker, router_endpoint: str, host: str = "127.0.0.1") -> None:
+    def __init__(self, worker: Worker, router_endpoint: str, host: str = "127.0.0.1") -> None:
         self.worker = worker
         self._ctx = zmq.Context()
         self._cmd = self._ctx.socket(zmq.PULL)
@@ -39,7 +58,7 @@ class WorkerHost:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: str | None = None     # the last unexpected exception of the loop
-        if getattr(worker, "stream_layers", False):
+        if worker.stream_layers:
             worker.on_offer = self._send_early_offer
 
     def _send_early_offer(self, req_id: str, offer: bytes) -> None:
@@ -89,7 +108,7 @@ class WorkerHost:
     def _sleep(self, poller: zmq.Poller, wait: float) -> None:
         """Until a command, a message on the worker's transfer sockets, or `wait` seconds:
         a worker waiting on a transfer sleeps instead of spinning (2 cores, shared)."""
-        extra = getattr(self.worker, "wait_sockets", lambda: None)() or []
+        extra = self.worker.wait_sockets() or []
         for sock in extra:
             poller.register(sock, zmq.POLLIN)
         try:

@@ -1,7 +1,12 @@
 """Incremental detokenization and stop strings for one request's output."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from engine.output import find_stop
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 class Detokenizer:
@@ -17,7 +22,7 @@ class Detokenizer:
     of a stop string that the next token completes.
     """
 
-    def __init__(self, tokenizer, stops: tuple[str, ...] = ()) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase | None, stops: tuple[str, ...] = ()) -> None:
         self.tokenizer = tokenizer
         self.stops = stops
         self.token_ids: list[int] = []

@@ -2,11 +2,22 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 from dataclasses import dataclass, field
 
 from engine.sampling_params import SamplingParams
 from protos import pdcluster_pb2 as pb
 from router.detokenizer import Detokenizer
+
+
+class Event(enum.Enum):
+    """What reaches a request's stream (`RequestState.events`), with its message."""
+
+    PREFILLED = "prefilled"   # wpb.PrefillDone: the first token (and the KV offer, disaggregated)
+    OFFERED = "offered"       # wpb.EarlyOffer: stream_layers, before the prefill's forward pass
+    TOKENS = "tokens"         # wpb.Tokens: decoded tokens
+    FAILED = "failed"         # wpb.Failed
+    ABORT = "abort"           # None: the client's Abort
 
 
 @dataclass
@@ -16,7 +27,7 @@ class RequestState:
     params: SamplingParams
     detok: Detokenizer
     arrival: float
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    events: asyncio.Queue[tuple[Event, object]] = field(default_factory=asyncio.Queue)
     prefill: str = ""
     decode: str = ""
     prefill_done: bool = False

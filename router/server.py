@@ -26,6 +26,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -41,11 +42,24 @@ from protos import worker_pb2 as wpb
 from router.detokenizer import Detokenizer
 from router.dispatch import InstanceView, pick_colocated, pick_decode, pick_prefill
 from router.links import WorkerLinks
-from router.request_state import RequestState
+from router import modes
+from router.request_state import Event, RequestState
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 SERVICES = ("pdcluster.v1.Generation", "pdcluster.v1.Admin")
 HEARTBEAT_TIMEOUT_S = 10.0
+
+
+class RouterSettings(Protocol):
+    """What the router reads of its config section (cluster.config.RouterConfig)."""
+
+    host: str
+    port: int
+    max_active_requests: int
+    request_timeout_s: float
 
 
 @dataclass(frozen=True)
@@ -67,12 +81,12 @@ class InstanceInfo:
 
 
 class Router(pb_grpc.GenerationServicer, pb_grpc.AdminServicer):
-    def __init__(self, settings, model: ModelInfo, tokenizer, links: WorkerLinks,
-                 mode: str = "disaggregated") -> None:
-        """`settings`: host, port, max_active_requests, request_timeout_s (cluster.config.RouterConfig);
-        `mode`: disaggregated, or colocated / colocated_chunked (one pool runs both phases)."""
+    def __init__(self, settings: RouterSettings, model: ModelInfo, tokenizer: PreTrainedTokenizerBase | None,
+                 links: WorkerLinks, mode: str = modes.DISAGGREGATED) -> None:
+        """`tokenizer`: None serves token ids only; `mode`: router.modes (disaggregated, or
+        colocated / colocated_chunked: one pool runs both phases)."""
         self.settings, self.model, self.tokenizer, self.links = settings, model, tokenizer, links
-        self.colocated = mode != "disaggregated"
+        self.colocated = modes.is_colocated(mode)
         self.views: dict[str, InstanceView] = {}
         self.requests: dict[str, RequestState] = {}
         self._ids = itertools.count()
@@ -151,7 +165,7 @@ class Router(pb_grpc.GenerationServicer, pb_grpc.AdminServicer):
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         st = self.requests.get(request.request_id)
         if st is not None and not st.finished:
-            st.events.put_nowait(("abort", None))
+            st.events.put_nowait((Event.ABORT, None))
         return pb.AbortResponse(found=st is not None)
 
     # -- Admin service -----------------------------------------------------------------
@@ -198,7 +212,7 @@ class Router(pb_grpc.GenerationServicer, pb_grpc.AdminServicer):
     def _chat_ids(self, messages) -> list[int]:
         if not messages:
             raise InvalidRequestError("messages is empty")
-        if not getattr(self.tokenizer, "chat_template", None):
+        if not self.tokenizer.chat_template:
             raise InvalidRequestError("this model has no chat template: send a prompt or token_ids")
         for i, m in enumerate(messages):
             if not m.role:
@@ -219,7 +233,7 @@ class Router(pb_grpc.GenerationServicer, pb_grpc.AdminServicer):
                 await context.abort(grpc.StatusCode.UNAVAILABLE,
                                     f"request {st.req_id} made no progress for {timeout:.0f}s")
             now = time.monotonic()
-            if kind == "prefilled":
+            if kind is Event.PREFILLED:
                 self._release_prefill(st)
                 st.queue_s, st.prefill_s = msg.queue_s, msg.prefill_s
                 ends = bool(msg.finish_reason)
@@ -232,18 +246,18 @@ class Router(pb_grpc.GenerationServicer, pb_grpc.AdminServicer):
                     continue   # the same instance decodes on: its tokens follow
                 elif not self._send_decode(st, msg, sampling):
                     await context.abort(grpc.StatusCode.UNAVAILABLE, "no live decode instance")
-            elif kind == "offered":
+            elif kind is Event.OFFERED:
                 self._bind_decode_early(st, msg)
-            elif kind == "tokens":
+            elif kind is Event.TOKENS:
                 if msg.transfer_s:
                     st.transfer_s = msg.transfer_s
                 ends = bool(msg.finish_reason)
                 yield st.chunk(msg.token_ids, now, final=ends)
                 if st.detok.stopped or ends:
                     yield self._finish(st, "stop" if st.detok.stopped else msg.finish_reason, now)
-            elif kind == "failed":
+            elif kind is Event.FAILED:
                 await context.abort(grpc.StatusCode.INTERNAL, f"request {st.req_id} failed: {msg.error}")
-            elif kind == "abort":
+            elif kind is Event.ABORT:
                 yield self._finish(st, "abort", now)
 
     def _finish(self, st: RequestState, reason: str, now: float) -> pb.GenerateResponse:
@@ -260,7 +274,7 @@ class Router(pb_grpc.GenerationServicer, pb_grpc.AdminServicer):
         view.active += 1
         work = wpb.PrefillWork(req_id=st.req_id, prompt_token_ids=st.prompt_ids, sampling=sampling)
         if not self.links.send(view.name, wpb.ToWorker(prefill=work)):
-            st.events.put_nowait(("failed", wpb.Failed(req_id=st.req_id, error=f"{view.name} is not reachable")))
+            st.events.put_nowait((Event.FAILED, wpb.Failed(req_id=st.req_id, error=f"{view.name} is not reachable")))
 
     def _bind_decode(self, st: RequestState) -> InstanceView | None:
         """The decode instance with the most room now; counted against it until the request ends."""
@@ -294,7 +308,7 @@ class Router(pb_grpc.GenerationServicer, pb_grpc.AdminServicer):
         work = wpb.DecodeWork(req_id=st.req_id, prompt_token_ids=st.prompt_ids, sampling=sampling,
                               first_token_id=done.first_token_id, offer=done.offer)
         if not self.links.send(view.name, wpb.ToWorker(decode=work)):
-            st.events.put_nowait(("failed", wpb.Failed(req_id=st.req_id, error=f"{view.name} is not reachable")))
+            st.events.put_nowait((Event.FAILED, wpb.Failed(req_id=st.req_id, error=f"{view.name} is not reachable")))
         return True
 
     def _live_views(self) -> list[InstanceView]:
@@ -342,15 +356,15 @@ class Router(pb_grpc.GenerationServicer, pb_grpc.AdminServicer):
                     view.free_blocks, view.num_blocks = msg.load.num_free_blocks, msg.load.num_blocks
                     view.assigned_blocks = 0
             for done in msg.prefilled:
-                self._deliver(done.req_id, "prefilled", done)
+                self._deliver(done.req_id, Event.PREFILLED, done)
             for early in msg.offered:
-                self._deliver(early.req_id, "offered", early)
+                self._deliver(early.req_id, Event.OFFERED, early)
             for tokens in msg.tokens:
-                self._deliver(tokens.req_id, "tokens", tokens)
+                self._deliver(tokens.req_id, Event.TOKENS, tokens)
             for failed in msg.failed:
-                self._deliver(failed.req_id, "failed", failed)
+                self._deliver(failed.req_id, Event.FAILED, failed)
 
-    def _deliver(self, req_id: str, kind: str, msg) -> None:
+    def _deliver(self, req_id: str, kind: Event, msg) -> None:
         st = self.requests.get(req_id)
         if st is not None and not st.finished:
             st.events.put_nowait((kind, msg))

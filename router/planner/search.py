@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
+from router import modes
 from router.planner.goodput import Goodput, at_rate, attainment, goodput, unit_rate_requests
 from router.planner.profile import PlannerError, Profile
 from router.planner.simulator import PoolSpec, SimConfig, decode_round_s, simulate
@@ -179,7 +180,7 @@ class _Search:
             step = decode_round_s(lat, pool.pp, int(m), int(m * (self.mean_prompt + self.mean_output / 2)))
             return pool.num_instances * m / (step * self.mean_output)
 
-        if mode.startswith("colocated"):
+        if modes.is_colocated(mode):
             pool = pools["colocated"]
             return 1.0 / (1.0 / prefill_rate(pool) + 1.0 / decode_rate(pool))
         rates = [f(pools[k]) for k, f in (("prefill", prefill_rate), ("decode", decode_rate)) if k in pools]
@@ -234,7 +235,7 @@ class _Search:
         transfer = self.shape.intra_node_gb_s if regime == "low" else self.shape.inter_node_gb_s
         out = []
         for est, pre, dec in self.estimate_units(regime)[:self.s.joint]:
-            g = self._goodput((regime, pre, dec), "disaggregated", {"prefill": pre, "decode": dec},
+            g = self._goodput((regime, pre, dec), modes.DISAGGREGATED, {"prefill": pre, "decode": dec},
                               (self.s.ttft_slo, self.s.tpot_slo), transfer=transfer)
             out.append(Candidate(regime, pre, dec, None, self.num_units(regime, pre, dec), g.rate,
                                  g.attainment, transfer))
@@ -249,7 +250,7 @@ class _Search:
     def colocated(self) -> Candidate | None:
         """The best colocated instance per GPU, prefill-first (vLLM) or chunked (Sarathi-Serve)."""
         best = None
-        for mode in ("colocated", "colocated_chunked"):
+        for mode in (modes.COLOCATED, modes.COLOCATED_CHUNKED):
             for t, p in self.configs(self.shape.num_gpus):
                 g = self._goodput((mode, t, p), mode, {"colocated": PoolSpec(t, p, 1)},
                                   (self.s.ttft_slo, self.s.tpot_slo))

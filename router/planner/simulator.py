@@ -54,9 +54,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from router.planner.profile import PlanLatency, PlannerError, Profile
+from router import modes
 from router.workload import RequestSpec
 
-MODES = ("disaggregated", "colocated", "colocated_chunked", "prefill_only", "decode_only")
+# the serving modes, and two that simulate one phase alone (the search's per-phase estimates)
+MODES = (*modes.MODES, "prefill_only", "decode_only")
 
 
 @dataclass(frozen=True)
@@ -105,15 +107,16 @@ class SimStats:
 
 
 class _Req:
-    __slots__ = ("spec", "first", "finish", "blocks", "done_prompt", "left", "src", "ready")
+    __slots__ = ("spec", "first_token_at", "finished_at", "blocks", "done_prompt", "tokens_left",
+                 "kv_holder", "kv_landed_at")
 
     def __init__(self, spec: RequestSpec) -> None:
         self.spec = spec
-        self.first = self.finish = self.ready = math.nan
-        self.blocks = 0
+        self.first_token_at = self.finished_at = self.kv_landed_at = math.nan   # simulated seconds
+        self.blocks = 0             # KV blocks it holds on the instance it is on
         self.done_prompt = 0        # chunked prefill: prompt tokens already run
-        self.left = spec.output_tokens - 1   # tokens still to decode after the first
-        self.src = None             # the prefill instance holding its KV
+        self.tokens_left = spec.output_tokens - 1   # tokens still to decode after the first
+        self.kv_holder = None       # the prefill instance holding its KV until decode has it
 
 
 class _Sim:
@@ -206,7 +209,7 @@ class _Prefill:
                 break
             self.waiting.popleft()
             self.free_blocks -= need
-            r.blocks, r.src = need, self
+            r.blocks, r.kv_holder = need, self
             batch.append(r)
             tokens += n
         if not batch:
@@ -227,12 +230,12 @@ class _Prefill:
 
     def _done(self, now: float, batch: list[_Req]) -> None:
         for r in batch:
-            r.first = now
+            r.first_token_at = now
             self.on_done(now, r)
 
     def release(self, now: float, r: _Req) -> None:
         self.free_blocks += r.blocks
-        r.blocks, r.src = 0, None
+        r.blocks, r.kv_holder = 0, None
         self.kick(now)
 
 
@@ -246,7 +249,7 @@ class _Decode:
         self.total_blocks = self.free_blocks = sim.capacity_blocks(pool)
         self.waiting: deque[_Req] = deque()
         self.admitted = 0          # transferring + running
-        self.ready: list[_Req] = []
+        self.landed: list[_Req] = []   # KV arrived: they join the batch at the next step
         self.running: list[_Req] = []
         self.stepping = False
         self.link_free = 0.0       # when this instance's link finishes the transfers queued on it
@@ -281,7 +284,7 @@ class _Decode:
         """When the KV pull ends: transfers through one instance's link run one after another."""
         if not self.pull:
             return now
-        src = r.src
+        src = r.kv_holder
         start = max(now, self.link_free, src.link_free if src is not None else now)
         end = start + r.spec.prompt_tokens * self.sim.profile.kv_bytes_per_token / (self.sim.cfg.transfer_gb_s * 1e9)
         self.link_free = end
@@ -290,33 +293,33 @@ class _Decode:
         return end
 
     def _pulled(self, now: float, r: _Req, need: int) -> None:
-        if r.src is not None:
-            r.src.release(now, r)
-        r.blocks, r.ready = need, now
-        self.ready.append(r)
+        if r.kv_holder is not None:
+            r.kv_holder.release(now, r)
+        r.blocks, r.kv_landed_at = need, now
+        self.landed.append(r)
         if not self.stepping:
             self._step(now)
 
     def _step(self, now: float) -> None:
-        self.running.extend(self.ready)
-        self.ready.clear()
+        self.running.extend(self.landed)
+        self.landed.clear()
         if not self.running:
             self.stepping = False
             self.sim.end(self)
             return
         self.stepping = True
-        ctx = sum(r.spec.prompt_tokens + r.spec.output_tokens - r.left for r in self.running)
+        ctx = sum(r.spec.prompt_tokens + r.spec.output_tokens - r.tokens_left for r in self.running)
         self.sim.begin(self, now, "decode", decode_round_s(self.lat, self.pp, len(self.running), ctx),
                        lambda start, step: self.sim.at(start + step, self._stepped))
 
     def _stepped(self, now: float) -> None:
         still = []
         for r in self.running:
-            r.left -= 1
-            if r.left > 0:
+            r.tokens_left -= 1
+            if r.tokens_left > 0:
                 still.append(r)
                 continue
-            r.finish = now
+            r.finished_at = now
             self.free_blocks += r.blocks
             self.admitted -= 1
             self.on_finish(now, r)
@@ -373,7 +376,7 @@ class _Colocated:
 
     def _plan(self) -> tuple[float, list, list] | None:
         """(duration, [(request, prompt tokens this step)], requests decoding this step) or None if idle."""
-        ctx = sum(r.spec.prompt_tokens + r.spec.output_tokens - r.left for r in self.running)
+        ctx = sum(r.spec.prompt_tokens + r.spec.output_tokens - r.tokens_left for r in self.running)
         chunks: list[tuple[_Req, int]] = []
         if not self.chunked:
             tokens = 0
@@ -420,25 +423,25 @@ class _Colocated:
     def _stepped(self, now: float, chunks: list, decoding: list[_Req]) -> None:
         self.in_step = []
         for r in decoding:
-            r.left -= 1
-            if r.left <= 0:
+            r.tokens_left -= 1
+            if r.tokens_left <= 0:
                 self._finish(now, r)
-        self.running = [r for r in self.running if r.left > 0]
+        self.running = [r for r in self.running if r.tokens_left > 0]
         for r, n in chunks:
             r.done_prompt += n
             if r.done_prompt < r.spec.prompt_tokens:
                 continue
             if self.chunked:
                 self.partial.remove(r)
-            r.first = now
-            if r.left > 0:
+            r.first_token_at = now
+            if r.tokens_left > 0:
                 self.running.append(r)
             else:
                 self._finish(now, r)
         self._step(now)
 
     def _finish(self, now: float, r: _Req) -> None:
-        r.finish = now
+        r.finished_at = now
         self.free_blocks += r.blocks
         r.blocks = 0
         self.on_finish(now, r)
@@ -467,26 +470,26 @@ def _build(mode: str, sim: _Sim, prefill: PoolSpec | None, decode: PoolSpec | No
     def finished(now: float, r: _Req) -> None:
         pass
 
-    if mode.startswith("colocated"):
+    if mode in (modes.COLOCATED, modes.COLOCATED_CHUNKED):
         pool = _need(colocated, "colocated", mode)
-        insts = [_Colocated(sim, pool, mode == "colocated_chunked", finished) for _ in range(pool.num_instances)]
+        insts = [_Colocated(sim, pool, mode == modes.COLOCATED_CHUNKED, finished) for _ in range(pool.num_instances)]
         return lambda now, r: min(insts, key=_Colocated.load).add(now, r)
     decodes = []
     if mode != "prefill_only":
         pool = _need(decode, "decode", mode)
-        decodes = [_Decode(sim, pool, mode == "disaggregated", finished) for _ in range(pool.num_instances)]
+        decodes = [_Decode(sim, pool, mode == modes.DISAGGREGATED, finished) for _ in range(pool.num_instances)]
 
     def to_decode(now: float, r: _Req) -> None:
-        if r.left <= 0 or not decodes:      # done at its first token (or no decode phase simulated)
-            r.finish = now
-            if r.src is not None:
-                r.src.release(now, r)
+        if r.tokens_left <= 0 or not decodes:      # done at its first token (or no decode phase simulated)
+            r.finished_at = now
+            if r.kv_holder is not None:
+                r.kv_holder.release(now, r)
             return
         max(decodes, key=_Decode.room).add(now, r)
 
     if mode == "decode_only":
         def arrive(now: float, r: _Req) -> None:
-            r.first = now
+            r.first_token_at = now
             to_decode(now, r)
         return arrive
     pool = _need(prefill, "prefill", mode)
@@ -520,8 +523,8 @@ def _check_request(i: int, s: RequestSpec) -> RequestSpec:
 
 
 def _result(r: _Req, cfg: SimConfig) -> RequestResult:
-    first = r.ready if cfg.ttft_includes_transfer and not math.isnan(r.ready) else r.first
-    ttft, e2e = first - r.spec.arrival_s, r.finish - r.spec.arrival_s
+    first = r.kv_landed_at if cfg.ttft_includes_transfer and not math.isnan(r.kv_landed_at) else r.first_token_at
+    ttft, e2e = first - r.spec.arrival_s, r.finished_at - r.spec.arrival_s
     n = r.spec.output_tokens
     tpot = (e2e - ttft) / (n - 1) if n > 1 else 0.0
     return RequestResult(r.spec.arrival_s, r.spec.prompt_tokens, n, ttft, tpot, e2e)

@@ -19,7 +19,7 @@ import time
 import pytest
 
 from cluster.config import load_config
-from cluster.worker_factory import build_worker, zero_copy
+from cluster.worker_factory import build_worker
 from engine import LLM, SamplingParams
 from engine.kv_cache import KVCache
 from engine.model_config import load_model_config
@@ -98,7 +98,7 @@ class Pair:
             "decode": {"block_size": decode_block_size, "max_num_seqs": decode_max_seqs,
                        "kv_cache_memory_gb": _gb_for(model_dir, decode_blocks, decode_block_size)},
             "transfer": transfer})
-        assert zero_copy(cfg) == (backend == "shm-zero-copy")
+        assert cfg.transfer.zero_copy == (backend == "shm-zero-copy")
         self.prefill = build_worker("prefill", "p0", cfg, model_dir)
         try:
             self.decode = build_worker("decode", "d0", cfg, model_dir)
