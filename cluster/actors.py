@@ -13,15 +13,17 @@ import os
 
 import ray
 
+from cluster.config import from_dict
+from cluster.parallel_worker import RankHost
+from cluster.worker_factory import build_worker
+from cluster.worker_host import WorkerHost
+
 
 @ray.remote(max_restarts=0)
 class WorkerActor:
     def __init__(self, role: str, name: str, cfg_dict: dict, model_path: str, router_endpoint: str,
                  host: str, rank_spec: dict | None = None) -> None:
         logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(message)s")
-        from cluster.config import from_dict
-        from cluster.worker_factory import build_worker
-        from cluster.worker_host import WorkerHost
         if host == "auto":   # multi-node: bind the address Ray knows this node by
             host = ray.util.get_node_ip_address()
         worker = build_worker(role, name, from_dict(cfg_dict), model_path, host, rank_spec)
@@ -51,9 +53,6 @@ class RankActor:
 
     def __init__(self, role: str, name: str, cfg_dict: dict, model_path: str, host: str, rank_spec: dict) -> None:
         logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(message)s")
-        from cluster.config import from_dict
-        from cluster.parallel_worker import RankHost
-        from cluster.worker_factory import build_worker
         server = build_worker(role, name, from_dict(cfg_dict), model_path, host, rank_spec)
         self.host = RankHost(server, name)
 

@@ -15,6 +15,8 @@ import os
 import typing
 from dataclasses import dataclass, field
 
+import yaml
+
 from engine.dtypes import DTYPE_NAMES
 from engine.errors import ConfigError
 from kv_transfer.backends import BACKENDS
@@ -184,14 +186,13 @@ class ClusterConfig:
 
     def replace(self, **sections: dict) -> ClusterConfig:
         """A copy with some keys changed: cfg.replace(router={"port": 0})."""
-        return from_dict(_merge(to_dict(self), sections))
+        return from_dict(merge_sections(to_dict(self), sections))
 
 
 def load_config(path: str | None = None, overrides: dict | None = None) -> ClusterConfig:
     """Read a YAML file (None: the defaults), apply overrides, check every value."""
     data: dict = {}
     if path is not None:
-        import yaml
         try:
             with open(path) as f:
                 data = yaml.safe_load(f) or {}
@@ -205,8 +206,8 @@ def load_config(path: str | None = None, overrides: dict | None = None) -> Clust
             raise ConfigError(f"config {path!r} must be a mapping of sections, got {type(data).__name__}")
     model = data.get("model")
     if os.environ.get("PDCLUSTER_MODEL") and (model is None or isinstance(model, dict) and "path" not in model):
-        data = _merge(data, {"model": {"path": os.environ["PDCLUSTER_MODEL"]}})
-    return from_dict(_merge(data, overrides or {}))
+        data = merge_sections(data, {"model": {"path": os.environ["PDCLUSTER_MODEL"]}})
+    return from_dict(merge_sections(data, overrides or {}))
 
 
 def from_dict(data: dict) -> ClusterConfig:
@@ -261,10 +262,11 @@ def _coerce(hint, value, key: str):
     return value
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge_sections(base: dict, extra: dict) -> dict:
+    """`extra` over `base`, section by section (nested mappings merge, other values replace)."""
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_sections(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 

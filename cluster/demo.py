@@ -10,6 +10,11 @@ from __future__ import annotations
 import os
 import time
 
+from cluster.client import Client
+from cluster.config import load_config
+from cluster.local import Cluster
+from cluster.serve import describe, stream_answer
+
 DEMO_PROMPTS = [
     "What is the capital of France?",
     "Give me three tips for writing clear code.",
@@ -20,11 +25,6 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
 
 
 def main(max_tokens: int = 48, config_path: str | None = None) -> int:
-    from cluster.client import Client
-    from cluster.config import load_config
-    from cluster.local import Cluster
-    from cluster.serve import describe, stream_answer
-
     path = config_path or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)
     cfg = load_config(path, {"router": {"port": 0}, "ray": {"address": None}})
     start = time.monotonic()

@@ -11,11 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import threading
 import time
 
-from cluster.config import ClusterConfig
+from cluster.config import ClusterConfig, to_dict
+from cluster.ray_cluster import placement_group_for, remove_placement_groups, start_ray, stop_ray
+from engine.default_model import default_model_path
 from engine.errors import ConfigError
+from engine.llm import load_tokenizer
+from engine.model_config import load_model_config
+from router.links import WorkerLinks
+from router.server import InstanceInfo, ModelInfo, Router
+
+# Ray itself (and cluster.actors, which imports it) is imported inside the functions that use
+# it: Ray reads its auth settings when it is imported, and start_ray sets them first.
 
 START_TIMEOUT_S = 300.0
 
@@ -73,8 +83,6 @@ class Cluster:
         return self
 
     def _start(self) -> None:
-        from cluster.ray_cluster import start_ray
-        from engine.default_model import default_model_path
         cfg = self.config
         t0 = time.monotonic()
         model_path = cfg.model.path or default_model_path()
@@ -101,8 +109,6 @@ class Cluster:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from cluster.actors import RankActor, WorkerActor
-        from cluster.config import to_dict
-        from cluster.ray_cluster import placement_group_for
         cfg, cfg_dict = self.config, to_dict(self.config)
         pending = {}
         for role, pool in cfg.pools().items():
@@ -139,9 +145,6 @@ class Cluster:
             self.log(f"  {name} ready (pid {info['pid']}, {plan}, {info['num_blocks']} KV blocks)")
 
     def _start_router(self, model_path: str, links) -> None:
-        from engine.llm import load_tokenizer
-        from engine.model_config import load_model_config
-        from router.server import InstanceInfo, ModelInfo, Router
         cfg = self.config
         mc = load_model_config(model_path)
         max_len = min(cfg.model.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
@@ -181,7 +184,6 @@ class Cluster:
             self._loop.close()
             self._loop = None
         self.router = None
-        from cluster.ray_cluster import remove_placement_groups, stop_ray
         remove_placement_groups(self._groups)
         self._groups.clear()
         if self._started_ray:
@@ -213,7 +215,6 @@ def _rank_specs(pool, pg, host: str) -> list[dict | None]:
     num_ranks = pool.tp_size * pool.pp_size
     if num_ranks == 1:
         return [None]
-    import socket
 
     import ray
     from ray.util.placement_group import placement_group_table
@@ -236,6 +237,5 @@ def _stop_report(ref) -> dict:
         return {"stopped": False, "error": f"{type(e).__name__}: {e}"}
 
 
-async def _make_links(host: str):
-    from router.links import WorkerLinks
-    return WorkerLinks(host)
+async def _make_links(host: str) -> WorkerLinks:
+    return WorkerLinks(host)   # made on the router's loop: its zmq.asyncio sockets belong to that loop

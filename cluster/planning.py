@@ -17,6 +17,11 @@ import shlex
 import sys
 import time
 
+from router.planner.plan_file import render, write_plan
+from router.planner.profile import PlannerError, ProfileError, load_profile
+from router.planner.search import ClusterShape, SearchSettings, search_plan
+from router.workload import WorkloadError
+
 PROFILES_DIR = os.path.join(os.path.dirname(__file__), "..", "router", "planner", "profiles")
 
 
@@ -27,7 +32,6 @@ def resolve_profile(name: str) -> str:
     if os.path.exists(shipped):
         return os.path.normpath(shipped)
     known = sorted(f[:-5] for f in os.listdir(PROFILES_DIR) if f.endswith(".json"))
-    from router.planner.profile import ProfileError
     raise ProfileError(f"no profile file {name!r} and no shipped profile of that name (shipped: {known})")
 
 
@@ -51,10 +55,6 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def plan_main(args: argparse.Namespace) -> int:
-    from router.planner.plan_file import render, write_plan
-    from router.planner.profile import PlannerError, load_profile
-    from router.planner.search import ClusterShape, SearchSettings, search_plan
-    from router.workload import WorkloadError
     try:
         profile = load_profile(resolve_profile(args.profile))
         shape = ClusterShape(args.nodes, args.gpus_per_node,
@@ -82,7 +82,7 @@ def plan_main(args: argparse.Namespace) -> int:
 
 
 def profile_main(args: argparse.Namespace) -> int:
-    from cluster.bench.profile import run
+    from cluster.bench.profile import run   # here: it needs torch and the model, `plan` does not
     run(out=args.out, repeats=args.repeats, plans=tuple(x for x in args.plans.split(",") if x),
         interference=getattr(args, "interference", True))
     return 0

@@ -5,12 +5,15 @@ import signal
 import sys
 import threading
 
+import yaml
+
+from cluster.client import Client
+from cluster.config import load_config, merge_sections
+from engine.errors import ConfigError
+
 
 def plan_fragment(path: str) -> dict:
     """A plan YAML (`pdcluster plan`): config sections to merge over the base config."""
-    import yaml
-
-    from engine.errors import ConfigError
     try:
         with open(path) as f:
             data = yaml.safe_load(f) or {}
@@ -25,13 +28,12 @@ def plan_fragment(path: str) -> dict:
 
 def serve(config_path: str | None, address: str | None, port: int | None, plan_path: str | None = None) -> int:
     """Start the cluster in the foreground; Ctrl-C (or SIGTERM) drains it and stops."""
-    from cluster.config import _merge, load_config
-    from cluster.local import Cluster
+    from cluster.local import Cluster   # here: it brings torch and Ray, which `generate` / `status` do not need
     overrides: dict = plan_fragment(plan_path) if plan_path else {}
     if address:
-        overrides = _merge(overrides, {"ray": {"address": address}})
+        overrides = merge_sections(overrides, {"ray": {"address": address}})
     if port is not None:
-        overrides = _merge(overrides, {"router": {"port": port}})
+        overrides = merge_sections(overrides, {"router": {"port": port}})
     cfg = load_config(config_path, overrides)
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -70,7 +72,6 @@ def describe(r) -> str:
 
 def generate(address: str, prompt: str, raw: bool, **sampling) -> int:
     """Stream one completion to the terminal, then its timings on stderr."""
-    from cluster.client import Client
     with Client(address) as client:
         kwargs = {"prompt": prompt} if raw else {"messages": [{"role": "user", "content": prompt}]}
         result = stream_answer(client, **kwargs, **sampling)
@@ -79,7 +80,6 @@ def generate(address: str, prompt: str, raw: bool, **sampling) -> int:
 
 
 def status(address: str) -> int:
-    from cluster.client import Client
     with Client(address) as client:
         state = client.state()
     print(f"model {state.model}  transfer {state.transfer_backend}  "

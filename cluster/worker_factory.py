@@ -51,7 +51,8 @@ def build_worker(role: str, name: str, cfg: ClusterConfig, model_path: str, host
 
         def release():
             # every view of the shared segment must go before it can be unmapped
-            parts.runner.kv_cache.data = parts.runner._kv_layers = sender.cache_data = None
+            parts.runner.release_kv_cache()
+            sender.cache_data = None
             gc.collect()
             for s in shared:
                 s.close()

@@ -116,7 +116,7 @@ def execute_mixed(runner, plan) -> StepResult:
     meta = MixedAttentionMetadata(StepKind.MIXED, torch.cat(slots), [], tables, lens, num_decodes=nd,
                                   chunks=tuple(chunks))
     with matmul_backend(len(ids), runner.dtype):
-        hidden = runner.model(torch.tensor(ids), torch.cat(pos), runner._kv_layers, meta)   # [tokens, hidden]
+        hidden = runner.model(torch.tensor(ids), torch.cat(pos), runner.kv_layers, meta)   # [tokens, hidden]
         rows = [i for i, ok in enumerate(plan.samples) if ok]
         if not rows:
             return StepResult((NO_TOKEN,) * len(plan.seqs))

@@ -51,8 +51,13 @@ class ModelRunner:
         local_kv_heads = self.par.split(cfg.num_kv_heads, "num_key_value_heads")
         self.kv_cache = KVCache(len(self.model.layer_range), num_blocks, block_size,
                                 local_kv_heads, cfg.head_dim, dtype, allocate_kv)
-        self._kv_layers = self.kv_cache.layers()
+        self.kv_layers = self.kv_cache.layers()   # per layer (k, v) views of the cache
         self.generator = torch.Generator().manual_seed(seed)
+
+    def release_kv_cache(self) -> None:
+        """Drop every reference to the cache's memory (a shared segment can be unmapped then)."""
+        self.kv_cache.data = None
+        self.kv_layers = []
 
     def execute(self, plan: StepPlan, on_layer=None) -> StepResult:
         """`on_layer(i)`: called in a prefill once local layer i's KV is stored (streaming)."""
@@ -77,7 +82,7 @@ class ModelRunner:
             start += n
         meta = AttentionMetadata(StepKind.PREFILL, torch.cat(slots), bounds, None, None)
         last_rows = [end - 1 for _, end in bounds]
-        hidden = self.model(torch.tensor(ids), torch.cat(pos), self._kv_layers, meta,
+        hidden = self.model(torch.tensor(ids), torch.cat(pos), self.kv_layers, meta,
                             last_rows=last_rows, on_layer=on_layer)   # [seqs, hidden]
         return self._sample(hidden, seqs)
 
@@ -95,7 +100,7 @@ class ModelRunner:
                                  torch.tensor([s.context_len for s in seqs], dtype=torch.int32))
         ids = torch.tensor([s.token_ids[0] for s in seqs])
         with matmul_backend(len(seqs), self.dtype):
-            hidden = self.model(ids, positions, self._kv_layers, meta)
+            hidden = self.model(ids, positions, self.kv_layers, meta)
             return self._sample(hidden, seqs)
 
     def _slots(self, block_ids: Sequence[int], positions: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,10 @@ the header comment, where the config loader ignores it.
 """
 from __future__ import annotations
 
+import os
+
+import yaml
+
 from router.planner.profile import GIB, Profile
 from router.planner.search import Candidate, SearchResult
 
@@ -44,7 +48,6 @@ def placement(c: Candidate) -> str:
 
 def render(result: SearchResult, profile: Profile, command: str) -> str:
     """The YAML text: header comment with predictions, then the config sections."""
-    import yaml
     s, b = result.settings, result.best
     lines = [
         f"# Plan found by: {command}",
@@ -70,7 +73,6 @@ def render(result: SearchResult, profile: Profile, command: str) -> str:
 
 
 def write_plan(path: str, text: str) -> None:
-    import os
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         f.write(text)

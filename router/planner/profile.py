@@ -39,6 +39,8 @@ import json
 import math
 from dataclasses import dataclass, field, replace
 
+import numpy as np
+
 FORMAT = "pdcluster-profile/1"
 GIB = 2 ** 30
 
@@ -328,7 +330,6 @@ def _fit(rows: list[tuple], times: list[float], phase: str) -> tuple[PhaseModel,
     A negative coefficient is noise (a latency does not fall with more work); with
     three columns dropping and refitting is the exact active-set answer often enough.
     """
-    import numpy as np
     if len(rows) < 3:
         raise PlannerError(f"{phase}: need at least 3 samples to fit 3 coefficients, got {len(rows)}")
     if any(not (t > 0 and math.isfinite(t)) for t in times):
