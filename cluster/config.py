@@ -23,6 +23,12 @@ from kv_transfer.backends import BACKENDS
 from router import modes
 
 CHUNKED_DEFAULT_BUDGET = 512           # Sarathi-Serve-sized token budget per step
+# what a decode instance does when a KV pull fails: prefill the request again itself, have the
+# router prefill it again on a prefill instance, or fail the request
+ON_FAILURE = ("recompute", "reprefill", "fail")
+# test-only: the points of a request's life where `faults.die_at` makes a worker kill itself
+FAULT_POINTS = ("prefill.queued", "prefill.forward", "prefill.leased", "decode.pull", "decode.stream",
+                "colocated.stream")
 
 
 @dataclass(frozen=True)
@@ -93,9 +99,11 @@ class TransferConfig:
     checksum: bool = False              # shm with checksum off reads the prefill cache in place
     compress: str | None = None         # None or "int8"
     stream_layers: bool = False         # prefill sends each layer's KV as soon as it is computed
+    on_failure: str = "recompute"       # a pull that fails (prefill died, bad data): ON_FAILURE
 
     def check(self, key: str) -> None:
         _one_of(self.backend, BACKENDS, f"{key}.backend")
+        _one_of(self.on_failure, ON_FAILURE, f"{key}.on_failure")
         if self.compress is not None:
             _one_of(self.compress, ("int8",), f"{key}.compress")
         if self.stream_layers and not (self.backend == "zmq" or self.zero_copy):
@@ -118,15 +126,56 @@ class RouterConfig:
     max_active_requests: int = 256      # beyond this, Generate answers RESOURCE_EXHAUSTED
     request_timeout_s: float = 300.0    # a request with no progress for this long fails
     drain_timeout_s: float = 30.0       # on stop, wait this long for requests in flight
+    migration_limit: int = 3            # times a request may move after its instance died or failed it
+    breaker_failures: int = 3           # failed requests in a row that take an instance out of rotation
+    breaker_cooldown_s: float = 10.0    # how long it stays out before one probe request may go to it
 
     def check(self, key: str) -> None:
         if not 0 <= self.port < 65536:
             raise ConfigError(f"{key}.port must be in [0, 65536), got {self.port}")
         _positive(self.max_active_requests, f"{key}.max_active_requests")
+        if self.migration_limit < 0:
+            raise ConfigError(f"{key}.migration_limit must be >= 0, got {self.migration_limit}")
+        _positive(self.breaker_failures, f"{key}.breaker_failures")
+        _finite_at_least(self.breaker_cooldown_s, 0.0, f"{key}.breaker_cooldown_s")
         if not self.request_timeout_s > 0 or not math.isfinite(self.request_timeout_s):
             raise ConfigError(f"{key}.request_timeout_s must be a finite number > 0, got {self.request_timeout_s}")
         if not self.drain_timeout_s >= 0 or not math.isfinite(self.drain_timeout_s):
             raise ConfigError(f"{key}.drain_timeout_s must be a finite number >= 0, got {self.drain_timeout_s}")
+
+
+@dataclass(frozen=True)
+class RestartConfig:
+    """A pool keeps its size: a dead instance is replaced after a backoff, at most
+    `max_restarts` times per pool over the cluster's life."""
+    max_restarts: int = 10
+    backoff_s: float = 1.0              # before the first replacement; doubles per restart of the pool
+    max_backoff_s: float = 30.0
+
+    def check(self, key: str) -> None:
+        if self.max_restarts < 0:
+            raise ConfigError(f"{key}.max_restarts must be >= 0, got {self.max_restarts}")
+        _finite_at_least(self.backoff_s, 0.0, f"{key}.backoff_s")
+        _finite_at_least(self.max_backoff_s, self.backoff_s, f"{key}.max_backoff_s")
+
+    def backoff(self, restarts_so_far: int) -> float:
+        return min(self.max_backoff_s, self.backoff_s * 2 ** restarts_so_far)
+
+
+@dataclass(frozen=True)
+class FaultConfig:
+    """For tests and drills only: a worker kills itself (SIGKILL) at a point of a request's life,
+    or every step runs `step_delay_s` longer (a busy instance)."""
+    die_at: str | None = None           # one of FAULT_POINTS
+    instance: str | None = None         # that worker only (its name, e.g. decode-0); None: every one
+    after: int = 1                      # at the n-th time the point is reached
+    step_delay_s: float = 0.0
+
+    def check(self, key: str) -> None:
+        if self.die_at is not None:
+            _one_of(self.die_at, FAULT_POINTS, f"{key}.die_at")
+        _positive(self.after, f"{key}.after")
+        _finite_at_least(self.step_delay_s, 0.0, f"{key}.step_delay_s")
 
 
 @dataclass(frozen=True)
@@ -150,6 +199,8 @@ class ClusterConfig:
     transfer: TransferConfig = field(default_factory=TransferConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    restart: RestartConfig = field(default_factory=RestartConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)   # tests only
 
     def check(self) -> ClusterConfig:
         _one_of(self.mode, modes.MODES, "mode")
@@ -273,6 +324,11 @@ def merge_sections(base: dict, extra: dict) -> dict:
 def _positive(value: int, key: str) -> None:
     if value < 1:
         raise ConfigError(f"{key} must be >= 1, got {value}")
+
+
+def _finite_at_least(value: float, low: float, key: str) -> None:
+    if not value >= low or not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number >= {low}, got {value}")
 
 
 def _one_of(value, allowed: tuple, key: str) -> None:

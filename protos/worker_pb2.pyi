@@ -45,17 +45,25 @@ class EarlyOffer(_message.Message):
     offer: bytes
     def __init__(self, req_id: _Optional[str] = ..., offer: _Optional[bytes] = ...) -> None: ...
 
+class PeerLost(_message.Message):
+    __slots__ = ("endpoint",)
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    endpoint: str
+    def __init__(self, endpoint: _Optional[str] = ...) -> None: ...
+
 class ToWorker(_message.Message):
-    __slots__ = ("prefill", "decode", "abort", "prefetch")
+    __slots__ = ("prefill", "decode", "abort", "prefetch", "peer_lost")
     PREFILL_FIELD_NUMBER: _ClassVar[int]
     DECODE_FIELD_NUMBER: _ClassVar[int]
     ABORT_FIELD_NUMBER: _ClassVar[int]
     PREFETCH_FIELD_NUMBER: _ClassVar[int]
+    PEER_LOST_FIELD_NUMBER: _ClassVar[int]
     prefill: PrefillWork
     decode: DecodeWork
     abort: Abort
     prefetch: EarlyOffer
-    def __init__(self, prefill: _Optional[_Union[PrefillWork, _Mapping]] = ..., decode: _Optional[_Union[DecodeWork, _Mapping]] = ..., abort: _Optional[_Union[Abort, _Mapping]] = ..., prefetch: _Optional[_Union[EarlyOffer, _Mapping]] = ...) -> None: ...
+    peer_lost: PeerLost
+    def __init__(self, prefill: _Optional[_Union[PrefillWork, _Mapping]] = ..., decode: _Optional[_Union[DecodeWork, _Mapping]] = ..., abort: _Optional[_Union[Abort, _Mapping]] = ..., prefetch: _Optional[_Union[EarlyOffer, _Mapping]] = ..., peer_lost: _Optional[_Union[PeerLost, _Mapping]] = ...) -> None: ...
 
 class PrefillDone(_message.Message):
     __slots__ = ("req_id", "first_token_id", "offer", "finish_reason", "queue_s", "prefill_s")
@@ -86,12 +94,14 @@ class Tokens(_message.Message):
     def __init__(self, req_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., transfer_s: _Optional[float] = ...) -> None: ...
 
 class Failed(_message.Message):
-    __slots__ = ("req_id", "error")
+    __slots__ = ("req_id", "error", "retry")
     REQ_ID_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    RETRY_FIELD_NUMBER: _ClassVar[int]
     req_id: str
     error: str
-    def __init__(self, req_id: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+    retry: bool
+    def __init__(self, req_id: _Optional[str] = ..., error: _Optional[str] = ..., retry: _Optional[bool] = ...) -> None: ...
 
 class Load(_message.Message):
     __slots__ = ("num_waiting", "num_running", "queued_prompt_tokens", "num_free_blocks", "num_blocks", "num_leases", "mean_step_s", "num_steps")
