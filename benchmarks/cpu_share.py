@@ -43,7 +43,7 @@ def cpu_seconds() -> dict[int, tuple[float, str]]:
 
 
 async def serve_point(address: str, args) -> tuple[list, float, list]:
-    from cluster.bench.serve import PromptMaker, SweepSpec, _warm_up, run_point, wait_idle
+    from cluster.bench.serve import PromptMaker, SweepSpec, warm_up, run_point, wait_idle
     from cluster.bench.serve_metrics import SLO
     from cluster.client import AsyncClient
     from engine.default_model import default_model_path
@@ -51,7 +51,7 @@ async def serve_point(address: str, args) -> tuple[list, float, list]:
     prompts = PromptMaker.for_model(default_model_path(), spec.seed)
     client = AsyncClient(address)
     try:
-        await _warm_up(client, spec, prompts)
+        await warm_up(client, spec, prompts)
         await wait_idle(client)
         before, t0 = cpu_seconds(), time.monotonic()
         results, _ = await run_point(client, spec.requests(args.rate), prompts, args.time_limit, False,

@@ -49,7 +49,7 @@ def main() -> None:
     import torch
     torch.set_num_threads(1)
     import pdkernels
-    from cluster.bench.profile import _works
+    from cluster.bench.steps import seq_works
     from engine import cpu_tuning
     from engine.instance import build_engine
     from pdkernels import cpu_native
@@ -83,7 +83,7 @@ def main() -> None:
             serving = serving_batch(batch, rng, runner.block_size, num_blocks, vocab)
             tokens = sum(w.start_pos + 1 for w in serving)
             mean = tokens // batch
-            uniform = _works([mean] * batch, runner.block_size, mean, vocab)
+            uniform = seq_works([mean] * batch, runner.block_size, vocab, decode=True)
             for label, works in (("chatbot, scattered", serving), ("uniform, consecutive", uniform)):
                 times = {"reference": [], "C kernel": []}
                 calls.clear()

@@ -26,7 +26,7 @@ REPEATS = 15
 def main() -> None:
     import torch
     torch.set_num_threads(1)
-    from cluster.bench.profile import _works
+    from cluster.bench.steps import seq_works
     from engine.cpu_tuning import keep_freed_memory
     from engine.instance import build_engine
     from pdkernels import paged_attention as pa
@@ -42,8 +42,8 @@ def main() -> None:
           "uniform batch, same total")
     for batch in BATCHES:
         lens = sorted(min(1024, prompt.sample(rng) + rng.randint(1, 48)) for _ in range(batch))
-        mixed = _works(lens, runner.block_size, 1, vocab)
-        uniform = _works([sum(lens) // batch] * batch, runner.block_size, 1, vocab)
+        mixed = seq_works(lens, runner.block_size, vocab, decode=True)
+        uniform = seq_works([sum(lens) // batch] * batch, runner.block_size, vocab, decode=True)
         times = {"padded": [], "grouped": [], "uniform": []}
         for _ in range(REPEATS + 1):
             for name, works, s in (("padded", mixed, float("inf")), ("grouped", mixed, slack),

@@ -151,14 +151,14 @@ class _Simulated:
 
 
 async def _measure(address: str, spec: SweepSpec, cal_spec: SweepSpec, log) -> dict:
-    from cluster.bench.serve import PromptMaker, _warm_up, run_point, summarize, wait_idle
+    from cluster.bench.serve import PromptMaker, warm_up, run_point, summarize, wait_idle
     from cluster.client import AsyncClient
     from engine.default_model import default_model_path
     prompts = PromptMaker.for_model(default_model_path(), spec.seed)
     cal_prompts = PromptMaker.for_model(default_model_path(), cal_spec.seed)
     client = AsyncClient(address)
     try:
-        await _warm_up(client, spec, prompts)
+        await warm_up(client, spec, prompts)
         await wait_idle(client)
 
         async def point(s: SweepSpec, rate: float, pm, desc: str) -> dict:
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args, parser, profile) -> dict:
     """Start the cluster, measure the calibration points and the judged sweep; the record."""
-    from cluster.bench.serve import _git_commit
+    from cluster.bench.serve import git_commit
     from cluster.config import load_config
     from cluster.local import Cluster
     s = settings_for(args.workload, profile)
@@ -308,7 +308,7 @@ def _run(args, parser, profile) -> dict:
             "num_requests": args.num_requests, "seed": args.seed, "calibration_seed": args.seed + 1,
             "calibration_rates": list(cal_rates), "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
             "target": spec.target, "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "commit": _git_commit(), "wall_s": round(time.monotonic() - t0, 1),
+            "commit": git_commit(), "wall_s": round(time.monotonic() - t0, 1),
             "command": "benchmarks/simulator_fidelity.py " + " ".join(sys.argv[1:]), "measured": measured}
 
 

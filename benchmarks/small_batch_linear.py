@@ -26,7 +26,7 @@ REPEATS = 9
 def main() -> None:
     import torch
     torch.set_num_threads(1)
-    from cluster.bench.profile import _works
+    from cluster.bench.steps import seq_works
     from engine import cpu_tuning, layers
     from engine.instance import build_engine
     cpu_tuning.keep_freed_memory()
@@ -41,7 +41,7 @@ def main() -> None:
     print("context | batch | F.linear (before) | (W @ xᵀ)ᵀ for 2-32 rows (after) | speed-up")
     for ctx in CONTEXTS:
         for batch in BATCHES:
-            works = _works([ctx] * batch, runner.block_size, ctx, vocab)
+            works = seq_works([ctx] * batch, runner.block_size, vocab, decode=True)
             times = {name: [] for name in variants}
             for _ in range(REPEATS + 1):
                 for name in variants:
