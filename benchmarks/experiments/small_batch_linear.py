@@ -2,7 +2,7 @@
 for 1-2 rows, the engine before 2026-12-04) against engine.layers.linear ((W @ xᵀ)ᵀ
 through oneDNN for 2-32 rows, oneDNN off for one row), side by side.
 
-    .venv/bin/python benchmarks/small_batch_linear.py
+    .venv/bin/python benchmarks/experiments/small_batch_linear.py
 
 The default model, bf16, one thread, the engine's ModelRunner.decode_step over
 uniform contexts (what `pdcluster profile` measures). The two variants alternate
@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the repository root
 
 BATCHES = (1, 2, 3, 4, 8, 16, 32)
 CONTEXTS = (64, 512)

@@ -6,7 +6,7 @@ arrives. With whole prefills first (`colocated`) their next token waits for
 the whole prompt; with chunked prefill (`colocated_chunked`, Sarathi-Serve)
 every step carries their decode rows plus a chunk of the prompt.
 
-    .venv/bin/python benchmarks/chunked_prefill_stall.py [--prompt-len 1024] [--budgets 256 512]
+    .venv/bin/python benchmarks/experiments/chunked_prefill_stall.py [--prompt-len 1024] [--budgets 256 512]
 
 Prints, per policy: the longest gap between two tokens of a decoding request
 (its worst TPOT), their mean TPOT, the long prompt's TTFT and the wall time.

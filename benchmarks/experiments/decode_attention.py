@@ -2,7 +2,7 @@
 (gather into a padded buffer, grouped by length, two small bmms per kv head; the engine
 before 2026-12-04) against the C kernel (pdkernels/cpu_decode_attention.c), side by side.
 
-    .venv/bin/python benchmarks/decode_attention.py
+    .venv/bin/python benchmarks/experiments/decode_attention.py
 
 The default model, bf16, one thread, the engine's ModelRunner.decode_step. Batches as a
 decode instance holds them while serving: each sequence's context drawn from the chatbot
@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the repository root
 
 BATCHES = (1, 4, 8, 12, 16, 24, 32)
 REPEATS = 7

@@ -4,7 +4,7 @@ After prefill, every prompt's KV goes through int8 and back in place, as the
 wire would carry it with `compress: int8`; decoding then continues, and the
 tokens are compared with an uncompressed run of the same batch.
 
-    .venv/bin/python benchmarks/int8_kv_effect.py bfloat16   # or float32
+    .venv/bin/python benchmarks/experiments/int8_kv_effect.py bfloat16   # or float32
 """
 import torch
 torch.set_num_threads(2)

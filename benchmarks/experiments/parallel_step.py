@@ -1,6 +1,6 @@
 """Step times of one engine instance under (tp, pp) plans, on this machine (CPU, gloo on 127.0.0.1).
 
-    .venv/bin/python benchmarks/parallel_step.py [--dtype bfloat16] [--prompt-tokens 256] [--batch 8]
+    .venv/bin/python benchmarks/experiments/parallel_step.py [--dtype bfloat16] [--prompt-tokens 256] [--batch 8]
 
 For each plan the ranks are spawned processes with one torch thread each; rank 0
 times a packed prefill of --batch prompts, --steps decode steps of that batch,
@@ -18,7 +18,7 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repo root
 
 PLANS = [(1, 1), (2, 1), (1, 2)]
 
