@@ -181,7 +181,7 @@ class ClusterConfig:
 
     def replace(self, **sections: dict) -> ClusterConfig:
         """A copy with some keys changed: cfg.replace(router={"port": 0})."""
-        return from_dict(_merge(to_dict(self), sections))
+        return from_dict(merge_overrides(to_dict(self), sections))
 
 
 def load_config(path: str | None = None, overrides: dict | None = None) -> ClusterConfig:
@@ -202,8 +202,8 @@ def load_config(path: str | None = None, overrides: dict | None = None) -> Clust
             raise ConfigError(f"config {path!r} must be a mapping of sections, got {type(data).__name__}")
     model = data.get("model")
     if os.environ.get("PDCLUSTER_MODEL") and (model is None or isinstance(model, dict) and "path" not in model):
-        data = _merge(data, {"model": {"path": os.environ["PDCLUSTER_MODEL"]}})
-    return from_dict(_merge(data, overrides or {}))
+        data = merge_overrides(data, {"model": {"path": os.environ["PDCLUSTER_MODEL"]}})
+    return from_dict(merge_overrides(data, overrides or {}))
 
 
 def from_dict(data: dict) -> ClusterConfig:
@@ -258,10 +258,11 @@ def _coerce(hint, value, key: str):
     return value
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge_overrides(base: dict, extra: dict) -> dict:
+    """`base` with `extra` laid over it, nested mappings merged key by key (neither is changed)."""
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_overrides(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 

@@ -25,13 +25,13 @@ def plan_fragment(path: str) -> dict:
 
 def serve(config_path: str | None, address: str | None, port: int | None, plan_path: str | None = None) -> int:
     """Start the cluster in the foreground; Ctrl-C (or SIGTERM) drains it and stops."""
-    from cluster.config import _merge, load_config
+    from cluster.config import load_config, merge_overrides
     from cluster.local import Cluster
     overrides: dict = plan_fragment(plan_path) if plan_path else {}
     if address:
-        overrides = _merge(overrides, {"ray": {"address": address}})
+        overrides = merge_overrides(overrides, {"ray": {"address": address}})
     if port is not None:
-        overrides = _merge(overrides, {"router": {"port": port}})
+        overrides = merge_overrides(overrides, {"router": {"port": port}})
     cfg = load_config(config_path, overrides)
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
