@@ -334,8 +334,9 @@ def write_results(out_dir: str, spec: SweepSpec, modes: list[dict], load_before:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The `bench serve` options (on the shared `bench` parser)."""
+    """The `pdcluster bench serve` options."""
     g = p.add_argument_group("serve (pdcluster bench serve)")
+    g.add_argument("--out", default="bench-results/serve", help="results directory (default: %(default)s)")
     g.add_argument("--config", default=None,
                    help="cluster YAML(s), comma-separated: each is started in turn and swept (one mode each)")
     g.add_argument("--address", default=None, help="drive this running router (host:port) instead")
@@ -382,7 +383,7 @@ def main(args: argparse.Namespace) -> int:
         modes = run_configs([c for c in args.config.split(",") if c], spec, not args.no_progress)
     else:
         modes = run_address(args.address, spec, args.label, args.model, not args.no_progress)
-    out = args.out or "bench-results/serve"
+    out = args.out
     write_results(out, spec, modes, load_before, args.cdf_rate)
     for m in modes:
         print(f"{m['label']}: goodput {m['goodput']:g} req/s (interpolated {m['goodput_interpolated']:.3g})")
