@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from importlib import import_module
 
 from cluster.bench import cpu_share, fidelity, overlap, results
 from cluster.bench import serve as bench_serve
@@ -25,7 +26,6 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _bench_step(args: argparse.Namespace) -> int:
     """engine, transfer, stream, overhead: one `run` each, results in a JSON file."""
-    from importlib import import_module
     bench = import_module(f"cluster.bench.{args.what}")   # light start-up: engine, transfer, stream import torch
     options = {"variants": args.variants.split(",") if args.variants else None} if args.what == "transfer" else {}
     bench.run(repeats=args.repeats, out=args.out, **options)
