@@ -26,19 +26,19 @@ test: install
 	@$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
 # The serving benchmark behind docs/results.md (12-25 min on the 2-core dev VMs): a latency
-# profile of this machine, from which the SLOs and rates are derived (benchmarks/bench_settings.py),
-# every mode swept on summarization and chatbot, then the same requests through the planner's
-# simulator driven by that profile.
+# profile of this machine into docs/results/profile-cpu.json, from which the SLOs and rates are
+# derived (cluster/bench/settings.py), every mode swept on summarization and chatbot, then the same
+# requests through the planner's simulator driven by that profile (cluster/bench/results.py).
 bench: install
-	$(VENV)/bin/pdcluster profile --out docs/results/profile-cpu.json
-	$(PY) benchmarks/run_results.py --out docs/results
-	$(PY) benchmarks/simulate_results.py --results docs/results --profile docs/results/profile-cpu.json
+	$(VENV)/bin/pdcluster bench results --out docs/results
 
 # Simulator fidelity (4-7 min): 1P1D chatbot measured at five rates next to the simulator,
-# after a calibration on two rates (docs/planner.md, "Simulator fidelity").
+# after a calibration on two rates (docs/planner.md, "Simulator fidelity"); rewrites the one
+# record, docs/results/fidelity.json and fidelity.md (cluster/bench/fidelity.py).
 bench-fidelity: install
-	$(PY) benchmarks/simulator_fidelity.py --profile docs/results/profile-cpu.json
+	$(VENV)/bin/pdcluster bench fidelity --profile docs/results/profile-cpu.json
 
+# Our engine against transformers' generate (cluster/bench/engine.py), into bench-results/engine.json.
 bench-engine: install
 	$(VENV)/bin/pdcluster bench engine
 

@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from importlib import import_module
+
+from cluster.bench import cpu_share, fidelity, overlap, results
+from cluster.bench import serve as bench_serve
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -20,29 +24,12 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
-    if args.what == "engine":
-        from cluster.bench.engine import run
-        run(repeats=args.repeats, out=args.out or "bench-results/engine.json")
-        return 0
-    if args.what == "transfer":
-        from cluster.bench.transfer import run
-        run(repeats=args.repeats, out=args.out or "bench-results/transfer.json",
-            variants=args.variants.split(",") if args.variants else None)
-        return 0
-    if args.what == "stream":
-        from cluster.bench.stream import run
-        run(repeats=args.repeats, out=args.out or "bench-results/stream.json")
-        return 0
-    if args.what == "overhead":
-        from cluster.bench.overhead import run
-        run(repeats=args.repeats, out=args.out or "bench-results/overhead.json")
-        return 0
-    if args.what == "serve":
-        from cluster.bench.serve import main as serve_main
-        return serve_main(args)
-    print(f"unknown benchmark {args.what!r}", file=sys.stderr)
-    return 2
+def _bench_step(args: argparse.Namespace) -> int:
+    """engine, transfer, stream, overhead: one `run` each, results in a JSON file."""
+    bench = import_module(f"cluster.bench.{args.what}")   # light start-up: engine, transfer, stream import torch
+    options = {"variants": args.variants.split(",") if args.variants else None} if args.what == "transfer" else {}
+    bench.run(repeats=args.repeats, out=args.out, **options)
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -112,15 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     gen.set_defaults(fn=_generate)
 
-    bench = sub.add_parser("bench", help="run a benchmark")
-    bench.add_argument("what", choices=["engine", "transfer", "overhead", "serve", "stream"])
-    bench.add_argument("--repeats", type=int, default=3)
-    bench.add_argument("--out", default=None, help="JSON results file (serve: a directory)")
-    bench.add_argument("--variants", default=None,
-                       help="transfer: comma-separated variants (shm,shm+crc,zmq,zmq+crc,torch_dist,...)")
-    from cluster.bench.serve import add_arguments as add_serve_arguments
-    add_serve_arguments(bench)
-    bench.set_defaults(fn=_bench)
+    _add_bench_parsers(sub.add_parser("bench", help="run a benchmark (pdcluster bench WHAT --help)"))
 
     demo = sub.add_parser("demo", help="answer a few prompts on the default model and print timings")
     demo.add_argument("--max-tokens", type=int, default=48)
@@ -129,15 +108,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_bench_parsers(bench: argparse.ArgumentParser) -> None:
+    which = bench.add_subparsers(dest="what", required=True, metavar="WHAT")
+    for name, help_text in (("engine", "our engine against transformers' generate, same run"),
+                            ("transfer", "KV transfer bandwidth between two processes, per backend"),
+                            ("stream", "layer-wise KV streaming against a whole transfer after prefill"),
+                            ("overhead", "what the router and the KV transport add over the in-process engine")):
+        p = which.add_parser(name, help=help_text)
+        p.add_argument("--repeats", type=int, default=3)
+        p.add_argument("--out", default=f"bench-results/{name}.json", help="JSON results file (default: %(default)s)")
+        if name == "transfer":
+            p.add_argument("--variants", default=None,
+                           help="comma-separated variants (shm,shm+crc,zmq,zmq+crc,torch_dist,...)")
+        p.set_defaults(fn=_bench_step)
+    # the serving benchmarks: each module brings its options and its main(args)
+    for name, module, help_text in (
+            ("serve", bench_serve, "open-loop load on clusters: SLO attainment and goodput over a rate sweep"),
+            ("results", results, "the serving benchmark behind docs/results.md: profile, sweeps, simulator replay"),
+            ("fidelity", fidelity, "the planner's simulator against a measured 1P1D cluster (one record)"),
+            ("overlap", overlap, "TPOT of requests decoding while a prefill runs, from a serve.json"),
+            ("cpu-share", cpu_share, "CPU per process while a cluster serves one rate point")):
+        p = which.add_parser(name, help=help_text, description=module.__doc__,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(fn=module.main)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from cluster.client import ClientError
     from cluster.bench.serve_metrics import BenchError
     from engine.errors import EngineError
+    from router.planner.profile import PlannerError
     from router.workload import WorkloadError
     try:
         return args.fn(args)
-    except (EngineError, ClientError, BenchError, WorkloadError) as e:
+    except (EngineError, ClientError, BenchError, PlannerError, WorkloadError) as e:
         print(f"pdcluster: error: {e}", file=sys.stderr)
         return 2
 

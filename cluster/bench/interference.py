@@ -17,6 +17,8 @@ import queue
 import statistics
 import time
 
+from cluster.bench.steps import seq_works
+
 PROBE_PREFILL = [256]            # one prompt of a chatbot-like length
 PROBE_DECODE = (8, 384)          # batch x context per sequence
 NEIGHBOUR_PREFILL = [512]
@@ -26,23 +28,22 @@ NEIGHBOUR_LIMIT_S = 300          # a neighbour loops at most this long, whatever
 
 
 def _engine():
-    import torch
+    import torch                                   # light start-up: torch only in a measuring process
     torch.set_num_threads(1)
-    from engine.instance import build_engine
+    from engine.instance import build_engine       # light start-up: it imports torch
     parts = build_engine(None, "bfloat16", 16, KV_CACHE_GB, None, 1, 0)
     return parts.runner, parts.model_config.vocab_size
 
 
 def _step(engine, phase: str, shape):
     """A callable running one step of `phase` (prefill: prompt lengths; decode: (batch, context))."""
-    from cluster.bench.profile import _works
     runner, vocab = engine
     bs = runner.block_size
     if phase == "prefill":
-        works = _works(list(shape), bs, None, vocab)
+        works = seq_works(list(shape), bs, vocab)
         return lambda: runner.prefill(works)
     batch, ctx = shape
-    works = _works([ctx] * batch, bs, ctx, vocab)
+    works = seq_works([ctx] * batch, bs, vocab, decode=True)
     return lambda: runner.decode_step(works)
 
 

@@ -21,6 +21,11 @@ import sys
 import time
 from pathlib import Path
 
+from cluster.bench.interference import measure as measure_interference
+from cluster.bench.profile_parallel import measure_parallel
+from cluster.bench.steps import min_time, seq_works
+from router.planner.profile import FORMAT, fit_decode, fit_prefill, parse_plan_key, profile_from_dict
+
 # (prompt lengths of one packed batch); singles first, then batches of the same total
 PREFILL_SHAPES = ([16], [64], [128], [256], [512], [1024], [64] * 4, [64] * 8, [256] * 2, [256] * 4,
                   [512] * 2, [128] * 8, [32, 480], [16] * 16)
@@ -30,52 +35,26 @@ KV_CACHE_GB = 1.0                          # enough for 32 x 1024 tokens of the 
 TRANSFER_GB_S = 2.0                        # shm between workers at a few MB (docs/benchmarks.md)
 
 
-def _min_time(fn, repeats: int) -> float:
-    fn()                                   # warm-up: allocator, oneDNN primitive caches
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
-def _works(lengths: list[int], block_size: int, start_pos: int | None, vocab: int):
-    """SeqWork for sequences laid out in consecutive blocks from block 0."""
-    from engine import SamplingParams
-    from engine.sequence import SeqWork
-    greedy = SamplingParams(max_tokens=1, temperature=0.0)
-    out, next_block = [], 0
-    for i, n in enumerate(lengths):
-        blocks = -(-(n + 1) // block_size)
-        ids = tuple(range(next_block, next_block + blocks))
-        next_block += blocks
-        tokens = tuple(100 + (7 * i + j) % (vocab - 200) for j in range(n if start_pos is None else 1))
-        out.append(SeqWork(f"r{i}", tokens, 0 if start_pos is None else n, ids, greedy, 0))
-    return out
-
-
 def measure(repeats: int = 3, log=print):
     """(prefill samples, decode samples, the engine's parts) measured here."""
-    import torch
-
-    from engine.instance import build_engine
+    import torch                                   # light start-up: torch only when measuring
+    from engine.instance import build_engine       # light start-up: it imports torch
     parts = build_engine(None, "bfloat16", 16, KV_CACHE_GB, None, 1, 0)
     runner, cfg = parts.runner, parts.model_config
     bs, vocab = runner.block_size, cfg.vocab_size
     log(f"profiling {cfg.path} on {torch.get_num_threads()} thread(s), bf16, {repeats} repeats per point")
     prefill = []
     for lens in PREFILL_SHAPES:
-        works = _works(lens, bs, None, vocab)
-        t = _min_time(lambda: runner.prefill(works), repeats)
+        works = seq_works(lens, bs, vocab)
+        t = min_time(lambda: runner.prefill(works), repeats)
         prefill.append((list(lens), t))
         log(f"  prefill {len(lens)} x {lens[0]}{'..' if len(set(lens)) > 1 else ''} "
             f"({sum(lens)} tokens): {t * 1e3:.1f} ms")
     decode = []
     for batch in DECODE_BATCHES:
         for ctx in DECODE_CONTEXTS:
-            works = _works([ctx] * batch, bs, ctx, vocab)
-            t = _min_time(lambda: runner.decode_step(works), repeats)
+            works = seq_works([ctx] * batch, bs, vocab, decode=True)
+            t = min_time(lambda: runner.decode_step(works), repeats)
             decode.append((batch, batch * (ctx + 1), t))
             log(f"  decode batch {batch:>2} x context {ctx:>4}: {t * 1e3:.1f} ms/step")
     return prefill, decode, parts
@@ -83,7 +62,6 @@ def measure(repeats: int = 3, log=print):
 
 def build_profile(prefill, decode, parts, kv_cache_memory_gb: float = 0.5) -> dict:
     """The profile JSON (format pdcluster-profile/1) from measured samples."""
-    from router.planner.profile import FORMAT, fit_decode, fit_prefill
     cfg, runner = parts.model_config, parts.runner
     element = runner.dtype.itemsize
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
@@ -118,19 +96,16 @@ def run(out: str = "bench-results/profile-cpu.json", repeats: int = 3, plans: tu
         interference: bool = True) -> dict:
     """Measure 1x1 (always) and any other "<t>x<p>" in `plans` (multi-rank, fewer points), fit, write.
     `interference`: also measure how a step slows beside a busy neighbour core (cluster/bench/interference.py)."""
-    from router.planner.profile import parse_plan_key, fit_decode, fit_prefill, profile_from_dict
     t0 = time.perf_counter()
     others = sorted({parse_plan_key(p) for p in plans} - {(1, 1)})
     prefill, decode, parts = measure(repeats, log=lambda m: print(m, flush=True))
     data = build_profile(prefill, decode, parts)
     del parts                              # the interference probes build their own engines
     if interference and (os.cpu_count() or 1) >= 2:
-        from cluster.bench.interference import measure as measure_interference
         data["interference"] = measure_interference(repeats=3 * repeats, log=lambda m: print(m, flush=True))
         data["source"] += (" interference: median step time beside a neighbour process looping a prefill "
                            "or a decode step on the other core, over the median alone, minus 1.")
     for tp, pp in others:
-        from cluster.bench.profile_parallel import measure_parallel
         print(f"profiling {tp}x{pp} ({tp * pp} ranks)", flush=True)
         pre, dec = measure_parallel(tp, pp, repeats=max(1, repeats - 1), log=lambda m: print(m, flush=True))
         (pm, perr), (dm, derr) = fit_prefill(pre), fit_decode(dec)

@@ -14,6 +14,11 @@ import socket
 import time
 import traceback
 
+from cluster.bench.steps import min_time, seq_works
+from engine.default_model import default_model_path
+from engine.model_config import load_model_config
+from engine.sequence import StepKind, StepPlan
+
 PREFILL_SHAPES = ([64], [256], [512], [64] * 4, [256] * 2, [128] * 8, [32, 480])
 DECODE_POINTS = ((1, 64), (1, 1024), (8, 64), (8, 512), (32, 64), (32, 512))   # (batch, context per sequence)
 KV_CACHE_GB = 0.5                        # the whole instance's budget: 32 x 513 tokens fit
@@ -26,17 +31,15 @@ def _free_port() -> int:
 
 
 def _measure_on_rank0(runner, vocab: int, repeats: int, results) -> tuple[list, list]:
-    from cluster.bench.profile import _min_time, _works
-    from engine.sequence import StepKind, StepPlan
     bs = runner.block_size
     prefill, decode = [], []
     for lens in PREFILL_SHAPES:
-        plan = StepPlan(StepKind.PREFILL, tuple(_works(lens, bs, None, vocab)))
-        prefill.append((list(lens), _min_time(lambda: runner.execute(plan), repeats)))
+        plan = StepPlan(StepKind.PREFILL, tuple(seq_works(lens, bs, vocab)))
+        prefill.append((list(lens), min_time(lambda: runner.execute(plan), repeats)))
         results.put((0, "progress", f"prefill {len(lens)} x {lens[0]}: {prefill[-1][1] * 1e3:.1f} ms"))
     for batch, ctx in DECODE_POINTS:
-        plan = StepPlan(StepKind.DECODE, tuple(_works([ctx] * batch, bs, ctx, vocab)))
-        t = _min_time(lambda: runner.execute(plan), repeats)
+        plan = StepPlan(StepKind.DECODE, tuple(seq_works([ctx] * batch, bs, vocab, decode=True)))
+        t = min_time(lambda: runner.execute(plan), repeats)
         decode.append((batch, batch * (ctx + 1), t))
         results.put((0, "progress", f"decode batch {batch} x context {ctx}: {t * 1e3:.1f} ms/step"))
     return prefill, decode
@@ -44,8 +47,7 @@ def _measure_on_rank0(runner, vocab: int, repeats: int, results) -> tuple[list, 
 
 def _rank_main(spec, args, repeats: int, results) -> None:
     try:
-        from engine.model_config import load_model_config
-        from engine.parallel_runner import build_rank, leave_group
+        from engine.parallel_runner import build_rank, leave_group   # light start-up: it imports torch
         runner, _ = build_rank(spec, args)
         if spec.rank != 0:
             runner.serve()
@@ -64,8 +66,7 @@ def _rank_main(spec, args, repeats: int, results) -> None:
 
 def measure_parallel(tp: int, pp: int, repeats: int = 2, timeout_s: float = 300.0, log=print):
     """(prefill samples, decode samples) of one tp x pp instance of the default model, bf16."""
-    from engine.default_model import default_model_path
-    from engine.parallel_runner import EngineArgs, RankSpec
+    from engine.parallel_runner import EngineArgs, RankSpec          # light start-up: it imports torch
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()

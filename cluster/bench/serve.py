@@ -31,6 +31,12 @@ from pathlib import Path
 
 from cluster.bench.serve_metrics import (CANCELLED, FAILED, OK, SLO, BenchError, RequestResult, goodput,
                                          goodput_interpolated, next_bisection_rate, summarize)
+from cluster.bench.serve_report import markdown
+from cluster.client import AsyncClient, Chunk, Client, ClientError
+from cluster.config import load_config
+from cluster.local import Cluster
+from engine.default_model import default_model_path
+from engine.model_config import load_model_config
 from router.workload import RequestSpec, Workload, load_trace, sample_requests
 
 IDLE_TIMEOUT_S = 120.0
@@ -100,8 +106,7 @@ class PromptMaker:
 
     @classmethod
     def for_model(cls, model_path: str, seed: int = 0) -> PromptMaker:
-        from engine.llm import load_tokenizer
-        from engine.model_config import load_model_config
+        from engine.llm import load_tokenizer          # light start-up: it imports torch and transformers
         tok = load_tokenizer(model_path)
         special = set(tok.all_special_ids) | set(getattr(tok, "added_tokens_decoder", {}) or {})
         return cls(load_model_config(model_path).vocab_size, sorted(special), seed)
@@ -118,7 +123,7 @@ class _Progress:
         self.n, self.total, self.desc, self.enabled, self._bar = 0, total, desc, enabled, None
         if enabled:
             try:
-                from tqdm import tqdm
+                from tqdm import tqdm              # optional: not a dependency of the project
                 self._bar = tqdm(total=total, desc=desc, unit="req", leave=False, file=sys.stderr)
             except ImportError:
                 pass
@@ -139,7 +144,6 @@ class _Progress:
 
 async def _one(client, r: RequestResult, ids: list[int], start: float, done: Callable[[], None]) -> None:
     """Send one request at once; fill `r` with what the client saw, timed from its scheduled arrival."""
-    from cluster.client import Chunk, ClientError
     loop = asyncio.get_running_loop()
     scheduled = start + r.arrival_s
     r.send_lag_s = loop.time() - scheduled
@@ -205,7 +209,7 @@ async def wait_idle(client, timeout_s: float = IDLE_TIMEOUT_S) -> bool:
     return False
 
 
-async def _warm_up(client, spec: SweepSpec, prompts: PromptMaker) -> None:
+async def warm_up(client, spec: SweepSpec, prompts: PromptMaker) -> None:
     """A few sequential requests of the workload's shapes: first-call costs stay out of the figures."""
     for i, s in enumerate(spec.requests(spec.rates[0])[:spec.warmup]):
         await client.complete(token_ids=prompts.ids(s.prompt_tokens, -1 - i), max_tokens=s.output_tokens,
@@ -215,11 +219,10 @@ async def _warm_up(client, spec: SweepSpec, prompts: PromptMaker) -> None:
 async def sweep(address: str, spec: SweepSpec, prompts: PromptMaker, label: str, progress: bool = True,
                 log: Callable[[str], None] = print) -> dict:
     """Every rate of `spec` (then `refine` bisection steps) against the cluster at `address`."""
-    from cluster.client import AsyncClient
     client = AsyncClient(address)
     points: list[dict] = []
     try:
-        await _warm_up(client, spec, prompts)
+        await warm_up(client, spec, prompts)
         await wait_idle(client)
 
         async def point(rate: float) -> None:
@@ -266,9 +269,6 @@ def mode_label(config) -> str:
 def run_configs(config_paths: Sequence[str], spec: SweepSpec, progress: bool = True,
                 log: Callable[[str], None] = print) -> list[dict]:
     """Start each config's cluster in turn, sweep it, stop it."""
-    from cluster.config import load_config
-    from cluster.local import Cluster
-    from engine.default_model import default_model_path
     modes = []
     configs = [(path, load_config(path, {"router": {"port": 0}})) for path in config_paths]   # all checked first
     labels = [mode_label(cfg) for _, cfg in configs]
@@ -292,8 +292,6 @@ def run_address(address: str, spec: SweepSpec, label: str, model: str | None = N
                 log: Callable[[str], None] = print) -> list[dict]:
     """Sweep a cluster that is already running; the prompts use `model`'s vocabulary (default: the
     model the router reports, when it is a local directory, else the default model)."""
-    from cluster.client import Client
-    from engine.default_model import default_model_path
     if model is None:
         with Client(address, timeout_s=30) as c:
             reported = c.state().model
@@ -304,7 +302,7 @@ def run_address(address: str, spec: SweepSpec, label: str, model: str | None = N
     return [result]
 
 
-def _git_commit() -> str:
+def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               timeout=10).stdout.strip()
@@ -322,14 +320,13 @@ def write_results(out_dir: str, spec: SweepSpec, modes: list[dict], load_before:
         "slo": {"ttft_s": spec.slo.ttft_s, "tpot_s": spec.slo.tpot_s}, "target": spec.target,
         "burstiness": spec.burstiness, "seed": spec.seed,
         "time_limit_s": spec.time_limit_s, "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "commit": _git_commit(), "loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg()),
+        "commit": git_commit(), "loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg()),
         "cpu_count": os.cpu_count(), "modes": modes,
     }
     (out / "serve.json").write_text(json.dumps(result, indent=1))
-    from cluster.bench.serve_report import markdown
     (out / "tables.md").write_text(markdown(result))
     if plot:
-        from cluster.bench.plots import plot_attainment, plot_latency_cdfs
+        from cluster.bench.plots import plot_attainment, plot_latency_cdfs   # light start-up: matplotlib
         title = f"{result['workload']}: TTFT SLO {spec.slo.ttft_s:g} s, TPOT SLO {spec.slo.tpot_s:g} s"
         plot_attainment(modes, spec.target, str(out / "attainment.png"), title)
         plot_latency_cdfs(modes, spec.slo, str(out / "latency_cdf.png"), title, cdf_rate, spec.target)
@@ -337,8 +334,9 @@ def write_results(out_dir: str, spec: SweepSpec, modes: list[dict], load_before:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The `bench serve` options (on the shared `bench` parser)."""
+    """The `pdcluster bench serve` options."""
     g = p.add_argument_group("serve (pdcluster bench serve)")
+    g.add_argument("--out", default="bench-results/serve", help="results directory (default: %(default)s)")
     g.add_argument("--config", default=None,
                    help="cluster YAML(s), comma-separated: each is started in turn and swept (one mode each)")
     g.add_argument("--address", default=None, help="drive this running router (host:port) instead")
@@ -385,7 +383,7 @@ def main(args: argparse.Namespace) -> int:
         modes = run_configs([c for c in args.config.split(",") if c], spec, not args.no_progress)
     else:
         modes = run_address(args.address, spec, args.label, args.model, not args.no_progress)
-    out = args.out or "bench-results/serve"
+    out = args.out
     write_results(out, spec, modes, load_before, args.cdf_rate)
     for m in modes:
         print(f"{m['label']}: goodput {m['goodput']:g} req/s (interpolated {m['goodput_interpolated']:.3g})")

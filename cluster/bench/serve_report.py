@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from cluster.bench.serve_metrics import SLO, RequestResult, attainment, goodput, goodput_interpolated
+from cluster.bench.serve_metrics import SLO, RequestResult, attainment, goodput, goodput_interpolated, percentile
 
 _FIELDS = {f.name for f in dataclasses.fields(RequestResult)}
 SCALES = (0.5, 0.75, 1.0, 1.5, 2.0)
@@ -82,7 +82,6 @@ def latency_table(result: dict) -> str:
 
 
 def _sum_p90(point: dict, keys: tuple[str, ...]) -> float | None:
-    from cluster.bench.serve_metrics import percentile
     vals = [sum(r["timings"].get(k, 0.0) for k in keys) for r in point["requests"] if r["status"] == "ok"]
     return percentile(vals, 90)
 

@@ -168,7 +168,7 @@ def calibrated(profile: Profile, prefill: float = 1.0, decode: float = 1.0, note
     """`profile` with every plan's step times multiplied per phase: the offline profile brought to
     what serving steps really take (other processes on the cores, the machine's speed that day,
     batches of mixed lengths), with factors measured from a serving run
-    (benchmarks/simulator_fidelity.py)."""
+    (cluster/bench/fidelity.py)."""
     for name, f in (("prefill", prefill), ("decode", decode)):
         if not (math.isfinite(f) and f > 0):
             raise PlannerError(f"calibration factor for {name} must be a positive number, got {f!r}")

@@ -1,7 +1,7 @@
-"""benchmarks/bench_settings.py: SLOs and rates follow the machine's profile by the stated rules."""
+"""cluster/bench/settings.py: SLOs and rates follow the machine's profile by the stated rules."""
 import pytest
 
-from benchmarks.bench_settings import capacity_rps, fidelity_rates, length_stats, settings_for
+from cluster.bench.settings import capacity_rps, fidelity_rates, length_stats, settings_for
 from router.planner.profile import calibrated, load_profile
 
 PROFILE = "router/planner/profiles/smollm2-135m-cpu.json"

@@ -1,14 +1,19 @@
-"""benchmarks/simulator_fidelity.py: the pure parts (worker busy time from cluster state, the
+"""cluster/bench/fidelity.py (`pdcluster bench fidelity`): the pure parts (worker busy time from cluster state, the
 calibration factors, which measured rates are judged) and the analysis on recorded figures."""
+import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from benchmarks.simulator_fidelity import (_Simulated, analyse, busy_by_role, busy_delta, calibration_factors,
-                                           judged_rates, markdown)
+from cluster.bench.fidelity import (SimulatedCluster, analyse, busy_by_role, busy_delta, calibration_factors,
+                                    fit_calibration, judged_rates, markdown)
 from cluster.bench.serve import SweepSpec
 from cluster.bench.serve_metrics import SLO
-from router.planner.profile import load_profile
+from router.planner.profile import calibrated, load_profile
+
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED_PROFILE = ROOT / "router/planner/profiles/smollm2-135m-cpu.json"
 
 
 def _state(*insts):
@@ -39,10 +44,9 @@ def test_judged_rates_are_the_lowest_the_measured_goodput_and_an_overloaded_rate
 
 
 def test_analysis_fits_the_calibration_from_worker_busy_time_and_reports_missing_rates():
-    from router.planner.profile import calibrated
     profile = load_profile("router/planner/profiles/smollm2-135m-cpu.json")
     slo = SLO(2.5, 0.15)
-    sim = _Simulated("deploy/bench-disagg.yaml", 1456, slo)
+    sim = SimulatedCluster("deploy/bench-disagg.yaml", 1456, slo)
     spec = SweepSpec("chatbot", (0.5, 1.0), 8, slo, seed=0)
     cal = SweepSpec("chatbot", (0.5, 2.0), 8, slo, seed=1)
     # "serving" = the profile with prefill 1.2x and decode 1.5x
@@ -73,14 +77,49 @@ def test_analysis_fits_the_calibration_from_worker_busy_time_and_reports_missing
 def test_prefill_is_calibrated_on_the_highest_rate_and_decode_on_both():
     """Serving prefill runs slower when its instance is mostly idle; where prompts queue is
     what decides attainment, so the prefill factor comes from the highest calibration rate."""
-    from benchmarks.simulator_fidelity import fit_calibration
-    from router.planner.profile import calibrated
     profile = load_profile("router/planner/profiles/smollm2-135m-cpu.json")
     slo = SLO(2.5, 0.15)
-    sim = _Simulated("deploy/bench-disagg.yaml", 1456, slo)
+    sim = SimulatedCluster("deploy/bench-disagg.yaml", 1456, slo)
     cal = SweepSpec("chatbot", (2.0, 0.5), 8, slo, seed=1)   # listed high first: the rate decides
     busy = {r: sim(calibrated(profile, f, 1.3), cal.requests(r))[1] for r, f in ((0.5, 1.6), (2.0, 1.1))}
     points = [{"rate": r, "workers": {p: {"steps": 1, "busy_s": busy[r][p]} for p in busy[r]}} for r in cal.rates]
     _, fit = fit_calibration(profile, sim, points, cal, "test")
     assert fit["prefill"] == pytest.approx(1.1, rel=0.01)   # not between 1.1 and 1.6
     assert fit["decode"] == pytest.approx(1.3, rel=0.05)
+
+
+def test_reanalyse_rewrites_the_one_record_in_place(tmp_path, capsys, monkeypatch):
+    """`pdcluster bench fidelity --reanalyse`: the recorded measurement scored again; the output
+    directory holds one current record, fidelity.json and fidelity.md, whatever the clock says."""
+    from cluster.cli import main
+    monkeypatch.chdir(ROOT)                  # the record names its config relative to the repository
+    profile = load_profile(str(SHIPPED_PROFILE))
+    slo = SLO(2.5, 0.15)
+    sim = SimulatedCluster("deploy/bench-disagg.yaml", 1456, slo)
+    cal = SweepSpec("chatbot", (0.5, 2.0), 8, slo, seed=1)
+    truth = calibrated(profile, 1.2, 1.5)
+    cal_points = []
+    for rate in cal.rates:
+        busy = sim(truth, cal.requests(rate))[1]
+        cal_points.append({"rate": rate, "workers": {p: {"steps": 1, "busy_s": busy[p]} for p in busy}})
+    point = {"ttft_attainment": 1.0, "tpot_attainment": 1.0, "workers": cal_points[0]["workers"], "idle_after": True}
+    record = {"workload": "chatbot", "config": "deploy/bench-disagg.yaml", "rates": [0.5, 1.0], "num_requests": 8,
+              "seed": 0, "calibration_seed": 1, "calibration_rates": [0.5, 2.0],
+              "slo": {"ttft_s": 2.5, "tpot_s": 0.15}, "target": 0.9, "date_utc": "2026-12-05T10:00:00Z",
+              "commit": "abc1234", "wall_s": 300.0, "command": "pdcluster bench fidelity", "profile": "gone.json",
+              "measured": {"calibration": cal_points,
+                           "points": [{**point, "rate": 0.5, "attainment": 1.0},
+                                      {**point, "rate": 1.0, "attainment": 0.5}]}}
+    src = tmp_path / "in.json"
+    src.write_text(json.dumps(record))
+    out = tmp_path / "out"
+    for source in (src, out / "fidelity.json"):          # a second pass re-scores the record just written
+        assert main(["bench", "fidelity", "--reanalyse", str(source), "--profile", str(SHIPPED_PROFILE),
+                     "--out", str(out)]) == 0
+        assert sorted(p.name for p in out.iterdir()) == ["fidelity.json", "fidelity.md"]
+        res = json.loads((out / "fidelity.json").read_text())
+        assert res["profile"] == str(SHIPPED_PROFILE) and res["measured"] == record["measured"]
+        assert res["analysis"]["calibration"]["decode"] == pytest.approx(1.5, rel=0.02)
+        assert res["analysis"]["judged"]["near goodput"]["rate"] == 0.5
+        assert "prefill x1.2" in (out / "fidelity.md").read_text()
+    assert "wrote" in capsys.readouterr().out

@@ -2,7 +2,7 @@
 for 1-2 rows, the engine before 2026-12-04) against engine.layers.linear ((W @ xᵀ)ᵀ
 through oneDNN for 2-32 rows, oneDNN off for one row), side by side.
 
-    .venv/bin/python benchmarks/small_batch_linear.py
+    .venv/bin/python benchmarks/experiments/small_batch_linear.py
 
 The default model, bf16, one thread, the engine's ModelRunner.decode_step over
 uniform contexts (what `pdcluster profile` measures). The two variants alternate
@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the repository root
 
 BATCHES = (1, 2, 3, 4, 8, 16, 32)
 CONTEXTS = (64, 512)
@@ -26,7 +26,7 @@ REPEATS = 9
 def main() -> None:
     import torch
     torch.set_num_threads(1)
-    from cluster.bench.profile import _works
+    from cluster.bench.steps import seq_works
     from engine import cpu_tuning, layers
     from engine.instance import build_engine
     cpu_tuning.keep_freed_memory()
@@ -41,7 +41,7 @@ def main() -> None:
     print("context | batch | F.linear (before) | (W @ xᵀ)ᵀ for 2-32 rows (after) | speed-up")
     for ctx in CONTEXTS:
         for batch in BATCHES:
-            works = _works([ctx] * batch, runner.block_size, ctx, vocab)
+            works = seq_works([ctx] * batch, runner.block_size, vocab, decode=True)
             times = {name: [] for name in variants}
             for _ in range(REPEATS + 1):
                 for name in variants:

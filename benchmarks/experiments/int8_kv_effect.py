@@ -4,12 +4,12 @@ After prefill, every prompt's KV goes through int8 and back in place, as the
 wire would carry it with `compress: int8`; decoding then continues, and the
 tokens are compared with an uncompressed run of the same batch.
 
-    .venv/bin/python benchmarks/int8_kv_effect.py bfloat16   # or float32
+    .venv/bin/python benchmarks/experiments/int8_kv_effect.py bfloat16   # or float32
 """
 import torch
 torch.set_num_threads(2)
 from engine import LLM, SamplingParams
-from engine.sequence import Sequence
+from engine.sequence import SeqState
 from kv_transfer.layout import KVLayout, pack, unpack_into
 from kv_transfer.codec import quantize_int8, dequantize_int8
 import itertools
@@ -24,7 +24,7 @@ N = 32
 params = SamplingParams(max_tokens=N, temperature=0, ignore_eos=True)
 ref = [o.token_ids for o in llm.generate(prompts, params)]
 sch, run = llm.scheduler, llm.runner
-seqs = [Sequence(f"q{i}", llm.tokenizer.encode(p), params) for i, p in enumerate(prompts)]
+seqs = [SeqState(f"q{i}", llm.tokenizer.encode(p), params) for i, p in enumerate(prompts)]
 for s in seqs: sch.add(s)
 plan = sch.schedule(0); sch.update(plan, run.execute(plan))
 errs = []

@@ -1,6 +1,6 @@
 """One process, both sides: where the time of a 16 MB zero-copy shm transfer goes.
 
-    .venv/bin/python benchmarks/zero_copy_in_process.py
+    .venv/bin/python benchmarks/experiments/zero_copy_in_process.py
 """
 import time, torch
 torch.set_num_threads(1)

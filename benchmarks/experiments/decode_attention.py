@@ -2,7 +2,7 @@
 (gather into a padded buffer, grouped by length, two small bmms per kv head; the engine
 before 2026-12-04) against the C kernel (pdkernels/cpu_decode_attention.c), side by side.
 
-    .venv/bin/python benchmarks/decode_attention.py
+    .venv/bin/python benchmarks/experiments/decode_attention.py
 
 The default model, bf16, one thread, the engine's ModelRunner.decode_step. Batches as a
 decode instance holds them while serving: each sequence's context drawn from the chatbot
@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the repository root
 
 BATCHES = (1, 4, 8, 12, 16, 24, 32)
 REPEATS = 7
@@ -49,7 +49,7 @@ def main() -> None:
     import torch
     torch.set_num_threads(1)
     import pdkernels
-    from cluster.bench.profile import _works
+    from cluster.bench.steps import seq_works
     from engine import cpu_tuning
     from engine.instance import build_engine
     from pdkernels import cpu_native
@@ -83,7 +83,7 @@ def main() -> None:
             serving = serving_batch(batch, rng, runner.block_size, num_blocks, vocab)
             tokens = sum(w.start_pos + 1 for w in serving)
             mean = tokens // batch
-            uniform = _works([mean] * batch, runner.block_size, mean, vocab)
+            uniform = seq_works([mean] * batch, runner.block_size, vocab, decode=True)
             for label, works in (("chatbot, scattered", serving), ("uniform, consecutive", uniform)):
                 times = {"reference": [], "C kernel": []}
                 calls.clear()

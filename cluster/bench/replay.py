@@ -1,29 +1,31 @@
-"""Replay docs/results.md's benchmark through the planner's simulator, next to the measurement.
+"""The serving benchmark's requests replayed through the planner's simulator, next to the measurement.
 
-    .venv/bin/python benchmarks/simulate_results.py --results docs/results
-
-For each workload measured by benchmarks/run_results.py (its serve.json) and
+For each workload measured by `pdcluster bench results` (its serve.json) and
 each mode in it, the *same requests* (same seed, lengths and arrival times at
 every swept rate) go through `router.planner.simulator.simulate` with the
 cluster's own settings (instances, batch limits, chunk budget, KV blocks),
-driven by a latency profile measured on this machine
-(`bench-results/profile-cpu.json` if present, else the checked-in
-`router/planner/profiles/smollm2-135m-cpu.json`; `pdcluster profile` makes
-one). Writes `<results>/<workload>/simulated.json`, `simulated.md` and
-`attainment_sim.png` (measured solid, simulated dashed). The simulator also
-gets its own goodput by bisection over a longer run (400 requests).
+driven by a latency profile measured on this machine (`pdcluster profile`).
+Writes `<results>/<workload>/simulated.json`, `simulated.md` and
+`attainment_sim.png` (measured solid, simulated dashed), and
+`<results>/simulated.md`. The simulator also gets its own goodput by bisection
+over a longer run (400 requests). `pdcluster bench results` runs this after its
+sweeps (`--replay-only`: on the serve.json already there); the fidelity check
+(fidelity.py) sets up its simulator the same way (`sim_setup`).
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from cluster.bench.serve import SweepSpec  # noqa: E402
-from cluster.bench.serve_metrics import SLO, goodput, goodput_interpolated  # noqa: E402
+from cluster.bench.profile import run as make_profile
+from cluster.bench.serve import SweepSpec
+from cluster.bench.serve_metrics import SLO, goodput, goodput_interpolated
+from cluster.config import load_config
+from router.planner.goodput import at_rate, unit_rate_requests
+from router.planner.goodput import goodput as sim_goodput
+from router.planner.profile import Profile, load_profile
+from router.planner.simulator import PoolSpec, SimConfig, simulate
 
 SHM_GB_S = 2.0            # zero-copy shm at a few MB per prompt (docs/benchmarks.md: 1-6 GB/s)
 LONG_RUN_REQUESTS = 400
@@ -32,13 +34,12 @@ LONG_RUN_REQUESTS = 400
 PROFILES = ("bench-results/profile-cpu.json", "router/planner/profiles/smollm2-135m-cpu.json")
 
 
-def load_or_make_profile(path: str | None):
-    """The profile at `path`; without one, the first of PROFILES that exists, else a new measurement."""
-    from router.planner.profile import load_profile
+def load_or_make_profile(path: str | None) -> tuple[str, Profile]:
+    """(path, profile): the one at `path`; without a path, the first of PROFILES that exists;
+    where there is no file, one is measured there now (`pdcluster profile`)."""
     if path is None:
         path = next((p for p in PROFILES if Path(p).exists()), PROFILES[0])
     if not Path(path).exists():
-        from cluster.bench.profile import run as make_profile
         print(f"no profile at {path}: measuring one (pdcluster profile)", flush=True)
         make_profile(out=path)
     return path, load_profile(path)
@@ -46,8 +47,6 @@ def load_or_make_profile(path: str | None):
 
 def sim_setup(config_path: str, num_blocks: int | None):
     """(mode, pools as simulate() keyword arguments, SimConfig) for a bench cluster config."""
-    from cluster.config import load_config
-    from router.planner.simulator import PoolSpec, SimConfig
     cfg = load_config(config_path)
     mode = getattr(cfg, "mode", "disaggregated")
     if mode == "disaggregated":
@@ -65,10 +64,9 @@ def sim_setup(config_path: str, num_blocks: int | None):
     return mode, pools, config
 
 
-def replay(result: dict, profile, num_blocks: int | None) -> list[dict]:
-    from router.planner.goodput import at_rate, unit_rate_requests
-    from router.planner.goodput import goodput as sim_goodput
-    from router.planner.simulator import simulate
+def replay(result: dict, profile: Profile, num_blocks: int | None) -> list[dict]:
+    """Per mode of one workload's serve.json: simulated attainment at every measured rate, the
+    goodputs, and the measured figures beside them."""
     slo, target = SLO(**result["slo"]), result["target"]
     spec = SweepSpec(result["workload"], tuple(result["rates"]), result["num_requests"], slo,
                      burstiness=result["burstiness"], seed=result["seed"])
@@ -118,37 +116,27 @@ def markdown(result: dict, sim: list[dict], profile_path: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--results", default="docs/results")
-    p.add_argument("--workloads", default="chatbot,summarization")
-    p.add_argument("--profile", default=None, help=f"latency profile JSON (default: the first of {PROFILES} "
-                   "that exists, else measured now with `pdcluster profile`)")
-    p.add_argument("--num-blocks", type=int, default=1456, help="KV blocks per instance (0.5 GB of the default "
-                   "model's cache, as the bench clusters log at start)")
-    args = p.parse_args(argv)
-    profile_path, profile = load_or_make_profile(args.profile)
+def replay_results(results_dir: str, workloads: Sequence[str], profile_path: str, profile: Profile,
+                   num_blocks: int | None, log: Callable[[str], None] = print) -> list[str]:
+    """Replay every workload's `<results_dir>/<workload>/serve.json` (those present); write the
+    files named above; the markdown of each workload replayed."""
+    from cluster.bench.plots import plot_measured_vs_simulated   # light start-up: matplotlib
     parts = []
-    for wl in [w for w in args.workloads.split(",") if w]:
-        path = Path(args.results) / wl / "serve.json"
+    for wl in workloads:
+        path = Path(results_dir) / wl / "serve.json"
         if not path.exists():
-            print(f"skip {wl}: no {path} (run benchmarks/run_results.py first)", file=sys.stderr)
+            log(f"skip {wl}: no {path} (the sweeps of `pdcluster bench results` write it)")
             continue
         result = json.loads(path.read_text())
-        sim = replay(result, profile, args.num_blocks)
+        sim = replay(result, profile, num_blocks)
         out = path.parent
         (out / "simulated.json").write_text(json.dumps({"profile": profile_path, "modes": sim}, indent=1))
         md = markdown(result, sim, profile_path)
         (out / "simulated.md").write_text(md)
-        from cluster.bench.plots import plot_measured_vs_simulated
         plot_measured_vs_simulated(result["modes"], sim, result["target"], str(out / "attainment_sim.png"),
                                    f"{wl}: measured (solid) and simulated (dashed)")
         parts.append(md)
-        print(md, flush=True)
+        log(md)
     if parts:
-        (Path(args.results) / "simulated.md").write_text("\n".join(parts))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        (Path(results_dir) / "simulated.md").write_text("\n".join(parts))
+    return parts

@@ -4,9 +4,9 @@ The development VM is not always the same hardware: the run of 2026-11-22 was on
 an AMD EPYC, and on 2026-12-04 the VM was an Intel Xeon with AMX, where a
 512-token prefill took 0.27 s instead of 1.0 s. Fixed SLOs and rates would make
 every request meet both SLOs at every rate on the faster machine, which measures
-nothing. So `make bench` profiles the machine first, and these rules turn that
-profile (the 1x1 plan: prefill(tokens, sum l^2), decode(batch, context)) into the
-settings (docs/results.md, "SLOs"):
+nothing. So `pdcluster bench results` (`make bench`) profiles the machine first,
+and these rules turn that profile (the 1x1 plan: prefill(tokens, sum l^2),
+decode(batch, context)) into the settings (docs/results.md, "SLOs"):
 
 * TTFT SLO: 2x the TTFT alone of the workload's 90th-percentile prompt, i.e. its
   prefill plus the cluster's fixed cost of a request (router, gRPC, first
@@ -102,7 +102,7 @@ CALIBRATION_FRACTIONS = (0.25, 1.05)                 # and its two calibration p
 
 
 def fidelity_rates(workload: str, profile: Profile) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(judged rates, calibration rates) of benchmarks/simulator_fidelity.py, as fractions of the
+    """(judged rates, calibration rates) of `pdcluster bench fidelity`, as fractions of the
     1P1D capacity (on the 2026-11-22 machine: 0.5, 1, 1.25, 1.5, 2.5 and 0.5, 2 req/s of chatbot)."""
     cap = settings_for(workload, profile).capacity_rps
     return (tuple(_nice_rate(f * cap) for f in FIDELITY_FRACTIONS),

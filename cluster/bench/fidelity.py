@@ -1,10 +1,11 @@
-"""Simulator fidelity: simulated SLO attainment next to the attainment measured on the real
-1 prefill + 1 decode cluster, at the same rates with the same requests.
+"""`pdcluster bench fidelity`: simulated SLO attainment next to the attainment measured on the
+real 1 prefill + 1 decode cluster, at the same rates with the same requests.
 
-    .venv/bin/python benchmarks/simulator_fidelity.py --profile docs/results/profile-cpu.json   # ~7 min
-    .venv/bin/python benchmarks/simulator_fidelity.py --reanalyse docs/results/fidelity.json    # re-score only
+    pdcluster bench fidelity --profile docs/results/profile-cpu.json      # `make bench-fidelity`, 4-7 min
+    pdcluster bench fidelity --reanalyse docs/results/fidelity.json       # re-score the record only
 
-Writes `<out>/fidelity.md` and `fidelity.json` (default out: docs/results).
+Writes one current record, `<out>/fidelity.json` and `fidelity.md` (default out:
+docs/results), replacing the one there.
 
 One cluster (deploy/bench-disagg.yaml) is started and kept for the whole run:
 
@@ -29,17 +30,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
+import shlex
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.bench_settings import fidelity_rates, settings_for  # noqa: E402
-from benchmarks.simulate_results import load_or_make_profile, sim_setup  # noqa: E402
-from cluster.bench.serve import SweepSpec  # noqa: E402
-from router.workload import WORKLOADS  # noqa: E402
-from cluster.bench.serve_metrics import SLO, goodput  # noqa: E402
+from cluster.bench.replay import load_or_make_profile, sim_setup
+from cluster.bench.serve import PromptMaker, SweepSpec, git_commit, run_point, summarize, wait_idle, warm_up
+from cluster.bench.serve_metrics import SLO, BenchError, goodput
+from cluster.bench.settings import fidelity_rates, settings_for
+from cluster.client import AsyncClient
+from cluster.config import load_config
+from cluster.local import Cluster
+from engine.default_model import default_model_path
+from router.planner.profile import Profile, calibrated
+from router.planner.simulator import SimStats, simulate
+from router.workload import WORKLOADS
 
 TOLERANCE_PP = 10.0
 PHASES = ("prefill", "decode")
@@ -90,7 +95,6 @@ def fit_calibration(profile, sim, cal_points: list[dict], cal_spec: SweepSpec, n
     part and one for its per-token parts matched the two calibration points of one run to
     0.1% but extrapolated 10-25% low (per-token part x0.73); the points differ in their
     requests and by a few % of machine drift, more than two parameters can tell apart."""
-    from router.planner.profile import calibrated
     reqs = [cal_spec.requests(c["rate"]) for c in cal_points]
     offline = [sim(profile, q)[1] for q in reqs]
     factors = {"prefill": 1.0, "decode": 1.0}
@@ -138,27 +142,26 @@ def _attain(rs, slo: SLO) -> float:
     return sum(r.ttft_s <= slo.ttft_s and r.tpot_s <= slo.tpot_s for r in rs) / len(rs)
 
 
-class _Simulated:
+class SimulatedCluster:
+    """A bench cluster config in the simulator: called with a profile and requests, it gives
+    (SLO attainment, {phase: busy seconds})."""
+
     def __init__(self, config_path: str, num_blocks: int, slo: SLO) -> None:
         self.mode, self.pools, self.config = sim_setup(config_path, num_blocks)
         self.slo = slo
 
-    def __call__(self, profile, specs) -> tuple[float, dict[str, float]]:
-        from router.planner.simulator import SimStats, simulate
+    def __call__(self, profile: Profile, specs) -> tuple[float, dict[str, float]]:
         stats = SimStats()
         rs = simulate(self.mode, profile, specs, config=self.config, stats=stats, **self.pools)
         return _attain(rs, self.slo), dict(stats.busy_s)
 
 
 async def _measure(address: str, spec: SweepSpec, cal_spec: SweepSpec, log) -> dict:
-    from cluster.bench.serve import PromptMaker, _warm_up, run_point, summarize, wait_idle
-    from cluster.client import AsyncClient
-    from engine.default_model import default_model_path
     prompts = PromptMaker.for_model(default_model_path(), spec.seed)
     cal_prompts = PromptMaker.for_model(default_model_path(), cal_spec.seed)
     client = AsyncClient(address)
     try:
-        await _warm_up(client, spec, prompts)
+        await warm_up(client, spec, prompts)
         await wait_idle(client)
 
         async def point(s: SweepSpec, rate: float, pm, desc: str) -> dict:
@@ -180,7 +183,8 @@ async def _measure(address: str, spec: SweepSpec, cal_spec: SweepSpec, log) -> d
     return {"calibration": cal, "points": points}
 
 
-def analyse(measured: dict, profile, sim: _Simulated, spec: SweepSpec, cal_spec: SweepSpec, note: str) -> dict:
+def analyse(measured: dict, profile: Profile, sim: SimulatedCluster, spec: SweepSpec, cal_spec: SweepSpec,
+            note: str) -> dict:
     cal_profile, fit = fit_calibration(profile, sim, measured["calibration"], cal_spec, note)
     rows = []
     for p in measured["points"]:
@@ -241,22 +245,24 @@ def markdown(res: dict, a: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="deploy/bench-disagg.yaml")
     p.add_argument("--workload", default="chatbot", choices=sorted(WORKLOADS))
     p.add_argument("--rates", default=None, help="req/s, comma-separated (default: fractions 0.25, 0.5, 0.65, "
-                   "0.8, 1.3 of the 1P1D capacity the profile gives, benchmarks/bench_settings.py)")
+                   "0.8, 1.3 of the 1P1D capacity the profile gives, cluster/bench/settings.py)")
     p.add_argument("--num-requests", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calibration-rates", default=None,
                    help="a low and a high rate (req/s; default: 0.25 and 1.05 of the capacity)")
-    p.add_argument("--profile", default=None, help="offline latency profile JSON (as simulate_results.py)")
-    p.add_argument("--num-blocks", type=int, default=1456)
-    p.add_argument("--out", default="docs/results")
+    p.add_argument("--profile", default=None, help="offline latency profile JSON (default: "
+                   "bench-results/profile-cpu.json, else the shipped smollm2-135m-cpu profile)")
+    p.add_argument("--num-blocks", type=int, default=1456, help="the simulator's KV blocks per instance")
+    p.add_argument("--out", default="docs/results", help="directory of the record (default: %(default)s)")
     p.add_argument("--reanalyse", default=None, metavar="FIDELITY_JSON",
                    help="no new run: score the measurement recorded in this file again (its settings win)")
-    args = p.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> int:
     if args.reanalyse:
         res = json.loads(Path(args.reanalyse).read_text())
         res.pop("analysis", None)
@@ -264,12 +270,12 @@ def main(argv: list[str] | None = None) -> int:
         res["profile"] = profile_path
     else:
         profile_path, profile = load_or_make_profile(args.profile)   # before the run: a missing one is measured
-        res = {**_run(args, p, profile), "profile": profile_path}
+        res = {**_run(args, profile), "profile": profile_path}
     slo = SLO(res["slo"]["ttft_s"], res["slo"]["tpot_s"])
     spec = SweepSpec(res["workload"], tuple(res["rates"]), res["num_requests"], slo, seed=res["seed"])
     cal_spec = SweepSpec(res["workload"], tuple(res["calibration_rates"]), res["num_requests"], slo,
                          seed=res["calibration_seed"])
-    sim = _Simulated(res["config"], args.num_blocks, slo)
+    sim = SimulatedCluster(res["config"], args.num_blocks, slo)
     a = analyse(res["measured"], profile, sim, spec, cal_spec,
                 f"{res['workload']} at {res['calibration_rates']} req/s, {res['date_utc']}")
     res["analysis"] = a
@@ -279,15 +285,23 @@ def main(argv: list[str] | None = None) -> int:
     md = markdown(res, a)
     (out / "fidelity.md").write_text(md)
     print(md, flush=True)
-    print(f"wrote {out / 'fidelity.md'} (the measurement took {res['wall_s']:.0f} s)", flush=True)
+    print(f"wrote {out / 'fidelity.json'} and {out / 'fidelity.md'} (the measurement took {res['wall_s']:.0f} s)",
+          flush=True)
     return 0
 
 
-def _run(args, parser, profile) -> dict:
+def _command(args: argparse.Namespace) -> str:
+    """The command that reproduces this run's measurement, for the record."""
+    words = ["pdcluster", "bench", "fidelity"]
+    for opt in ("config", "workload", "rates", "num_requests", "seed", "calibration_rates", "profile"):
+        value = getattr(args, opt)
+        if value is not None:
+            words += [f"--{opt.replace('_', '-')}", str(value)]
+    return shlex.join(words)
+
+
+def _run(args: argparse.Namespace, profile: Profile) -> dict:
     """Start the cluster, measure the calibration points and the judged sweep; the record."""
-    from cluster.bench.serve import _git_commit
-    from cluster.config import load_config
-    from cluster.local import Cluster
     s = settings_for(args.workload, profile)
     slo = SLO(s.ttft_slo_s, s.tpot_slo_s)
     default_rates, default_cal = fidelity_rates(args.workload, profile)
@@ -295,7 +309,7 @@ def _run(args, parser, profile) -> dict:
     cal_rates = (tuple(float(x) for x in args.calibration_rates.split(",") if x) if args.calibration_rates
                  else default_cal)
     if len(cal_rates) != 2 or cal_rates[0] >= cal_rates[1]:
-        parser.error(f"--calibration-rates takes a low and a higher rate, got {args.calibration_rates!r}")
+        raise BenchError(f"--calibration-rates takes a low and a higher rate, got {args.calibration_rates!r}")
     spec = SweepSpec(args.workload, rates, args.num_requests, slo, seed=args.seed, time_limit_s=s.time_limit_s)
     cal_spec = SweepSpec(args.workload, cal_rates, args.num_requests, slo, seed=args.seed + 1,
                          time_limit_s=s.time_limit_s)
@@ -308,9 +322,5 @@ def _run(args, parser, profile) -> dict:
             "num_requests": args.num_requests, "seed": args.seed, "calibration_seed": args.seed + 1,
             "calibration_rates": list(cal_rates), "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
             "target": spec.target, "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "commit": _git_commit(), "wall_s": round(time.monotonic() - t0, 1),
-            "command": "benchmarks/simulator_fidelity.py " + " ".join(sys.argv[1:]), "measured": measured}
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+            "commit": git_commit(), "wall_s": round(time.monotonic() - t0, 1),
+            "command": _command(args), "measured": measured}

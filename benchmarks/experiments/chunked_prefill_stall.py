@@ -6,7 +6,7 @@ arrives. With whole prefills first (`colocated`) their next token waits for
 the whole prompt; with chunked prefill (`colocated_chunked`, Sarathi-Serve)
 every step carries their decode rows plus a chunk of the prompt.
 
-    .venv/bin/python benchmarks/chunked_prefill_stall.py [--prompt-len 1024] [--budgets 256 512]
+    .venv/bin/python benchmarks/experiments/chunked_prefill_stall.py [--prompt-len 1024] [--budgets 256 512]
 
 Prints, per policy: the longest gap between two tokens of a decoding request
 (its worst TPOT), their mean TPOT, the long prompt's TTFT and the wall time.
@@ -18,13 +18,13 @@ import json
 import time
 
 from engine import LLM, SamplingParams
-from engine.sequence import Sequence
+from engine.sequence import SeqState
 
 
 def run(llm: LLM, num_decodes: int, prompt_len: int, decode_tokens: int) -> dict:
     short = SamplingParams(max_tokens=decode_tokens, temperature=0.0, ignore_eos=True)
-    shorts = [Sequence(f"s{i}", [1000 + i + j for j in range(32)], short) for i in range(num_decodes)]
-    long = Sequence("long", [2000 + j % 500 for j in range(prompt_len)],
+    shorts = [SeqState(f"s{i}", [1000 + i + j for j in range(32)], short) for i in range(num_decodes)]
+    long = SeqState("long", [2000 + j % 500 for j in range(prompt_len)],
                     SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
     for s in shorts:
         llm.scheduler.add(s)

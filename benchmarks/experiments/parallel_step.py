@@ -1,6 +1,6 @@
 """Step times of one engine instance under (tp, pp) plans, on this machine (CPU, gloo on 127.0.0.1).
 
-    .venv/bin/python benchmarks/parallel_step.py [--dtype bfloat16] [--prompt-tokens 256] [--batch 8]
+    .venv/bin/python benchmarks/experiments/parallel_step.py [--dtype bfloat16] [--prompt-tokens 256] [--batch 8]
 
 For each plan the ranks are spawned processes with one torch thread each; rank 0
 times a packed prefill of --batch prompts, --steps decode steps of that batch,
@@ -18,7 +18,7 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repo root
 
 PLANS = [(1, 1), (2, 1), (1, 2)]
 
@@ -26,13 +26,13 @@ PLANS = [(1, 1), (2, 1), (1, 2)]
 def _work(args, runner):
     from engine.block_manager import blocks_needed
     from engine.sampling_params import SamplingParams
-    from engine.sequence import SeqWork, StepPlan
+    from engine.sequence import SeqWork, StepKind, StepPlan
     params = SamplingParams(max_tokens=10**6, temperature=0.0, ignore_eos=True)
     per_seq = blocks_needed(args.prompt_tokens + args.steps + 1, args.block_size)
     tables = [tuple(range(i * per_seq, (i + 1) * per_seq)) for i in range(args.batch)]
     prompts = [tuple((17 * i + j) % 4000 + 10 for j in range(args.prompt_tokens)) for i in range(args.batch)]
     t0 = time.perf_counter()
-    first = runner.execute(StepPlan(True, tuple(SeqWork(str(i), p, 0, tables[i], params, 0)
+    first = runner.execute(StepPlan(StepKind.PREFILL, tuple(SeqWork(str(i), p, 0, tables[i], params, 0)
                                                for i, p in enumerate(prompts)))).token_ids
     prefill_s = time.perf_counter() - t0
     last = list(first)
@@ -40,7 +40,7 @@ def _work(args, runner):
     for step in range(args.steps):
         works = tuple(SeqWork(str(i), (last[i],), args.prompt_tokens + step, tables[i], params, step + 1)
                       for i in range(args.batch))
-        last = list(runner.execute(StepPlan(False, works)).token_ids)
+        last = list(runner.execute(StepPlan(StepKind.DECODE, works)).token_ids)
     decode_s = (time.perf_counter() - t0) / args.steps
     used = list(tables[0][:blocks_needed(args.prompt_tokens, args.block_size)])
     gather_s = scatter_s = None
