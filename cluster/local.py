@@ -19,7 +19,7 @@ from cluster.config import ClusterConfig, to_dict
 from cluster.ray_cluster import placement_group_for, remove_placement_groups, start_ray, stop_ray
 from engine.default_model import default_model_path
 from engine.errors import ConfigError
-from engine.llm import load_tokenizer
+from engine.tokenizer import load_tokenizer
 from engine.model_config import load_model_config
 from router.links import WorkerLinks
 from router.server import InstanceInfo, ModelInfo, Router

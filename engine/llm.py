@@ -11,7 +11,6 @@ continuous batching (packed prefill, then batched decode steps).
 from __future__ import annotations
 
 import itertools
-import os
 import time
 from collections.abc import Sequence
 
@@ -25,6 +24,7 @@ from engine.output import RequestOutput, StopChecker
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import FinishReason, SeqState
+from engine.tokenizer import load_tokenizer
 
 Prompt = str | Sequence[int]
 
@@ -156,14 +156,6 @@ class LLM:
                    "num_preemptions": float(seq.num_preemptions)}
         return RequestOutput(seq.req_id, None, seq.prompt_token_ids, list(seq.output_token_ids),
                              text, seq.finish_reason.value, metrics)
-
-
-def load_tokenizer(path: str):
-    """The model directory's tokenizer, or None when it has none (token ids only)."""
-    if not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model")):
-        return None
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(path)
 
 
 def _progress(total: int):

@@ -35,6 +35,7 @@ from cluster.bench.serve_report import markdown
 from cluster.client import AsyncClient, Chunk, Client, ClientError
 from cluster.config import load_config
 from cluster.local import Cluster
+from engine.tokenizer import load_tokenizer
 from engine.default_model import default_model_path
 from engine.model_config import load_model_config
 from router.workload import RequestSpec, Workload, load_trace, sample_requests
@@ -106,7 +107,6 @@ class PromptMaker:
 
     @classmethod
     def for_model(cls, model_path: str, seed: int = 0) -> PromptMaker:
-        from engine.llm import load_tokenizer          # light start-up: it imports torch and transformers
         tok = load_tokenizer(model_path)
         special = set(tok.all_special_ids) | set(getattr(tok, "added_tokens_decoder", {}) or {})
         return cls(load_model_config(model_path).vocab_size, sorted(special), seed)
