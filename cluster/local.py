@@ -160,7 +160,7 @@ class Cluster:
         pools = cfg.pools()
         for name, info in self.infos.items():
             self.router.add_instance(InstanceInfo(name, info["role"], pools[info["role"]].plan,
-                                                  info["command_endpoint"]))
+                                                  info["command_endpoint"], info.get("transfer_endpoint", "")))
         self._loop.run(self.router.start(), timeout=30)
 
     # -- stop ------------------------------------------------------------------------------

@@ -85,7 +85,7 @@ class Timings(_message.Message):
     def __init__(self, queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., transfer_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., ttft_s: _Optional[float] = ..., mean_tpot_s: _Optional[float] = ..., e2e_s: _Optional[float] = ...) -> None: ...
 
 class FinalResult(_message.Message):
-    __slots__ = ("finish_reason", "prompt_tokens", "completion_tokens", "timings", "prefill_instance", "decode_instance", "request_id")
+    __slots__ = ("finish_reason", "prompt_tokens", "completion_tokens", "timings", "prefill_instance", "decode_instance", "request_id", "migrations")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +93,7 @@ class FinalResult(_message.Message):
     PREFILL_INSTANCE_FIELD_NUMBER: _ClassVar[int]
     DECODE_INSTANCE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MIGRATIONS_FIELD_NUMBER: _ClassVar[int]
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
@@ -100,7 +101,8 @@ class FinalResult(_message.Message):
     prefill_instance: str
     decode_instance: str
     request_id: str
-    def __init__(self, finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., prefill_instance: _Optional[str] = ..., decode_instance: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    migrations: int
+    def __init__(self, finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., prefill_instance: _Optional[str] = ..., decode_instance: _Optional[str] = ..., request_id: _Optional[str] = ..., migrations: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("chunk", "final")
@@ -127,7 +129,7 @@ class ClusterStateRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InstanceState(_message.Message):
-    __slots__ = ("name", "role", "plan", "num_waiting", "num_running", "queued_prompt_tokens", "num_free_blocks", "num_blocks", "num_leases", "mean_step_s", "num_steps", "alive")
+    __slots__ = ("name", "role", "plan", "num_waiting", "num_running", "queued_prompt_tokens", "num_free_blocks", "num_blocks", "num_leases", "mean_step_s", "num_steps", "alive", "status")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
@@ -140,6 +142,7 @@ class InstanceState(_message.Message):
     MEAN_STEP_S_FIELD_NUMBER: _ClassVar[int]
     NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
     ALIVE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
     name: str
     role: str
     plan: str
@@ -152,18 +155,23 @@ class InstanceState(_message.Message):
     mean_step_s: float
     num_steps: int
     alive: bool
-    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., plan: _Optional[str] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., queued_prompt_tokens: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_blocks: _Optional[int] = ..., num_leases: _Optional[int] = ..., mean_step_s: _Optional[float] = ..., num_steps: _Optional[int] = ..., alive: _Optional[bool] = ...) -> None: ...
+    status: str
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., plan: _Optional[str] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., queued_prompt_tokens: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_blocks: _Optional[int] = ..., num_leases: _Optional[int] = ..., mean_step_s: _Optional[float] = ..., num_steps: _Optional[int] = ..., alive: _Optional[bool] = ..., status: _Optional[str] = ...) -> None: ...
 
 class ClusterState(_message.Message):
-    __slots__ = ("instances", "num_active_requests", "max_active_requests", "model", "transfer_backend")
+    __slots__ = ("instances", "num_active_requests", "max_active_requests", "model", "transfer_backend", "num_migrations", "num_instance_deaths")
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
     NUM_ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     MAX_ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    NUM_MIGRATIONS_FIELD_NUMBER: _ClassVar[int]
+    NUM_INSTANCE_DEATHS_FIELD_NUMBER: _ClassVar[int]
     instances: _containers.RepeatedCompositeFieldContainer[InstanceState]
     num_active_requests: int
     max_active_requests: int
     model: str
     transfer_backend: str
-    def __init__(self, instances: _Optional[_Iterable[_Union[InstanceState, _Mapping]]] = ..., num_active_requests: _Optional[int] = ..., max_active_requests: _Optional[int] = ..., model: _Optional[str] = ..., transfer_backend: _Optional[str] = ...) -> None: ...
+    num_migrations: int
+    num_instance_deaths: int
+    def __init__(self, instances: _Optional[_Iterable[_Union[InstanceState, _Mapping]]] = ..., num_active_requests: _Optional[int] = ..., max_active_requests: _Optional[int] = ..., model: _Optional[str] = ..., transfer_backend: _Optional[str] = ..., num_migrations: _Optional[int] = ..., num_instance_deaths: _Optional[int] = ...) -> None: ...

@@ -15,7 +15,9 @@ class InstanceView:
     name: str
     role: str                      # "prefill" | "decode" | "colocated"
     plan: str = "tp1-pp1"
-    alive: bool = True
+    available: bool = True         # may take new work now: not dead, not out of rotation
+    dead: bool = False             # its process is gone (reported by the cluster, from Ray)
+    transfer_endpoint: str = ""    # a prefill instance's KV sender (the decode side's handshake address)
     queued_tokens: int = 0         # router: prompt tokens sent, prefill not done yet
     active: int = 0                # router: requests in flight on this instance
     free_blocks: int = 0           # worker snapshot
@@ -23,11 +25,12 @@ class InstanceView:
     assigned_blocks: int = 0       # router: blocks of decode work sent since the last snapshot
     last_seen: float = 0.0         # time of the last message from the instance
     load: object = None            # the last snapshot (a worker_pb2.Load)
+    num_failed: int = 0            # requests it failed (reported a Failed for), since start
 
 
 def pick_prefill(views: list[InstanceView]) -> InstanceView | None:
     """The live prefill instance with the fewest queued prompt tokens (then the fewest requests)."""
-    live = [v for v in views if v.role == "prefill" and v.alive]
+    live = [v for v in views if v.role == "prefill" and v.available]
     return min(live, key=lambda v: (v.queued_tokens, v.active, v.name), default=None)
 
 
@@ -37,7 +40,7 @@ def pick_decode(views: list[InstanceView], blocks_needed: int) -> InstanceView |
     Instances that can take the request now come first; if none can, the one
     with the most room still gets it and queues it until blocks free up.
     """
-    live = [v for v in views if v.role == "decode" and v.alive]
+    live = [v for v in views if v.role == "decode" and v.available]
 
     def room(v: InstanceView) -> int:
         return v.free_blocks - v.assigned_blocks
@@ -48,5 +51,5 @@ def pick_decode(views: list[InstanceView], blocks_needed: int) -> InstanceView |
 def pick_colocated(views: list[InstanceView]) -> InstanceView | None:
     """The live colocated instance with the least load: prompt tokens still to prefill plus
     requests running there (each costs a token of every step), then the fewest requests."""
-    live = [v for v in views if v.role == "colocated" and v.alive]
+    live = [v for v in views if v.role == "colocated" and v.available]
     return min(live, key=lambda v: (v.queued_tokens + v.active, v.active, v.name), default=None)

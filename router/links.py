@@ -27,6 +27,12 @@ class WorkerLinks:
         sock.connect(command_endpoint)
         self._push[name] = sock
 
+    def disconnect(self, name: str) -> None:
+        """Drop a worker's command socket (it died): what was queued for it is discarded."""
+        sock = self._push.pop(name, None)
+        if sock is not None:
+            sock.close(0)
+
     def send(self, name: str, msg: wpb.ToWorker) -> bool:
         """Queue a command for a worker; False when it cannot take it now (gone or flooded)."""
         sock = self._push.get(name)

@@ -1,4 +1,12 @@
-"""One request as the router tracks it: where it runs, what it has streamed, its timings."""
+"""One request as the router tracks it: where it runs, what it has streamed, its timings.
+
+A request survives its workers: the router keeps its prompt and every token it
+has streamed, so after an instance dies it can run the request again elsewhere
+as a new *attempt* (prompt + streamed tokens as the prompt, the rest of
+max_tokens) and the client's stream goes on without a gap or a repeat. Each
+attempt has its own id on the workers (`worker_id`), so a late message of an
+earlier attempt is never taken for the current one.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -11,12 +19,14 @@ from router.detokenizer import Detokenizer
 
 
 class Event(enum.Enum):
-    """What reaches a request's stream (`RequestState.events`), with its message."""
+    """What reaches a request's stream (`RequestState.events`): (Event, instance, payload)."""
 
     PREFILLED = "prefilled"   # wpb.PrefillDone: the first token (and the KV offer, disaggregated)
     OFFERED = "offered"       # wpb.EarlyOffer: stream_layers, before the prefill's forward pass
     TOKENS = "tokens"         # wpb.Tokens: decoded tokens
-    FAILED = "failed"         # wpb.Failed
+    FAILED = "failed"         # wpb.Failed: the instance could not serve it
+    LOST = "lost"             # str: an instance it was on died; run it again elsewhere
+    READY = "ready"           # None: an instance came up for a request waiting for one
     ABORT = "abort"           # None: the client's Abort
 
 
@@ -25,13 +35,22 @@ class RequestState:
     req_id: str
     prompt_ids: list[int]
     params: SamplingParams
+    sampling: pb.SamplingParams     # as the client sent it
     detok: Detokenizer
     arrival: float
-    events: asyncio.Queue[tuple[Event, object]] = field(default_factory=asyncio.Queue)
-    prefill: str = ""
-    decode: str = ""
+    events: asyncio.Queue[tuple[Event, str, object]] = field(default_factory=asyncio.Queue)
+    attempt: int = 0                # how many times it moved to another instance
+    attempt_ids: list[int] = field(default_factory=list)   # what the current attempt prefills
+    attempt_sampling: pb.SamplingParams | None = None      # ... and how it samples
+    prefill: str = ""               # the current attempt's prefill instance
+    decode: str = ""                # ... and its decode instance (colocated: the same one)
     prefill_done: bool = False
     finished: bool = False
+    waiting_for_instance: bool = False   # no instance could take it: it waits for one to come up
+    pending_decode: object = None   # wpb.PrefillDone waiting for a decode instance to come up
+    charged_tokens: int = 0         # prompt tokens counted against the prefill instance's queue
+    prefill_active: bool = False    # counted as active on the prefill instance (disaggregated)
+    decode_active: bool = False     # counted as active on the decode instance
     decode_blocks: int = 0          # blocks counted against the decode instance
     first_token_at: float | None = None
     first_decode_at: float | None = None
@@ -43,6 +62,23 @@ class RequestState:
     @property
     def num_output_tokens(self) -> int:
         return len(self.detok.token_ids)
+
+    @property
+    def worker_id(self) -> str:
+        """The id the workers know this attempt by."""
+        return self.req_id if self.attempt == 0 else f"{self.req_id}#{self.attempt}"
+
+    def start_attempt(self) -> None:
+        """The next attempt prefills the prompt and every token already streamed, and samples
+        with max_tokens cut by those tokens; a seeded request draws each token from its
+        position, so the stream goes on as if nothing had happened."""
+        self.attempt_ids = self.prompt_ids + self.detok.token_ids
+        if self.num_output_tokens == 0:
+            self.attempt_sampling = self.sampling
+            return
+        self.attempt_sampling = pb.SamplingParams()
+        self.attempt_sampling.CopyFrom(self.sampling)
+        self.attempt_sampling.max_tokens = self.params.max_tokens - self.num_output_tokens
 
     def chunk(self, token_ids, now: float, final: bool = False) -> pb.GenerateResponse:
         """Record tokens that arrived at `now`; the response that streams them."""
@@ -65,4 +101,5 @@ class RequestState:
             e2e_s=now - self.arrival)
         return pb.GenerateResponse(final=pb.FinalResult(
             finish_reason=reason, prompt_tokens=len(self.prompt_ids), completion_tokens=n, timings=timings,
-            prefill_instance=self.prefill, decode_instance=self.decode, request_id=self.req_id))
+            prefill_instance=self.prefill, decode_instance=self.decode, request_id=self.req_id,
+            migrations=self.attempt))

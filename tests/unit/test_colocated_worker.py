@@ -58,15 +58,15 @@ def test_bad_mode_settings_name_the_key(data, needle):
 
 
 # -- dispatch --------------------------------------------------------------------------------------
-def _c(name, queued=0, active=0, alive=True, role="colocated"):
-    return InstanceView(name, role, queued_tokens=queued, active=active, alive=alive)
+def _c(name, queued=0, active=0, available=True, role="colocated"):
+    return InstanceView(name, role, queued_tokens=queued, active=active, available=available)
 
 
 def test_pick_colocated_least_queued_prompt_tokens_plus_running():
     assert pick_colocated([_c("c0", queued=100), _c("c1", active=3)]).name == "c1"
     assert pick_colocated([_c("c0", queued=2, active=1), _c("c1", active=2)]).name == "c1"   # 3 > 2
     assert pick_colocated([_c("c0"), _c("c1")]).name == "c0"                     # ties by name
-    assert pick_colocated([_c("c0", alive=False), _c("c1", queued=900)]).name == "c1"
+    assert pick_colocated([_c("c0", available=False), _c("c1", queued=900)]).name == "c1"
     assert pick_colocated([_c("p0", role="prefill"), _c("d0", role="decode")]) is None
 
 

@@ -15,13 +15,13 @@ from router.dispatch import InstanceView, pick_decode, pick_prefill
 
 
 # -- dispatch ------------------------------------------------------------------------------------
-def _p(name, queued=0, active=0, alive=True):
-    return InstanceView(name, "prefill", queued_tokens=queued, active=active, alive=alive)
+def _p(name, queued=0, active=0, available=True):
+    return InstanceView(name, "prefill", queued_tokens=queued, active=active, available=available)
 
 
-def _d(name, free=0, assigned=0, active=0, alive=True, num_blocks=100):
+def _d(name, free=0, assigned=0, active=0, available=True, num_blocks=100):
     return InstanceView(name, "decode", free_blocks=free, assigned_blocks=assigned, active=active,
-                        alive=alive, num_blocks=num_blocks)
+                        available=available, num_blocks=num_blocks)
 
 
 def test_pick_prefill_least_queued_tokens_then_fewest_requests():
@@ -34,9 +34,9 @@ def test_pick_prefill_least_queued_tokens_then_fewest_requests():
 
 
 def test_pick_prefill_skips_dead_and_decode_instances():
-    views = [_p("p0", queued=0, alive=False), _p("p1", queued=500), _d("d0", free=99)]
+    views = [_p("p0", queued=0, available=False), _p("p1", queued=500), _d("d0", free=99)]
     assert pick_prefill(views).name == "p1"
-    assert pick_prefill([_p("p0", alive=False), _d("d0")]) is None
+    assert pick_prefill([_p("p0", available=False), _d("d0")]) is None
     assert pick_prefill([]) is None
 
 
@@ -66,9 +66,9 @@ def test_pick_decode_still_chooses_when_none_can_fit():
 
 
 def test_pick_decode_skips_dead_and_prefill_instances():
-    views = [_d("d0", free=1000, alive=False), _d("d1", free=1), _p("p0")]
+    views = [_d("d0", free=1000, available=False), _d("d1", free=1), _p("p0")]
     assert pick_decode(views, blocks_needed=4).name == "d1"
-    assert pick_decode([_d("d0", alive=False), _p("p0")], blocks_needed=1) is None
+    assert pick_decode([_d("d0", available=False), _p("p0")], blocks_needed=1) is None
     assert pick_decode([], blocks_needed=1) is None
 
 
@@ -187,7 +187,7 @@ def test_no_tokenizer_gives_no_text():
 @pytest.fixture(scope="module")
 def smollm_tokenizer():
     from engine import default_model_path
-    from engine.llm import load_tokenizer
+    from engine.tokenizer import load_tokenizer
     tok = load_tokenizer(default_model_path())
     assert tok is not None
     return tok

@@ -1,0 +1,396 @@
+"""The router's request lifecycle, shared by every front door (gRPC, HTTP).
+
+Per request: `admit` (validated input -> RESOURCE_EXHAUSTED / ALREADY_EXISTS or a
+RequestState) -> `stream`:
+  1. dispatch: the prompt goes to the prefill instance with the fewest queued
+     prompt tokens (colocated modes: the least loaded instance) -> PrefillWork;
+  2. PREFILLED: the first token streams; the decode instance with the most room
+     *now* gets the KV offer (late binding) -> DecodeWork; with stream_layers it
+     was bound at the early offer (OFFERED) and pulls while prefill runs;
+  3. TOKENS stream until a finish reason, a stop string or the client's ABORT;
+  4. the request leaves: `end` aborts it wherever it still is and frees the
+     router's counters.
+
+A request survives its workers (request_state.py). When an instance it is on
+dies (`instance_died`, from the cluster, which learns it from Ray) or a worker
+answers `Failed(retry=True)` (its KV was lost), the request moves: a new
+attempt runs prompt + streamed tokens on a live instance, up to
+`router.migration_limit` times; past it the request fails UNAVAILABLE saying
+why. A request with no live instance to go to waits for one while the cluster
+replaces the dead (READY). An instance that fails requests again and again
+leaves rotation for a while (breaker.py). The router sees only snapshots and
+plain messages; it never reaches into a worker.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from engine.block_manager import blocks_needed
+from engine.sampling_params import SamplingParams
+from protos import pdcluster_pb2 as pb
+from protos import worker_pb2 as wpb
+from router import modes
+from router.admission import Admission
+from router.breaker import CircuitBreakers
+from router.detokenizer import Detokenizer
+from router.dispatch import InstanceView, pick_colocated, pick_decode, pick_prefill
+from router.errors import RequestError, Status
+from router.links import WorkerLinks
+from router.request_state import Event, RequestState
+
+log = logging.getLogger(__name__)
+
+
+class RouterSettings(Protocol):
+    """What the router reads of its config section (cluster.config.RouterConfig)."""
+
+    host: str
+    port: int
+    max_active_requests: int
+    request_timeout_s: float
+    migration_limit: int
+    breaker_failures: int
+    breaker_cooldown_s: float
+
+
+@dataclass(frozen=True)
+class InstanceInfo:
+    name: str
+    role: str                  # prefill | decode | colocated
+    plan: str
+    command_endpoint: str
+    transfer_endpoint: str = ""   # a prefill instance's KV sender address (what its offers name)
+
+
+class RouterCore:
+    def __init__(self, settings: RouterSettings, admission: Admission, links: WorkerLinks,
+                 mode: str = modes.DISAGGREGATED) -> None:
+        self.settings, self.admission, self.links = settings, admission, links
+        self.colocated = modes.is_colocated(mode)
+        self.first_role = "colocated" if self.colocated else "prefill"
+        self.views: dict[str, InstanceView] = {}
+        self.requests: dict[str, RequestState] = {}
+        self._by_worker_id: dict[str, RequestState] = {}
+        self.breakers = CircuitBreakers(settings.breaker_failures, settings.breaker_cooldown_s)
+        self._replacing: Counter[str] = Counter()   # role -> dead instances the cluster is replacing
+        self._ids = itertools.count()
+        self.draining = False
+        self.num_migrations = 0
+        self.num_deaths = 0
+
+    # -- instances -----------------------------------------------------------------------
+    def add_instance(self, info: InstanceInfo) -> None:
+        """A new instance (or a replacement) whose model is loaded: it takes work from now on."""
+        self.links.connect(info.name, info.command_endpoint)
+        self.views[info.name] = InstanceView(info.name, info.role, info.plan, last_seen=time.monotonic(),
+                                             transfer_endpoint=info.transfer_endpoint)
+        if self._replacing[info.role] > 0:
+            self._replacing[info.role] -= 1
+        for st in list(self.requests.values()):
+            if st.waiting_for_instance:
+                st.events.put_nowait((Event.READY, info.name, None))
+
+    def instance_died(self, name: str, reason: str, replacing: bool = False) -> None:
+        """The cluster saw the instance's process (or one of its ranks) die: its requests move."""
+        view = self.views.get(name)
+        if view is None or view.dead:
+            return
+        view.dead, view.available = True, False
+        self.num_deaths += 1
+        self.links.disconnect(name)
+        self.breakers.forget(name)
+        if replacing:
+            self._replacing[view.role] += 1
+        log.warning("instance %s died (%s); %s", name, reason,
+                    "a replacement is starting" if replacing else "no replacement")
+        if view.role == "prefill" and view.transfer_endpoint:   # pulls from it fail now, not on timeouts
+            lost = wpb.ToWorker(peer_lost=wpb.PeerLost(endpoint=view.transfer_endpoint))
+            for v in self.views.values():
+                if v.role == "decode" and not v.dead:
+                    self.links.send(v.name, lost)
+        why = f"instance {name} died ({reason})"
+        for st in list(self.requests.values()):
+            # its KV was on the dead prefill instance and no decode instance has pulled it yet
+            kv_lost = st.prefill == name and (not st.prefill_done or st.pending_decode is not None)
+            if not st.finished and (kv_lost or st.decode == name):
+                st.events.put_nowait((Event.LOST, name, why))
+
+    def replacement_abandoned(self, role: str) -> None:
+        """The cluster gave up a replacement it announced (it failed to start, or the restart
+        budget is spent): requests stop waiting for it once no other instance can come."""
+        if self._replacing[role] > 0:
+            self._replacing[role] -= 1
+        if not self.has_capacity_coming(role):
+            for st in self.requests.values():
+                if st.waiting_for_instance:
+                    st.events.put_nowait((Event.READY, "", None))
+
+    def forget_instance(self, name: str) -> None:
+        """A dead or removed instance's view goes (after `instance_died`, once it is cleaned up)."""
+        self.views.pop(name, None)
+        self.breakers.forget(name)
+
+    def _available(self) -> list[InstanceView]:
+        now = time.monotonic()
+        for v in self.views.values():
+            v.available = not v.dead and self.breakers.available(v.name, now)
+        return list(self.views.values())
+
+    def has_capacity_coming(self, role: str) -> bool:
+        """Some instance of `role` is alive or being replaced: a request may wait for it."""
+        return self._replacing[role] > 0 or any(v.role == role and not v.dead for v in self.views.values())
+
+    # -- requests ------------------------------------------------------------------------
+    def admit(self, ids: list[int], params: SamplingParams, sampling: pb.SamplingParams,
+              request_id: str = "") -> RequestState:
+        """Checks that need no instance; raises RequestError. The caller must `end` what it gets."""
+        if self.draining:
+            raise RequestError(Status.UNAVAILABLE, "the router is shutting down")
+        req_id = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+        if req_id in self.requests:
+            raise RequestError(Status.ALREADY_EXISTS, f"request id {req_id!r} is already running")
+        if len(self.requests) >= self.settings.max_active_requests:
+            raise RequestError(Status.RESOURCE_EXHAUSTED,
+                               f"{len(self.requests)} requests in flight, the limit is "
+                               f"{self.settings.max_active_requests}; retry later")
+        if not self.has_capacity_coming(self.first_role):
+            raise RequestError(Status.UNAVAILABLE, f"no live {self.first_role} instance")
+        st = RequestState(req_id, list(ids), params, sampling, Detokenizer(self.admission.tokenizer, params.stop),
+                          time.monotonic())
+        self.requests[req_id] = st
+        return st
+
+    def abort(self, req_id: str) -> bool:
+        st = self.requests.get(req_id)
+        if st is not None and not st.finished:
+            st.events.put_nowait((Event.ABORT, "", None))
+        return st is not None
+
+    async def stream(self, st: RequestState) -> AsyncIterator[pb.GenerateResponse]:
+        """The request's chunks and its final result; raises RequestError when it cannot finish."""
+        self._dispatch(st)
+        timeout = self.settings.request_timeout_s
+        while not st.finished:
+            try:
+                kind, instance, msg = await asyncio.wait_for(st.events.get(), timeout)
+            except asyncio.TimeoutError:
+                raise RequestError(Status.UNAVAILABLE, f"request {st.req_id} made no progress for {timeout:.0f}s") \
+                    from None
+            now = time.monotonic()
+            if kind is Event.PREFILLED:
+                for response in self._prefilled(st, instance, msg, now):
+                    yield response
+            elif kind is Event.OFFERED:
+                self._bind_decode_early(st, msg)
+            elif kind is Event.TOKENS:
+                if msg.transfer_s:
+                    st.transfer_s = msg.transfer_s
+                ends = bool(msg.finish_reason)
+                yield st.chunk(msg.token_ids, now, final=ends)
+                if st.detok.stopped or ends:
+                    self.breakers.success(instance)
+                    yield self._finish(st, "stop" if st.detok.stopped else msg.finish_reason, now)
+            elif kind is Event.FAILED:
+                self._failed(st, instance, msg)
+            elif kind is Event.LOST:
+                if instance in (st.prefill, st.decode):   # (not an instance an earlier attempt left)
+                    self._migrate(st, msg)
+            elif kind is Event.READY:   # an instance came up (or none can come: then it fails)
+                if st.pending_decode is not None:
+                    self._send_decode(st, st.pending_decode)
+                elif st.waiting_for_instance:
+                    self._dispatch(st)
+            elif kind is Event.ABORT:
+                yield self._finish(st, "abort", now)
+
+    def end(self, st: RequestState) -> None:
+        """The stream is over (finished, failed or cancelled): free everything it holds."""
+        if not st.finished:
+            st.finished = True
+            self._leave_instances(st)
+        self._release_prefill(st)
+        self._release_decode(st)
+        self.requests.pop(st.req_id, None)
+        self._by_worker_id.pop(st.worker_id, None)
+
+    # -- the steps of one request -----------------------------------------------------------
+    def _dispatch(self, st: RequestState) -> None:
+        """Send the current attempt to a prefill (or colocated) instance, or let it wait for one."""
+        pick = pick_colocated if self.colocated else pick_prefill
+        view = pick(self._available())
+        if view is None:
+            if not self.has_capacity_coming(self.first_role):
+                raise RequestError(Status.UNAVAILABLE, f"no live {self.first_role} instance for request "
+                                                       f"{st.req_id}")
+            st.waiting_for_instance = True   # the replacement's add_instance wakes it (READY)
+            return
+        st.waiting_for_instance = False
+        self._by_worker_id[st.worker_id] = st
+        st.prefill, st.prefill_done = view.name, False
+        st.start_attempt()
+        st.charged_tokens = len(st.attempt_ids)
+        view.queued_tokens += st.charged_tokens
+        if self.colocated:   # both phases here: counted active until the request ends
+            st.decode, st.decode_active = view.name, True
+        else:
+            st.prefill_active = True
+        view.active += 1
+        self.breakers.dispatched(view.name, time.monotonic())
+        work = wpb.PrefillWork(req_id=st.worker_id, prompt_token_ids=st.attempt_ids, sampling=st.attempt_sampling)
+        if not self.links.send(view.name, wpb.ToWorker(prefill=work)):
+            st.events.put_nowait((Event.LOST, view.name, f"{view.name} is not reachable"))
+
+    def _prefilled(self, st: RequestState, instance: str, done: wpb.PrefillDone, now: float):
+        self._release_prefill(st)
+        st.prefill_done = True
+        st.queue_s, st.prefill_s = done.queue_s, done.prefill_s
+        self.breakers.success(instance)
+        ends = bool(done.finish_reason)
+        yield st.chunk([done.first_token_id], now, final=ends)
+        if ends and st.decode and not self.colocated:   # bound early: free its early pull
+            self.links.send(st.decode, wpb.ToWorker(abort=wpb.Abort(req_id=st.worker_id)))
+        if st.detok.stopped or ends:
+            yield self._finish(st, "stop" if st.detok.stopped else done.finish_reason, now)
+        elif not self.colocated:   # colocated: the same instance decodes on, its tokens follow
+            self._send_decode(st, done)
+
+    def _bind_decode(self, st: RequestState) -> InstanceView | None:
+        """The decode instance with the most room now; counted against it until the request ends."""
+        need = blocks_needed(len(st.attempt_ids) + 1, self.admission.model.block_size)
+        view = pick_decode(self._available(), need)
+        if view is not None:
+            st.decode, st.decode_blocks, st.decode_active = view.name, need, True
+            view.active += 1
+            view.assigned_blocks += need
+            self.breakers.dispatched(view.name, time.monotonic())
+        return view
+
+    def _bind_decode_early(self, st: RequestState, early: wpb.EarlyOffer) -> None:
+        """stream_layers: the prefill lease started before its forward. Bind a decode
+        instance now and let it pull layers as they are computed; the DecodeWork that
+        follows PrefillDone goes to the same instance and joins that pull."""
+        if self.colocated or st.decode or st.prefill_done:
+            return
+        view = self._bind_decode(st)
+        if view is not None:
+            self.links.send(view.name, wpb.ToWorker(prefetch=early))
+
+    def _send_decode(self, st: RequestState, done: wpb.PrefillDone) -> None:
+        view = self.views.get(st.decode) if st.decode else None
+        if view is not None and not view.available:   # bound early, gone since: pick again
+            self._release_decode(st)
+            view = None
+        if view is None:
+            view = self._bind_decode(st)
+        if view is None:
+            if not self.has_capacity_coming("decode"):
+                raise RequestError(Status.UNAVAILABLE, "no live decode instance")
+            # its KV waits under its lease on the prefill instance (a pull that comes after the
+            # lease expired fails, and transfer.on_failure decides) until a decode instance is up
+            st.pending_decode, st.waiting_for_instance = done, True
+            return
+        st.pending_decode, st.waiting_for_instance = None, False
+        work = wpb.DecodeWork(req_id=st.worker_id, prompt_token_ids=st.attempt_ids, sampling=st.attempt_sampling,
+                              first_token_id=done.first_token_id, offer=done.offer)
+        if not self.links.send(view.name, wpb.ToWorker(decode=work)):
+            st.events.put_nowait((Event.LOST, view.name, f"{view.name} is not reachable"))
+
+    def _failed(self, st: RequestState, instance: str, failed: wpb.Failed) -> None:
+        if failed.retry:   # sound request, its attempt failed there (e.g. the KV was lost): move it
+            self._migrate(st, f"{instance}: {failed.error}")
+            return
+        view = self.views.get(instance)
+        if view is not None:
+            view.num_failed += 1
+        self.breakers.failure(instance, time.monotonic())
+        raise RequestError(Status.INTERNAL, f"request {st.req_id} failed: {failed.error}")
+
+    def _migrate(self, st: RequestState, why: str) -> None:
+        """Run the request again elsewhere: prompt + streamed tokens, the rest of max_tokens."""
+        if st.attempt >= self.settings.migration_limit:
+            raise RequestError(Status.UNAVAILABLE,
+                               f"request {st.req_id} could not finish: {why}; it already moved {st.attempt} "
+                               f"time(s), the limit (router.migration_limit) is {self.settings.migration_limit}")
+        self._leave_instances(st)
+        self._by_worker_id.pop(st.worker_id, None)
+        st.attempt += 1
+        self.num_migrations += 1
+        log.info("request %s moves (attempt %d, %d tokens streamed): %s", st.req_id, st.attempt,
+                 st.num_output_tokens, why)
+        self._dispatch(st)
+
+    def _finish(self, st: RequestState, reason: str, now: float) -> pb.GenerateResponse:
+        st.finished = True
+        if reason in ("stop", "abort"):
+            self._leave_instances(st)
+        return st.final(reason, now)
+
+    def _leave_instances(self, st: RequestState) -> None:
+        """Abort the current attempt wherever it still runs; release the router's counters."""
+        msg = wpb.ToWorker(abort=wpb.Abort(req_id=st.worker_id))
+        for name in dict.fromkeys((st.prefill, st.decode)):   # colocated: the same instance, once
+            view = self.views.get(name)
+            if view is not None and not view.dead:
+                self.links.send(name, msg)
+        self._release_prefill(st)
+        self._release_decode(st)
+        st.prefill = st.decode = ""
+        st.prefill_done, st.pending_decode, st.waiting_for_instance = False, None, False
+
+    def _release_prefill(self, st: RequestState) -> None:
+        view = self.views.get(st.prefill)
+        if view is not None:
+            view.queued_tokens -= st.charged_tokens
+            view.active -= st.prefill_active
+        st.charged_tokens, st.prefill_active = 0, False
+
+    def _release_decode(self, st: RequestState) -> None:
+        view = self.views.get(st.decode)
+        if view is not None:
+            view.active -= st.decode_active
+        st.decode_active, st.decode_blocks = False, 0
+
+    # -- worker messages -----------------------------------------------------------------
+    async def read_workers(self) -> None:
+        while True:
+            msg = await self.links.recv()
+            if msg is not None:
+                self.on_worker_message(msg)
+
+    def on_worker_message(self, msg: wpb.FromWorker) -> None:
+        view = self.views.get(msg.instance)
+        if view is not None:
+            view.last_seen = time.monotonic()
+            if msg.HasField("load"):
+                view.load = msg.load
+                view.free_blocks, view.num_blocks = msg.load.num_free_blocks, msg.load.num_blocks
+                view.assigned_blocks = 0
+        for done in msg.prefilled:
+            self._deliver(msg.instance, done.req_id, Event.PREFILLED, done)
+        for early in msg.offered:
+            self._deliver(msg.instance, early.req_id, Event.OFFERED, early)
+        for tokens in msg.tokens:
+            self._deliver(msg.instance, tokens.req_id, Event.TOKENS, tokens)
+        for failed in msg.failed:
+            self._deliver(msg.instance, failed.req_id, Event.FAILED, failed)
+
+    def _deliver(self, instance: str, worker_id: str, kind: Event, msg) -> None:
+        """Only to the current attempt, from an instance it is on: a late message of an earlier
+        attempt or of an instance it left is dropped."""
+        st = self._by_worker_id.get(worker_id)
+        if st is not None and not st.finished and instance in (st.prefill, st.decode):
+            st.events.put_nowait((kind, instance, msg))
+
+    # -- state -------------------------------------------------------------------------------
+    def instance_status(self, view: InstanceView) -> str:
+        if view.dead:
+            return "dead"
+        return "out_of_rotation" if self.breakers.is_open(view.name) else "serving"
