@@ -61,6 +61,19 @@ class RouterSettings(Protocol):
     breaker_cooldown_s: float
 
 
+class RequestObserver(Protocol):
+    """Sees every request's progress (metrics): called on the router's loop, must not block."""
+
+    def tokens(self, st: RequestState, num_tokens: int, now: float) -> None:
+        """`num_tokens` more streamed at `now` (st.first_token_at tells whether they were the first)."""
+
+    def ended(self, st: RequestState, reason: str, now: float) -> None:
+        """The request is over: a finish reason, or "error" / "cancelled" when it did not finish."""
+
+    def migrated(self, st: RequestState, why: str) -> None:
+        """It moved to another instance."""
+
+
 @dataclass(frozen=True)
 class InstanceInfo:
     name: str
@@ -85,6 +98,7 @@ class RouterCore:
         self.draining = False
         self.num_migrations = 0
         self.num_deaths = 0
+        self.observers: list[RequestObserver] = []
 
     # -- instances -----------------------------------------------------------------------
     def add_instance(self, info: InstanceInfo) -> None:
@@ -194,7 +208,7 @@ class RouterCore:
                 if msg.transfer_s:
                     st.transfer_s = msg.transfer_s
                 ends = bool(msg.finish_reason)
-                yield st.chunk(msg.token_ids, now, final=ends)
+                yield self._chunk(st, msg.token_ids, now, ends)
                 if st.detok.stopped or ends:
                     self.breakers.success(instance)
                     yield self._finish(st, "stop" if st.detok.stopped else msg.finish_reason, now)
@@ -211,11 +225,16 @@ class RouterCore:
             elif kind is Event.ABORT:
                 yield self._finish(st, "abort", now)
 
-    def end(self, st: RequestState) -> None:
-        """The stream is over (finished, failed or cancelled): free everything it holds."""
+    def end(self, st: RequestState, reason: str = "cancelled") -> None:
+        """The stream is over (finished, failed: "error", or cancelled): free everything it holds."""
+        if st.finish_reason:
+            reason = st.finish_reason
         if not st.finished:
             st.finished = True
             self._leave_instances(st)
+        if st.req_id in self.requests:
+            for o in self.observers:
+                o.ended(st, reason, time.monotonic())
         self._release_prefill(st)
         self._release_decode(st)
         self.requests.pop(st.req_id, None)
@@ -254,13 +273,19 @@ class RouterCore:
         st.queue_s, st.prefill_s = done.queue_s, done.prefill_s
         self.breakers.success(instance)
         ends = bool(done.finish_reason)
-        yield st.chunk([done.first_token_id], now, final=ends)
+        yield self._chunk(st, [done.first_token_id], now, ends)
         if ends and st.decode and not self.colocated:   # bound early: free its early pull
             self.links.send(st.decode, wpb.ToWorker(abort=wpb.Abort(req_id=st.worker_id)))
         if st.detok.stopped or ends:
             yield self._finish(st, "stop" if st.detok.stopped else done.finish_reason, now)
         elif not self.colocated:   # colocated: the same instance decodes on, its tokens follow
             self._send_decode(st, done)
+
+    def _chunk(self, st: RequestState, token_ids, now: float, final: bool) -> pb.GenerateResponse:
+        response = st.chunk(token_ids, now, final=final)
+        for o in self.observers:
+            o.tokens(st, len(token_ids), now)
+        return response
 
     def _bind_decode(self, st: RequestState) -> InstanceView | None:
         """The decode instance with the most room now; counted against it until the request ends."""
@@ -323,12 +348,14 @@ class RouterCore:
         self._by_worker_id.pop(st.worker_id, None)
         st.attempt += 1
         self.num_migrations += 1
+        for o in self.observers:
+            o.migrated(st, why)
         log.info("request %s moves (attempt %d, %d tokens streamed): %s", st.req_id, st.attempt,
                  st.num_output_tokens, why)
         self._dispatch(st)
 
     def _finish(self, st: RequestState, reason: str, now: float) -> pb.GenerateResponse:
-        st.finished = True
+        st.finished, st.finish_reason = True, reason
         if reason in ("stop", "abort"):
             self._leave_instances(st)
         return st.final(reason, now)

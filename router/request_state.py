@@ -46,6 +46,7 @@ class RequestState:
     decode: str = ""                # ... and its decode instance (colocated: the same one)
     prefill_done: bool = False
     finished: bool = False
+    finish_reason: str = ""         # set when it finished (not when it failed or was cancelled)
     waiting_for_instance: bool = False   # no instance could take it: it waits for one to come up
     pending_decode: object = None   # wpb.PrefillDone waiting for a decode instance to come up
     charged_tokens: int = 0         # prompt tokens counted against the prefill instance's queue

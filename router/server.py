@@ -104,13 +104,15 @@ class Router(pb_grpc.GenerationServicer, pb_grpc.AdminServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except RequestError as e:
             await context.abort(STATUS_CODES[e.status], e.message)
+        ended = "cancelled"
         try:
             async for response in self.core.stream(st):
                 yield response
         except RequestError as e:
+            ended = "error"
             await context.abort(STATUS_CODES[e.status], e.message)
         finally:
-            self.core.end(st)
+            self.core.end(st, ended)
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         return pb.AbortResponse(found=self.core.abort(request.request_id))
