@@ -5,7 +5,7 @@ import argparse
 import sys
 from importlib import import_module
 
-from cluster.bench import cpu_share, fidelity, overlap, results
+from cluster.bench import chaos, cpu_share, fidelity, overlap, results
 from cluster.bench import serve as bench_serve
 
 
@@ -127,7 +127,8 @@ def _add_bench_parsers(bench: argparse.ArgumentParser) -> None:
             ("results", results, "the serving benchmark behind docs/results.md: profile, sweeps, simulator replay"),
             ("fidelity", fidelity, "the planner's simulator against a measured 1P1D cluster (one record)"),
             ("overlap", overlap, "TPOT of requests decoding while a prefill runs, from a serve.json"),
-            ("cpu-share", cpu_share, "CPU per process while a cluster serves one rate point")):
+            ("cpu-share", cpu_share, "CPU per process while a cluster serves one rate point"),
+            ("chaos", chaos, "serving while workers are killed, next to the same run without kills")):
         p = which.add_parser(name, help=help_text, description=module.__doc__,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)
