@@ -51,7 +51,7 @@ def _works(lengths: list[int], block_size: int, start_pos: int | None, vocab: in
         ids = tuple(range(next_block, next_block + blocks))
         next_block += blocks
         tokens = tuple(100 + (7 * i + j) % (vocab - 200) for j in range(n if start_pos is None else 1))
-        out.append(SeqWork(f"r{i}", tokens, 0 if start_pos is None else n, ids, greedy, 0))
+        out.append(SeqWork(f"r{i}", tokens, 0 if start_pos is None else n, ids, greedy))
     return out
 
 
