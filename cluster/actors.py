@@ -37,10 +37,7 @@ class WorkerActor:
                 "num_blocks": w.blocks.num_blocks, "block_size": w.blocks.block_size}
 
     def stats(self) -> dict:
-        w = self.host.worker
-        return {"num_free_blocks": w.blocks.num_free_blocks, "num_blocks": w.blocks.num_blocks,
-                "idle": w.is_idle(), "loop_error": self.host.error,
-                "num_prefetched": getattr(w, "num_prefetched", 0)}
+        return {**self.host.worker.stats(), "loop_error": self.host.error}
 
     def stop(self) -> bool:
         self.host.stop()
