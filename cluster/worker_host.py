@@ -128,6 +128,8 @@ class WorkerHost:
     def _heartbeats(self) -> None:
         """Its own thread: a step that outlasts HEARTBEAT_S does not silence the instance."""
         while not self._stop.wait(HEARTBEAT_S / 4):
+            if self._thread is not None and not self._thread.is_alive():
+                return   # no loop, no instance: the router must hear silence
             with self._lock:
                 if time.monotonic() - self._last_sent < HEARTBEAT_S:
                     continue
