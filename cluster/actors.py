@@ -51,17 +51,12 @@ class WorkerActor(_Watched):
 
     def info(self) -> dict:
         w = self.host.worker
-        sender = getattr(w, "sender", None)
         return {"name": w.name, "role": w.role, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
-                "command_endpoint": self.host.command_endpoint,
-                "transfer_endpoint": sender.endpoint if sender is not None else "",
+                "command_endpoint": self.host.command_endpoint, "transfer_endpoint": w.transfer_endpoint,
                 "num_blocks": w.blocks.num_blocks, "block_size": w.blocks.block_size}
 
     def stats(self) -> dict:
-        w = self.host.worker
-        return {"num_free_blocks": w.blocks.num_free_blocks, "num_blocks": w.blocks.num_blocks,
-                "idle": w.is_idle(), "loop_error": self.host.error,
-                "num_prefetched": getattr(w, "num_prefetched", 0)}
+        return {**self.host.worker.stats(), "loop_error": self.host.error}
 
     def stop(self) -> bool:
         self.host.stop()

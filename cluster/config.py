@@ -19,16 +19,11 @@ import yaml
 
 from engine.dtypes import DTYPE_NAMES
 from engine.errors import ConfigError
-from kv_transfer.backends import BACKENDS
+from kv_transfer.backends import BACKENDS, ON_FAILURE
 from router import modes
+from worker_shell.faults import POINTS as FAULT_POINTS
 
 CHUNKED_DEFAULT_BUDGET = 512           # Sarathi-Serve-sized token budget per step
-# what a decode instance does when a KV pull fails: prefill the request again itself, have the
-# router prefill it again on a prefill instance, or fail the request
-ON_FAILURE = ("recompute", "reprefill", "fail")
-# test-only: the points of a request's life where `faults.die_at` makes a worker kill itself
-FAULT_POINTS = ("prefill.queued", "prefill.forward", "prefill.leased", "decode.pull", "decode.stream",
-                "colocated.stream")
 
 
 @dataclass(frozen=True)

@@ -91,6 +91,9 @@ class ScatteringReceiver(KVReceiver):
     def abort_offer(self, offer: TransferOffer) -> None:
         self.inner.abort_offer(offer)
 
+    def fail_endpoint(self, endpoint: str, reason: str) -> None:
+        self.inner.fail_endpoint(endpoint, reason)   # failed pulls come back through poll, unscattered
+
     def wait_sockets(self) -> list | None:
         return self.inner.wait_sockets()
 

@@ -8,15 +8,24 @@ Lifecycle of a request here:
   3. `receiver.poll` reports the pull:
        DONE   -> the KV is in our blocks; the request joins the running batch
                  (`Scheduler.add_running`) with its first token as the input.
-       FAILED -> the blocks are freed and the prompt is recomputed here
-                 (`Scheduler.add`, as after a preemption): the request is
-                 slower, never lost.
+       FAILED -> the blocks are freed; `on_failure` (transfer.on_failure)
+                 decides: `recompute` the prompt here (`Scheduler.add`, as
+                 after a preemption: slower, never lost), `reprefill` (Failed
+                 with retry: the router prefills it again on another prefill
+                 instance) or `fail` (Failed). A pull that cannot start at all
+                 (a bad offer, a sender known dead) goes the same way. The
+                 prefill side's lease ends at once whichever: the receiver
+                 ACKs the failure or gives the offer back (a dead sender needs
+                 nothing).
   4. RUNNING: one token per step (continuous batching; a request short of
      blocks preempts the newest and is recomputed later). Tokens go to the
      router after every step; EOS, max_tokens or a full context end it and
      free its blocks.
   5. `abort` at any point frees whatever the request holds (PULLING: the pull
      is aborted, which also ends the prefill side's lease).
+  6. `peer_lost` (router: a prefill instance died): every pull from its sender
+     ends FAILED at the next poll (not after the receiver's timeouts) and
+     goes through step 3; PENDING requests whose KV it held go there at once.
 
 Layer-wise streaming: `prefetch(offer)` takes the early offer of a prefill that
 is still running (before any DecodeWork) and starts pulling at once, into
@@ -28,8 +37,9 @@ have landed before prefill knew). An early pull that fails, or that nothing
 claims or aborts within `early_ttl_s`, frees its blocks; a DecodeWork that
 comes later takes the path above.
 
-A plain object: the step loop and the sockets live in `cluster.worker_host`,
-the Ray actor in `cluster.actors`; tests step it in-process.
+A `WorkerShell` (outbox, timing, snapshot, close, fault points): the step
+loop and the sockets live in `cluster.worker_host`, the Ray actor in
+`cluster.actors`; tests step it in-process.
 """
 from __future__ import annotations
 
@@ -42,14 +52,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from engine.block_manager import BlockManager, blocks_needed
-from engine.errors import EngineError
+from engine.errors import ConfigError, EngineError
 from engine.runner import Runner
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import SeqState
 from engine.validation import validate_request
+from kv_transfer.backends import ON_FAILURE
 from kv_transfer.base import KVReceiver, TransferOffer, TransferStatus
 from protos import worker_pb2 as wpb
+from worker_shell.base import Handler, WorkerShell
+from worker_shell.faults import FaultPoints
 
 log = logging.getLogger(__name__)
 
@@ -89,16 +102,19 @@ class _EarlyPull:
     done_at: float | None = None   # KV landed (monotonic), waiting for the DecodeWork
 
 
-class DecodeWorker:
+class DecodeWorker(WorkerShell):
     role = "decode"
     stream_layers = False   # a receiver: early offers come to it (prefetch), it makes none
 
     def __init__(self, name: str, runner: Runner, blocks: BlockManager, receiver: KVReceiver, *, vocab_size: int,
                  eos_token_ids: frozenset[int], max_model_len: int,
                  config: SchedulerConfig = SchedulerConfig(), on_close: Callable[[], None] | None = None,
-                 early_ttl_s: float = 60.0) -> None:
-        self.name = name
-        self.runner, self.blocks, self.receiver = runner, blocks, receiver
+                 early_ttl_s: float = 60.0, on_failure: str = "recompute", faults: FaultPoints | None = None) -> None:
+        if on_failure not in ON_FAILURE:
+            raise ConfigError(f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}")
+        super().__init__(name, runner, blocks, on_close=on_close, faults=faults)
+        self.receiver = receiver
+        self.on_failure = on_failure
         self.vocab_size, self.max_model_len = vocab_size, max_model_len
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    max_model_len), blocks, eos_token_ids)
@@ -109,21 +125,13 @@ class DecodeWorker:
         self._early: dict[str, _EarlyPull] = {}     # req_id -> a pull from an early offer
         self.early_ttl_s = early_ttl_s
         self.num_prefetched = 0                     # early offers taken (stream_layers)
-        self._out = wpb.FromWorker(instance=name)
-        self._on_close = on_close
-        self.num_steps, self._step_time = 0, 0.0
+        self.num_failed_pulls = 0                   # pulls that failed or could not start
 
     # -- commands ---------------------------------------------------------------------
-    def handle(self, msg: wpb.ToWorker, now: float) -> None:
-        kind = msg.WhichOneof("kind")
-        if kind == "decode":
-            self.submit(msg.decode, now)
-        elif kind == "prefetch":
-            self.prefetch(msg.prefetch.offer, now)
-        elif kind == "abort":
-            self.abort(msg.abort.req_id)
-        else:
-            self._fail(getattr(msg, kind).req_id if kind else "", f"a decode worker cannot take {kind!r}")
+    def commands(self) -> dict[str, Handler]:
+        return {"decode": self.submit, "prefetch": lambda msg, now: self.prefetch(msg.offer, now),
+                "abort": lambda msg, now: self.abort(msg.req_id),
+                "peer_lost": lambda msg, now: self.peer_lost(msg.endpoint)}
 
     def submit(self, work: wpb.DecodeWork, now: float) -> None:
         if self._knows(work.req_id):   # a resent work: the request here is healthy, keep it
@@ -177,6 +185,7 @@ class DecodeWorker:
             return False
         self._early[offer.req_id] = _EarlyPull(offer, block_ids, time.monotonic())
         self.num_prefetched += 1
+        self.faults.reach("decode.pull")
         return True
 
     def _claim(self, seq: SeqState, early: _EarlyPull) -> None:
@@ -215,6 +224,15 @@ class DecodeWorker:
         self._transfer_s.pop(req_id, None)
         self.scheduler.abort(req_id)
 
+    def peer_lost(self, endpoint: str) -> None:
+        """A prefill instance died: its pulls fail at the next poll, at once (not after the
+        receiver's timeouts), and requests still waiting here for its KV fail now."""
+        why = f"the prefill instance of KV sender {endpoint} died"
+        self.receiver.fail_endpoint(endpoint, why)
+        for entry in [e for e in self.pending if e[1].endpoint == endpoint]:
+            self.pending.remove(entry)
+            self._pull_failed(entry[0], why)
+
     # -- the step -----------------------------------------------------------------------
     def step(self, now: float) -> wpb.FromWorker | None:
         """Admit what fits, land finished pulls, run one decode step; return the router's news."""
@@ -225,17 +243,14 @@ class DecodeWorker:
         if self.scheduler.has_unfinished():
             plan = self.scheduler.schedule(now)
             if plan is not None:
-                start = time.monotonic()
                 try:
-                    result = self.runner.execute(plan)
+                    result, _ = self._timed(lambda: self.runner.execute(plan))
                 except Exception as e:   # the batch fails, the worker and later requests go on
                     for work in plan.seqs:
                         self.scheduler.abort(work.req_id)
                         self._transfer_s.pop(work.req_id, None)
                         self._fail(work.req_id, f"decode failed: {type(e).__name__}: {e}")
                     return self._flush(True)
-                self._step_time += time.monotonic() - start
-                self.num_steps += 1
                 finished = {s.req_id: s for s in self.scheduler.update(plan, result)}
                 for work in plan.seqs:
                     self._report(work.req_id, finished)
@@ -255,12 +270,13 @@ class DecodeWorker:
             seq.block_ids = self.blocks.allocate(seq.num_tokens)
             try:
                 self.receiver.pull(offer, seq.block_ids)
-            except Exception as e:   # a bad offer: recompute here rather than lose the request
-                self.receiver.abort_offer(offer)   # and the prefill side frees its blocks now
-                self._recompute(seq, f"pull could not start: {e}")
+            except Exception as e:   # a bad offer, a dead sender: on_failure, not a lost request
+                self.receiver.abort_offer(offer)   # and a live prefill side frees its blocks now
+                self._pull_failed(seq, f"pull could not start: {e}")
                 continue
             self._pulls[offer.transfer_id] = _Pull(seq, offer, time.monotonic())
             self._pull_of[seq.req_id] = offer.transfer_id
+            self.faults.reach("decode.pull")
 
     def _land_pulls(self, now: float) -> None:
         early_of = {e.offer.transfer_id: e for e in self._early.values() if e.done_at is None}
@@ -277,7 +293,7 @@ class DecodeWorker:
             if result.status is TransferStatus.DONE:
                 self.scheduler.add_running(pull.seq)
             else:
-                self._recompute(pull.seq, result.error or "transfer failed")
+                self._pull_failed(pull.seq, result.error or "transfer failed")
 
     def _landed_early(self, early: _EarlyPull, result, now: float) -> None:
         if result.status is TransferStatus.DONE:
@@ -293,6 +309,19 @@ class DecodeWorker:
                        and now - e.done_at > self.early_ttl_s]:
             log.warning("%s freed the early KV of %r: no DecodeWork came", self.name, req_id)
             self.blocks.free(self._early.pop(req_id).block_ids)
+
+    def _pull_failed(self, seq: SeqState, why: str) -> None:
+        """A pull failed or could not start (its lease is already ended or given back)."""
+        self.num_failed_pulls += 1
+        if self.on_failure == "recompute":
+            self._recompute(seq, why)
+            return
+        log.warning("%s gives request %r back (%s): %s", self.name, seq.req_id, self.on_failure, why)
+        self.blocks.free(seq.block_ids)
+        seq.block_ids = []
+        self._transfer_s.pop(seq.req_id, None)
+        # reprefill: the request is sound, only its KV is lost: the router prefills it elsewhere
+        self._fail(seq.req_id, f"KV transfer failed: {why}", retry=self.on_failure == "reprefill")
 
     def _recompute(self, seq: SeqState, why: str) -> None:
         log.warning("%s recomputes request %r locally: %s", self.name, seq.req_id, why)
@@ -311,26 +340,15 @@ class DecodeWorker:
         transfer_s = self._transfer_s.pop(req_id, None)
         if transfer_s is not None:
             tokens.transfer_s = transfer_s
-        self._out.tokens.append(tokens)
-
-    def _fail(self, req_id: str, error: str) -> None:
-        self._out.failed.append(wpb.Failed(req_id=req_id, error=error))
-
-    def _flush(self, stepped: bool) -> wpb.FromWorker | None:
-        out = self._out
-        if not (stepped or out.tokens or out.failed):
-            return None
-        out.load.CopyFrom(self.load())
-        self._out = wpb.FromWorker(instance=self.name)
-        return out
+        self._stream(tokens)
 
     # -- state ------------------------------------------------------------------------------
-    def load(self) -> wpb.Load:
-        return wpb.Load(num_waiting=len(self.pending) + len(self.scheduler.waiting) + len(self._pulls),
-                        num_running=len(self.scheduler.running),
-                        num_free_blocks=self.blocks.num_free_blocks, num_blocks=self.blocks.num_blocks,
-                        num_steps=self.num_steps,
-                        mean_step_s=self._step_time / self.num_steps if self.num_steps else 0.0)
+    def _queue_load(self) -> dict[str, int]:
+        return dict(num_waiting=len(self.pending) + len(self.scheduler.waiting) + len(self._pulls),
+                    num_running=len(self.scheduler.running))
+
+    def stats(self) -> dict:
+        return {**super().stats(), "num_prefetched": self.num_prefetched, "num_failed_pulls": self.num_failed_pulls}
 
     def is_idle(self) -> bool:
         return not (self.pending or self._pulls or self._early or self.scheduler.has_unfinished())
@@ -351,7 +369,5 @@ class DecodeWorker:
         them too); None: it must not sleep past next_wakeup."""
         return self.receiver.wait_sockets()
 
-    def close(self) -> None:
+    def _close_parts(self) -> None:
         self.receiver.close()
-        if self._on_close is not None:
-            self._on_close()

@@ -124,7 +124,7 @@ def execute_mixed(runner, plan) -> StepResult:
         last = [i if i < nd else ends[i - nd] for i in rows]      # each sampled seq's last row
         logits = runner.model.compute_logits(hidden[last])
         picked = sample(logits, [plan.seqs[i].sampling for i in rows],
-                        [plan.seqs[i].num_output_tokens for i in rows], runner.generator)
+                        [plan.seqs[i].context_len for i in rows], runner.generator)
     tokens = [NO_TOKEN] * len(plan.seqs)
     for i, t in zip(rows, picked):
         tokens[i] = t

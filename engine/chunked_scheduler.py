@@ -137,13 +137,13 @@ class ChunkedScheduler(Scheduler):
         return scheduled
 
     def _plan(self, decodes: list[SeqState], chunks: list[tuple[SeqState, int]]):
-        works = [SeqWork(s.req_id, (s.last_token_id,), s.num_tokens - 1, tuple(s.block_ids), s.sampling,
-                         len(s.output_token_ids)) for s in decodes]
+        works = [SeqWork(s.req_id, (s.last_token_id,), s.num_tokens - 1, tuple(s.block_ids), s.sampling)
+                 for s in decodes]
         samples = [True] * len(works)
         for seq, n in chunks:
             start = self._computed[seq.req_id]
             works.append(SeqWork(seq.req_id, tuple(seq.all_token_ids[start:start + n]), start,
-                                 tuple(seq.block_ids), seq.sampling, len(seq.output_token_ids)))
+                                 tuple(seq.block_ids), seq.sampling))
             samples.append(start + n == seq.num_tokens)
         if not works:
             return None

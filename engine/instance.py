@@ -1,4 +1,4 @@
-"""What one engine instance is made of, built the same way by LLM and by both worker kinds."""
+"""What one engine instance is made of, built the same way by LLM and by every worker kind."""
 from __future__ import annotations
 
 import os
@@ -12,12 +12,13 @@ from engine.errors import ConfigError
 from engine.kv_cache import KVCache
 from engine.model_config import ModelConfig, load_model_config
 from engine.model_runner import ModelRunner, parse_dtype
+from engine.runner import Runner
 
 
 @dataclass
 class EngineParts:
     model_config: ModelConfig
-    runner: ModelRunner
+    runner: Runner      # a ModelRunner, or rank 0's ParallelRunner (cluster.parallel_worker)
     blocks: BlockManager
     max_model_len: int
 

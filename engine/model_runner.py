@@ -109,6 +109,6 @@ class ModelRunner:
 
     def _sample(self, hidden: torch.Tensor, seqs: Sequence[SeqWork]) -> StepResult:
         logits = self.model.compute_logits(hidden)
-        tokens = sample(logits, [s.sampling for s in seqs], [s.num_output_tokens for s in seqs],
-                        self.generator)
+        # seeded draws are keyed by the sampled token's position, whatever the batch or the run
+        tokens = sample(logits, [s.sampling for s in seqs], [s.context_len for s in seqs], self.generator)
         return StepResult(tuple(tokens))

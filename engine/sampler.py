@@ -11,17 +11,22 @@ _MASK = 2**63 - 1
 
 
 def step_seed(seed: int, step: int) -> int:
-    """A seed for one token of a seeded request, from its seed and the token's index.
+    """A seed for one token of a seeded request, from its seed and the token's position in the
+    sequence (prompt + outputs before it: `SeqWork.context_len`).
 
     Stateless on purpose: the prefill worker samples the first token and a
-    decode worker the rest, and both must draw from the same stream.
+    decode worker the rest, and both must draw from the same stream. Keyed by
+    position, not by how many tokens this run has generated: a request resumed
+    elsewhere as a prefill of its prompt plus its first k tokens (the router's
+    migration) draws token k+1 from the same stream as the undisturbed run.
     """
     return (seed * 6364136223846793005 + step * 1442695040888963407 + 1) & _MASK
 
 
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams], steps: Sequence[int],
            generator: torch.Generator | None = None) -> list[int]:
-    """logits: [rows, vocab] fp32; params/steps: one per row. Returns one token id per row."""
+    """logits: [rows, vocab] fp32; params/steps: one per row (`steps`: the position of the token
+    each row samples). Returns one token id per row."""
     tokens = logits.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:

@@ -60,8 +60,7 @@ def admit_prefill_batch(waiting: deque[SeqState], blocks: BlockManager, max_seqs
 def prefill_plan(batch: list[SeqState]) -> StepPlan:
     """One packed prefill step over every token of each sequence (prompt + any output)."""
     return StepPlan(StepKind.PREFILL, tuple(
-        SeqWork(s.req_id, tuple(s.all_token_ids), 0, tuple(s.block_ids), s.sampling,
-                len(s.output_token_ids)) for s in batch))
+        SeqWork(s.req_id, tuple(s.all_token_ids), 0, tuple(s.block_ids), s.sampling) for s in batch))
 
 
 class Scheduler:
@@ -168,8 +167,8 @@ class Scheduler:
         if not scheduled:
             return None
         return StepPlan(StepKind.DECODE, tuple(
-            SeqWork(s.req_id, (s.last_token_id,), s.num_tokens - 1, tuple(s.block_ids),
-                    s.sampling, len(s.output_token_ids)) for s in scheduled))
+            SeqWork(s.req_id, (s.last_token_id,), s.num_tokens - 1, tuple(s.block_ids), s.sampling)
+            for s in scheduled))
 
     def _preempt(self, seq: SeqState) -> None:
         self.running.remove(seq)

@@ -80,11 +80,11 @@ class SeqWork:
     start_pos: int               # position of token_ids[0] in the sequence
     block_ids: tuple[int, ...]   # the sequence's whole block table
     sampling: SamplingParams
-    num_output_tokens: int       # tokens already generated (mixed into the seed)
 
     @property
     def context_len(self) -> int:
-        """Tokens in the KV cache once this step has stored its own."""
+        """Tokens in the KV cache once this step has stored its own: also the position of the
+        token sampled from this row (a seeded request's draw is keyed by it)."""
         return self.start_pos + len(self.token_ids)
 
 

@@ -15,6 +15,10 @@ Life of one transfer:
      receiver that pulled early lands each layer as it comes.
   5. A lease ends exactly once: the receiver acknowledged (DONE), reported a
      failure (FAILED), either side aborted (ABORTED), or it expired (EXPIRED).
+  A sender's process may die with pulls under way: told so (`fail_endpoint`,
+     from whoever watches processes), the receiver fails them at once instead
+     of waiting out its timeouts, and lets go of everything it holds of that
+     sender (its socket, a mapping of its shared cache).
 
 Neither `poll` blocks; `close` releases sockets and shared memory.
 """
@@ -127,6 +131,13 @@ class KVReceiver(StepLoopWaits, ABC):
 
     def abort_offer(self, offer: TransferOffer) -> None:
         """Give up an offer whose pull could not start, so its sender frees the blocks now."""
+
+    @abstractmethod
+    def fail_endpoint(self, endpoint: str, reason: str) -> None:
+        """The sender at `endpoint` is gone (its process died): every pending pull from it ends
+        FAILED (`reason`) at the next `poll`, nothing more is sent to it, and what this side
+        holds of it is released (a dead process's shared memory is freed only once every
+        mapping of it is gone). A later `pull` of one of its offers raises TransferError."""
 
     @abstractmethod
     def close(self) -> None: ...

@@ -28,23 +28,33 @@ class _Pull:
     layers: LayerProgress | None = None   # a layer by layer delivery (streamed offers)
 
 
+# how many dead senders a receiver remembers, to refuse their offers that are still on the way
+MAX_LOST_ENDPOINTS = 1024
+
+
 class ChannelReceiver(KVReceiver):
     def __init__(self, cache_data: torch.Tensor, layout: kvl.KVLayout, backend: str = "zmq",
                  max_attempts: int = 3, timeout_s: float = 10.0, clock=time.monotonic,
-                 max_endpoints: int = 64) -> None:
+                 max_endpoints: int = 64, lost_ttl_s: float = 60.0) -> None:
         """`max_endpoints`: senders whose socket (and shared cache mapping) are kept; past it
-        the least recently used idle one is closed (it is reopened if that sender comes back)."""
+        the least recently used idle one is closed (it is reopened if that sender comes back).
+        `lost_ttl_s`: how long a sender declared dead (`fail_endpoint`) has its offers refused:
+        longer than any lease lives, short enough that a new sender that happens to bind the
+        same port later is not taken for the dead one."""
         if max_endpoints < 1:
             raise TransferError(f"max_endpoints must be >= 1, got {max_endpoints}")
         self.cache_data, self.layout, self.backend = cache_data, layout, backend
         self.max_attempts, self.timeout_s, self._clock = max_attempts, timeout_s, clock
-        self.max_endpoints = max_endpoints
+        self.max_endpoints, self.lost_ttl_s = max_endpoints, lost_ttl_s
         self._path = make_data_path(backend, f"pdkv-recv-{os.getpid()}", device=cache_data.device)
         self._ctx = zmq.Context()
         self._socks: OrderedDict[str, zmq.Socket] = OrderedDict()   # least recently used first
         self._pending: dict[str, _Pull] = {}
         self._direct: list[str] = []   # zero copy offers the next poll copies without a PULL
         self._attached = AttachedCaches(max_endpoints)
+        self._segments: dict[str, set[str]] = {}   # endpoint -> names of its shared caches we mapped
+        self._lost: OrderedDict[str, tuple[float, str]] = OrderedDict()   # dead endpoint -> (when, why)
+        self._failed: list[TransferResult] = []    # failed by fail_endpoint, reported by the next poll
 
     def pull(self, offer: TransferOffer, dst_block_ids: Sequence[int]) -> None:
         if offer.backend != self.backend:
@@ -59,6 +69,9 @@ class ChannelReceiver(KVReceiver):
         if len(set(ids[:need])) != need or not all(0 <= b < num_blocks for b in ids[:need]):
             raise TransferError(f"destination blocks must be distinct ids in [0, {num_blocks}), got {ids[:need]}")
         kvl.check_compatible(offer.layout, self.layout)
+        lost = self._lost_reason(offer.endpoint)
+        if lost is not None:
+            raise TransferError(f"sender {offer.endpoint} is gone: {lost}")
         self._socket(offer.endpoint)   # a bad endpoint fails here, before anything is pending
         pull = _Pull(offer, ids)
         self._pending[offer.transfer_id] = pull
@@ -69,7 +82,7 @@ class ChannelReceiver(KVReceiver):
             self._request(pull)
 
     def poll(self) -> list[TransferResult]:
-        results: list[TransferResult] = []
+        results, self._failed = self._failed, []
         direct, self._direct = self._direct, []
         for tid in direct:   # the offer named the blocks: copy them, no round trip first
             pull = self._pending.get(tid)
@@ -135,12 +148,38 @@ class ChannelReceiver(KVReceiver):
         if offer.transfer_id in self._pending:
             self.abort(offer.transfer_id)
             return
+        if self._lost_reason(offer.endpoint) is not None:
+            return   # nobody there to tell
         try:
             self._control(offer.endpoint, b"ABORT", {"transfer_id": offer.transfer_id})
         except (TransferError, TypeError, ValueError):
             pass   # an endpoint we cannot reach: the lease expires there
 
+    def fail_endpoint(self, endpoint: str, reason: str) -> None:
+        """Its sender died: its pulls end FAILED at the next poll (no ACK: nobody would read
+        it), its socket closes, its shared caches are unmapped, and its offers still on their
+        way are refused for `lost_ttl_s`."""
+        self._lost.pop(endpoint, None)
+        self._lost[endpoint] = (self._clock(), reason)
+        while len(self._lost) > MAX_LOST_ENDPOINTS:
+            self._lost.popitem(last=False)
+        for pull in [p for p in self._pending.values() if p.offer.endpoint == endpoint]:
+            self._failed.append(self._finish(pull, False, reason, ack=False))
+        sock = self._socks.pop(endpoint, None)
+        if sock is not None:
+            sock.close(linger=0)   # what is queued on it can reach no one
+        for name in self._segments.pop(endpoint, ()):
+            self._attached.release(name)
+
     # -- internals ------------------------------------------------------------
+    def _lost_reason(self, endpoint: str) -> str | None:
+        """Why `endpoint`'s sender is known dead, or None (dead ones are forgotten after lost_ttl_s)."""
+        now = self._clock()
+        while self._lost and now - next(iter(self._lost.values()))[0] > self.lost_ttl_s:
+            self._lost.popitem(last=False)
+        lost = self._lost.get(endpoint)
+        return None if lost is None else lost[1]
+
     def _socket(self, endpoint: str) -> zmq.Socket:
         sock = self._socks.get(endpoint)
         if sock is not None:
@@ -280,6 +319,7 @@ class ChannelReceiver(KVReceiver):
         sender's shared cache, then check that their lease held throughout (generations unchanged)."""
         src_layout, n = pull.offer.layout, pull.offer.num_tokens
         src, generations = self._attached.view(zc["name"], zc["shape"], zc["dtype"])
+        self._segments.setdefault(pull.offer.endpoint, set()).add(zc["name"])   # unmapped if it dies
         layers = range(src_layout.local_layers) if layers is None else layers
         if _same_shard(src_layout, self.layout):
             num_blocks = blocks_needed(n, src_layout.block_size)

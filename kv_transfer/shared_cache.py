@@ -81,6 +81,20 @@ class AttachedCaches:
     def __len__(self) -> int:
         return len(self._maps)
 
+    def release(self, name: str) -> bool:
+        """Unmap one segment now (its owner died: the memory is freed once no process maps
+        it). False when a view of it is still alive elsewhere; it stays mapped until then."""
+        self._views.pop(name, None)   # our own views must go before the unmap
+        mapping = self._maps.pop(name, None)
+        if mapping is None:
+            return True
+        try:
+            mapping.close()
+        except BufferError:
+            self._maps[name] = mapping
+            return False
+        return True
+
     def _evict(self) -> None:
         for name in list(self._maps):
             if len(self._maps) < self.max_maps:

@@ -12,6 +12,10 @@ Lifecycle of a request here:
   5. The lease ends (the decode side acknowledged, failed, aborted, or the
      lease expired): `sender.poll` reports it and the blocks are freed.
   6. `abort` at any point: WAITING -> dropped; LEASED -> lease aborted, freed.
+  7. This process dies (a crash, or a test's fault point): nothing is handed
+     back; the router learns it from Ray, tells the decode instances
+     (`peer_lost`: their pulls from here fail at once, under
+     `transfer.on_failure`) and runs the request again elsewhere.
 
 With `stream_layers` the lease of step 4 starts before the forward pass
 (`offer(stream=True)`): `on_offer(req_id, offer_bytes)` hands the offer out at
@@ -19,8 +23,9 @@ once, so a decode worker can pull while the prompt runs, and the model's
 per-layer hook sends each layer's KV as soon as it is stored. PrefillDone
 carries the same offer; a first token that ends the request aborts it.
 
-A plain object: the step loop and the sockets live in `cluster.worker_host`,
-the Ray actor in `cluster.actors`; tests step it in-process.
+A `WorkerShell` (outbox, timing, snapshot, close, fault points): the step
+loop and the sockets live in `cluster.worker_host`, the Ray actor in
+`cluster.actors`; tests step it in-process.
 """
 from __future__ import annotations
 
@@ -37,42 +42,35 @@ from engine.validation import validate_request
 from kv_transfer.base import KVSender
 from prefill_worker.scheduler import PrefillScheduler, PrefillSchedulerConfig
 from protos import worker_pb2 as wpb
+from worker_shell.base import Handler, WorkerShell
+from worker_shell.faults import FaultPoints
 
 
-class PrefillWorker:
+class PrefillWorker(WorkerShell):
     role = "prefill"
 
     def __init__(self, name: str, runner: Runner, blocks: BlockManager, sender: KVSender, *, vocab_size: int,
                  eos_token_ids: frozenset[int], max_model_len: int,
                  config: PrefillSchedulerConfig = PrefillSchedulerConfig(),
                  on_close: Callable[[], None] | None = None, stream_layers: bool = False,
-                 on_offer: Callable[[str, bytes], None] | None = None) -> None:
+                 on_offer: Callable[[str, bytes], None] | None = None, faults: FaultPoints | None = None) -> None:
         if stream_layers and not sender.supports_streaming:
             raise EngineError(f"stream_layers: the {type(sender).__name__} cannot stream layers "
                               f"(transfer backend zmq, or shm zero copy)")
-        self.name = name
+        super().__init__(name, runner, blocks, on_close=on_close, faults=faults)
         self.stream_layers = stream_layers
         self.on_offer = on_offer   # the worker host sends early offers to the router at once
-        self.runner, self.blocks, self.sender = runner, blocks, sender
+        self.sender = sender
         self.vocab_size, self.eos_token_ids, self.max_model_len = vocab_size, eos_token_ids, max_model_len
         self.scheduler = PrefillScheduler(config, blocks)
         self._leases: dict[str, str] = {}            # req_id -> transfer_id
         self._lease_blocks: dict[str, tuple[str, list[int]]] = {}  # transfer_id -> (req_id, blocks)
         self._offers: dict[str, bytes] = {}          # transfer_id -> the pickled offer
         self._arrival: dict[str, float] = {}
-        self._out = wpb.FromWorker(instance=name)
-        self._on_close = on_close
-        self.num_steps, self._step_time = 0, 0.0
 
     # -- commands ---------------------------------------------------------------------
-    def handle(self, msg: wpb.ToWorker, now: float) -> None:
-        kind = msg.WhichOneof("kind")
-        if kind == "prefill":
-            self.submit(msg.prefill, now)
-        elif kind == "abort":
-            self.abort(msg.abort.req_id, now)
-        else:
-            self._fail(getattr(msg, kind).req_id if kind else "", f"a prefill worker cannot take {kind!r}")
+    def commands(self) -> dict[str, Handler]:
+        return {"prefill": self.submit, "abort": lambda msg, now: self.abort(msg.req_id, now)}
 
     def submit(self, work: wpb.PrefillWork, now: float) -> None:
         try:
@@ -86,6 +84,7 @@ class PrefillWorker:
         seq = SeqState(work.req_id, ids, params, arrival_time=now)
         self._arrival[work.req_id] = now
         self.scheduler.add(seq)
+        self.faults.reach("prefill.queued")
 
     def abort(self, req_id: str, now: float) -> None:
         if self.scheduler.abort(req_id) is not None:
@@ -105,17 +104,13 @@ class PrefillWorker:
         scheduled = self.scheduler.schedule(now)
         if scheduled is not None:
             plan, seqs = scheduled
-            start = time.monotonic()
             try:
-                result = self._execute(plan, seqs, start)
+                result, elapsed = self._timed(lambda: self._execute(plan, seqs, time.monotonic()))
             except Exception as e:   # the batch fails, the worker and other requests go on
                 for seq in seqs:
                     self._drop_batch_seq(seq, now)
                     self._fail(seq.req_id, f"prefill failed: {type(e).__name__}: {e}")
                 return self._flush(True)
-            elapsed = time.monotonic() - start
-            self.num_steps += 1
-            self._step_time += elapsed
             done = time.monotonic()
             for seq, token in zip(seqs, result.token_ids, strict=True):
                 self._hand_off(seq, token, elapsed, done)
@@ -124,20 +119,33 @@ class PrefillWorker:
     def _execute(self, plan: StepPlan, seqs: list[SeqState], now: float) -> StepResult:
         if not self.stream_layers:
             if not self.runner.runs_layer_hook:
+                self.faults.reach("prefill.forward")
                 return self.runner.execute(plan)
             # Earlier requests' pulls are answered between layers, not after the batch:
             # a long prompt would otherwise hold the previous request's KV for seconds.
-            return self.runner.execute(plan, on_layer=lambda i: self.sender.serve(time.monotonic()))
+            serve = self._in_forward(lambda i: self.sender.serve(time.monotonic()))
+            return self.runner.execute(plan, on_layer=serve)
         tids = []
         for seq in seqs:   # offered before the forward: layers go out as they are computed
             offer = self._offer(seq, now, stream=True)
             tids.append(offer.transfer_id)
             if self.on_offer is not None:
                 self.on_offer(seq.req_id, pickle.dumps(offer))
-        result = self.runner.execute(
-            plan, on_layer=lambda i: self.sender.layers_ready(tids, i + 1, time.monotonic()))
+        push = self._in_forward(lambda i: self.sender.layers_ready(tids, i + 1, time.monotonic()))
+        result = self.runner.execute(plan, on_layer=push)
         self.sender.layers_ready(tids, None, time.monotonic())   # all of them, whatever the runner called
         return result
+
+    def _in_forward(self, hook: Callable[[int], None]) -> Callable[[int], None]:
+        """The per-layer hook, with fault point `prefill.forward` after the first layer (once a forward)."""
+        if self.faults.die_at != "prefill.forward":
+            return hook
+
+        def on_layer(i: int) -> None:
+            if i == 0:
+                self.faults.reach("prefill.forward")
+            hook(i)
+        return on_layer
 
     def _offer(self, seq: SeqState, now: float, stream: bool = False):
         # The KV of the prompt is what decode needs; the first token's KV is made there.
@@ -174,6 +182,7 @@ class PrefillWorker:
         else:
             tid = streamed if streamed is not None else self._offer(seq, now).transfer_id
             done.offer = self._offers[tid]
+            self.faults.reach("prefill.leased", after_send=True)   # the KV waits for a pull that may never come
         seq.block_ids = []
         self._out.prefilled.append(done)
 
@@ -195,24 +204,14 @@ class PrefillWorker:
             if self._leases.get(req_id) == tid:
                 del self._leases[req_id]
 
-    def _fail(self, req_id: str, error: str) -> None:
-        self._out.failed.append(wpb.Failed(req_id=req_id, error=error))
-
-    def _flush(self, stepped: bool) -> wpb.FromWorker | None:
-        out = self._out
-        if not (stepped or out.prefilled or out.failed):
-            return None
-        out.load.CopyFrom(self.load())
-        self._out = wpb.FromWorker(instance=self.name)
-        return out
-
     # -- state ------------------------------------------------------------------------------
-    def load(self) -> wpb.Load:
-        return wpb.Load(num_waiting=len(self.scheduler.waiting), num_running=0,
-                        queued_prompt_tokens=self.scheduler.queued_prompt_tokens,
-                        num_free_blocks=self.blocks.num_free_blocks, num_blocks=self.blocks.num_blocks,
-                        num_leases=len(self._lease_blocks), num_steps=self.num_steps,
-                        mean_step_s=self._step_time / self.num_steps if self.num_steps else 0.0)
+    def _queue_load(self) -> dict[str, int]:
+        return dict(num_waiting=len(self.scheduler.waiting), num_running=0,
+                    queued_prompt_tokens=self.scheduler.queued_prompt_tokens, num_leases=len(self._lease_blocks))
+
+    @property
+    def transfer_endpoint(self) -> str:
+        return self.sender.endpoint
 
     def is_idle(self) -> bool:
         return not self.scheduler.waiting and not self._lease_blocks
@@ -232,7 +231,5 @@ class PrefillWorker:
         them too); None: it must not sleep past next_wakeup."""
         return self.sender.wait_sockets()
 
-    def close(self) -> None:
+    def _close_parts(self) -> None:
         self.sender.close()
-        if self._on_close is not None:
-            self._on_close()

@@ -56,11 +56,11 @@ def kv_round_trip(runner, prompt: list[int], num_decode: int, move) -> tuple[lis
     n = blocks_needed(len(prompt) + num_decode, bs)
     x, y = list(range(n)), list(range(n, 2 * n))
     params = SamplingParams(max_tokens=num_decode + 1, **GREEDY)
-    tokens = list(runner.execute(StepPlan(StepKind.PREFILL, (SeqWork("a", tuple(prompt), 0, tuple(x), params, 0),))).token_ids)
+    tokens = list(runner.execute(StepPlan(StepKind.PREFILL, (SeqWork("a", tuple(prompt), 0, tuple(x), params),))).token_ids)
     used = blocks_needed(len(prompt), bs)
     kv = move(x[:used], y[:used])
     for step in range(num_decode):
-        work = SeqWork("a", (tokens[-1],), len(prompt) + step, tuple(y), params, len(tokens))
+        work = SeqWork("a", (tokens[-1],), len(prompt) + step, tuple(y), params)
         tokens.extend(runner.execute(StepPlan(StepKind.DECODE, (work,))).token_ids)
     return tokens, kv
 

@@ -41,7 +41,7 @@ def serving_batch(batch: int, rng: random.Random, block_size: int, num_blocks: i
         ctx = prompt + rng.randint(0, max(0, output - 1))
         blocks = -(-(ctx + 1) // block_size)
         ids, free = tuple(free[:blocks]), free[blocks:]
-        out.append(SeqWork(f"r{i}", (100 + i % (vocab - 200),), ctx, ids, greedy, 0))
+        out.append(SeqWork(f"r{i}", (100 + i % (vocab - 200),), ctx, ids, greedy))
     return out
 
 

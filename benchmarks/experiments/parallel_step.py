@@ -32,13 +32,13 @@ def _work(args, runner):
     tables = [tuple(range(i * per_seq, (i + 1) * per_seq)) for i in range(args.batch)]
     prompts = [tuple((17 * i + j) % 4000 + 10 for j in range(args.prompt_tokens)) for i in range(args.batch)]
     t0 = time.perf_counter()
-    first = runner.execute(StepPlan(StepKind.PREFILL, tuple(SeqWork(str(i), p, 0, tables[i], params, 0)
+    first = runner.execute(StepPlan(StepKind.PREFILL, tuple(SeqWork(str(i), p, 0, tables[i], params)
                                                for i, p in enumerate(prompts)))).token_ids
     prefill_s = time.perf_counter() - t0
     last = list(first)
     t0 = time.perf_counter()
     for step in range(args.steps):
-        works = tuple(SeqWork(str(i), (last[i],), args.prompt_tokens + step, tables[i], params, step + 1)
+        works = tuple(SeqWork(str(i), (last[i],), args.prompt_tokens + step, tables[i], params)
                       for i in range(args.batch))
         last = list(runner.execute(StepPlan(StepKind.DECODE, works)).token_ids)
     decode_s = (time.perf_counter() - t0) / args.steps

@@ -29,7 +29,7 @@ def seq_works(lengths: list[int], block_size: int, vocab: int, decode: bool = Fa
         ids = tuple(range(next_block, next_block + blocks))
         next_block += blocks
         tokens = tuple(100 + (7 * i + j) % (vocab - 200) for j in range(1 if decode else n))
-        out.append(SeqWork(f"r{i}", tokens, n if decode else 0, ids, GREEDY_ONE, 0))
+        out.append(SeqWork(f"r{i}", tokens, n if decode else 0, ids, GREEDY_ONE))
     return out
 
 

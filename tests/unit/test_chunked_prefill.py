@@ -40,7 +40,7 @@ def _run_by_hand(llm: LLM, prompts: list[list[int]], max_tokens: int,
 def _has_mixed_steps(plans) -> bool:
     """A step with a decode row and a chunk that continues a cached prefix."""
     return any(isinstance(p, MixedStepPlan)
-               and any(len(w.token_ids) == 1 and w.num_output_tokens > 0 for w in p.seqs)
+               and any(len(w.token_ids) == 1 and w.start_pos > 0 for w in p.seqs)
                and any(len(w.token_ids) > 1 and w.start_pos > 0 for w in p.seqs) for p in plans)
 
 

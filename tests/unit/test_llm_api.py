@@ -54,6 +54,29 @@ def test_seeded_sampling_is_reproducible_across_batches(tiny):
     assert _all_free(tiny)
 
 
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_seeded_request_resumed_from_its_tokens_samples_the_same_continuation(tiny_dir, tiny, chunked):
+    """How the router moves a request off a dead instance: a prefill of its prompt plus the k
+    tokens already streamed. Seeded draws are keyed by the sampled token's position, so the
+    resumed request samples token k+1 on from the same stream as the undisturbed run, alone
+    or batched with others, whole or chunked."""
+    llm = tiny if not chunked else LLM(model=tiny_dir, dtype="float32", kv_cache_memory_gb=0.01, block_size=4,
+                                       enable_chunked_prefill=True, max_num_batched_tokens=8,
+                                       max_num_seqs=4)
+    prompt, *others = _prompts(3, seed=5)
+    params = SamplingParams(max_tokens=14, temperature=1.0, top_p=0.95, seed=4321, ignore_eos=True)
+    full = llm.generate([prompt], params)[0].token_ids
+    for k in (1, 5, 13):
+        rest = SamplingParams(max_tokens=14 - k, temperature=1.0, top_p=0.95, seed=4321, ignore_eos=True)
+        assert llm.generate([prompt + full[:k]], rest)[0].token_ids == full[k:], k
+        batched = llm.generate([others[0], prompt + full[:k], others[1]], rest)
+        assert batched[1].token_ids == full[k:], k
+    # the continuation is the seed's doing, not a near-greedy model's: another seed differs
+    other = SamplingParams(max_tokens=14, temperature=1.0, top_p=0.95, seed=4322, ignore_eos=True)
+    assert llm.generate([prompt], other)[0].token_ids != full
+    assert _all_free(llm)
+
+
 def test_preemption_under_a_tiny_cache_keeps_greedy_output(tiny_dir, tiny):
     """A cache far too small for the batch forces preemption (recompute); tokens are unchanged."""
     small = LLM(model=tiny_dir, dtype="float32", kv_cache_memory_gb=40 * tiny.runner.kv_cache.nbytes

@@ -65,8 +65,7 @@ def check_plan(s: Scheduler, plan: StepPlan) -> None:
         assert q is not None and q.status is SeqStatus.RUNNING
         assert w.block_ids == tuple(q.block_ids)
         assert len(w.block_ids) * bs >= w.context_len      # room for every token of the step
-        assert w.context_len == q.num_tokens
-        assert w.num_output_tokens == len(q.output_token_ids)
+        assert w.context_len == q.num_tokens                 # the sampled token's position (seeds)
         if plan.is_prefill:
             assert w.start_pos == 0 and w.token_ids == tuple(q.all_token_ids)
         else:
@@ -120,7 +119,7 @@ def test_pure_modules_import_no_torch_threads_or_clocks(module):
 
 
 def test_step_records_are_frozen():
-    w = SeqWork("a", (1,), 0, (0,), SamplingParams(), 0)
+    w = SeqWork("a", (1,), 0, (0,), SamplingParams())
     with pytest.raises(dataclasses.FrozenInstanceError):
         w.start_pos = 3
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -266,7 +265,7 @@ def test_prefill_and_decode_plans_carry_tokens_positions_and_block_tables():
     (w,) = plan.seqs
     assert plan.is_prefill
     assert w.token_ids == (7, 8, 9) and w.start_pos == 0 and w.context_len == 3
-    assert len(w.block_ids) == 1 and w.num_output_tokens == 0
+    assert len(w.block_ids) == 1
     assert w.sampling == SamplingParams(max_tokens=8, temperature=0.0)
     table = w.block_ids
     for i in range(7):
@@ -277,7 +276,6 @@ def test_prefill_and_decode_plans_carry_tokens_positions_and_block_tables():
         assert w.token_ids == (50 + i,)                         # the last sampled token
         assert w.start_pos == num_tokens - 1
         assert w.context_len == num_tokens
-        assert w.num_output_tokens == i + 1
         assert len(w.block_ids) == blocks_needed(num_tokens, 4)
         assert w.block_ids[:len(table)] == table                # the table only grows
         table = w.block_ids
@@ -498,7 +496,7 @@ def test_preemption_by_recompute_when_cache_is_too_small():
                     recompute_works.append(w)
                     out = preempted_outputs.pop(w.req_id)
                     assert w.token_ids == tuple(prompts[w.req_id] + out)
-                    assert w.num_output_tokens == len(out) and w.start_pos == 0
+                    assert w.context_len == len(prompts[w.req_id]) + len(out) and w.start_pos == 0
                     assert len(w.block_ids) == blocks_needed(len(w.token_ids), 4)
         s.update(plan, execute(plan))
         check_state(s)

@@ -24,7 +24,7 @@ from engine import LLM, SamplingParams
 from engine.kv_cache import KVCache
 from engine.model_config import load_model_config
 from engine.model_runner import parse_dtype
-from kv_transfer.base import TransferOffer
+from kv_transfer.faults import FaultInjector, FaultSpec
 from protos import pdcluster_pb2 as pb
 from protos import worker_pb2 as wpb
 from tests.helpers import save_tiny_model
@@ -88,9 +88,10 @@ class Pair:
     def __init__(self, model_dir: str, backend: str = "zmq", prefill_blocks: int = 64,
                  decode_blocks: int = 64, lease_ttl_s: float = 30.0, decode_max_seqs: int = 64,
                  forward: bool = True, decode_block_size: int = BLOCK_SIZE, prefill_max_tokens: int = 4096,
-                 prefill_max_seqs: int = 64, stream_layers: bool = False) -> None:
+                 prefill_max_seqs: int = 64, stream_layers: bool = False, on_failure: str = "recompute") -> None:
         transfer = {"backend": "zmq" if backend == "zmq" else "shm", "lease_ttl_s": lease_ttl_s,
-                    "checksum": backend == "shm-copy", "compress": None, "stream_layers": stream_layers}
+                    "checksum": backend == "shm-copy", "compress": None, "stream_layers": stream_layers,
+                    "on_failure": on_failure}
         cfg = load_config(None, {
             "model": {"path": model_dir, "dtype": "float32"},
             "prefill": {"block_size": BLOCK_SIZE, "kv_cache_memory_gb": _gb_for(model_dir, prefill_blocks),
@@ -463,6 +464,39 @@ def test_a_pull_that_cannot_start_aborts_the_prefill_lease_at_once(make_pair, or
     assert pair.prefill.sender.leases.stats().num_aborted == 1
     pair.run_to_end(["r"])
     assert pair.tokens["r"] == _expected(oracle, [prompt], _params(_sp(5)))[0]   # recomputed at decode
+    pair.assert_all_free()
+
+
+@pytest.mark.parametrize("policy", ["recompute", "reprefill", "fail"])
+@pytest.mark.parametrize("cause", ["pull-cannot-start", "corrupted"])
+def test_a_failed_pull_follows_on_failure_and_ends_the_live_lease_at_once(make_pair, oracle, policy, cause):
+    """transfer.on_failure decides what becomes of the request; whichever, the live prefill
+    side hears of it at once (the offer given back, or ACK ok=False after the retries) and
+    frees the blocks long before its lease's TTL."""
+    prompt = _prompt(11, seed=75)
+    pair = make_pair(backend="shm-copy" if cause == "corrupted" else "zmq", lease_ttl_s=30.0, forward=False,
+                     on_failure=policy)
+    pair.submit("r", prompt, _sp(6))
+    pair.step_prefill()
+    if cause == "corrupted":   # every reply: the checksum catches it, each of the 3 attempts
+        pair.prefill.sender._faults = FaultInjector(FaultSpec(corrupt_prob=1.0))
+        pair.forward("r")
+    else:
+        offer = pickle.loads(pair.done["r"].offer)
+        pair.forward("r", offer=pickle.dumps(dataclasses.replace(offer, backend="shm")))
+    start = time.monotonic()
+    pair.run_until(lambda: pair.prefill.load().num_leases == 0, "the prefill lease to end", timeout_s=10)
+    assert time.monotonic() - start < 2.0, "the lease ended by its TTL"
+    stats = pair.prefill.sender.leases.stats()
+    assert (stats.num_aborted, stats.num_failed) == ((1, 0) if cause == "pull-cannot-start" else (0, 1))
+    pair.run_to_end(["r"])
+    failed = [f for m in pair.decode_out for f in m.failed]
+    if policy == "recompute":
+        assert not failed and pair.tokens["r"] == _expected(oracle, [prompt], _params(_sp(6)))[0]
+    else:
+        assert [(f.req_id, f.retry) for f in failed] == [("r", policy == "reprefill")]
+        assert pair.tokens["r"] == [pair.done["r"].first_token_id]
+    assert pair.decode.stats()["num_failed_pulls"] == 1
     pair.assert_all_free()
 
 

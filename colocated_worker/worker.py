@@ -18,9 +18,14 @@ Lifecycle of a request here:
      a full context end it and free its blocks. A request short of blocks
      preempts the newest one, which is recomputed later.
   5. `abort` at any point frees whatever the request holds.
+  6. This process dies: the router resumes each request elsewhere from its
+     prompt and the tokens already streamed (a prefill of both: the seeded
+     sampler draws by position, so the tokens that follow are the same).
 
-A plain object: the step loop and the sockets live in `cluster.worker_host`,
-the Ray actor in `cluster.actors`; tests step it in-process.
+A `WorkerShell` (outbox, timing, snapshot, close, fault points): the step
+loop and the sockets live in `cluster.worker_host`, the Ray actor in
+`cluster.actors`; tests step it in-process. It lives apart from
+`decode_worker`: it shares the engine's scheduler with it, not its transfer.
 """
 from __future__ import annotations
 
@@ -36,33 +41,27 @@ from engine.scheduler import Scheduler
 from engine.sequence import SeqState
 from engine.validation import validate_request
 from protos import worker_pb2 as wpb
+from worker_shell.base import Handler, WorkerShell
+from worker_shell.faults import FaultPoints
 
 
-class ColocatedWorker:
+class ColocatedWorker(WorkerShell):
     role = "colocated"
 
     stream_layers = False   # no KV leaves this instance
 
     def __init__(self, name: str, runner: Runner, blocks: BlockManager, scheduler: Scheduler, *,
-                 vocab_size: int, max_model_len: int, on_close: Callable[[], None] | None = None) -> None:
+                 vocab_size: int, max_model_len: int, on_close: Callable[[], None] | None = None,
+                 faults: FaultPoints | None = None) -> None:
         """`scheduler`: an `engine.scheduler.Scheduler` or its chunked variant over `blocks`."""
-        self.name = name
-        self.runner, self.blocks, self.scheduler = runner, blocks, scheduler
+        super().__init__(name, runner, blocks, on_close=on_close, faults=faults)
+        self.scheduler = scheduler
         self.vocab_size, self.max_model_len = vocab_size, max_model_len
         self._prefill_s: dict[str, float] = {}     # req_id -> time spent in its prefill steps
-        self._out = wpb.FromWorker(instance=name)
-        self._on_close = on_close
-        self.num_steps, self._step_time = 0, 0.0
 
     # -- commands ---------------------------------------------------------------------
-    def handle(self, msg: wpb.ToWorker, now: float) -> None:
-        kind = msg.WhichOneof("kind")
-        if kind == "prefill":
-            self.submit(msg.prefill, now)
-        elif kind == "abort":
-            self.abort(msg.abort.req_id)
-        else:
-            self._fail(getattr(msg, kind).req_id if kind else "", f"a colocated worker cannot take {kind!r}")
+    def commands(self) -> dict[str, Handler]:
+        return {"prefill": self.submit, "abort": lambda msg, now: self.abort(msg.req_id)}
 
     def submit(self, work: wpb.PrefillWork, now: float) -> None:
         if self.scheduler.get(work.req_id) is not None:
@@ -88,17 +87,14 @@ class ColocatedWorker:
         plan = self.scheduler.schedule(now) if self.scheduler.has_unfinished() else None
         if plan is None:
             return self._flush(False)
-        start = time.monotonic()
         try:
-            result = self.runner.execute(plan)
+            result, elapsed = self._timed(lambda: self.runner.execute(plan))
         except Exception as e:   # the batch fails, the worker and later requests go on
             for work in plan.seqs:
                 self.abort(work.req_id)
                 self._fail(work.req_id, f"step failed: {type(e).__name__}: {e}")
             return self._flush(True)
         done = time.monotonic()
-        self._step_time += done - start
-        self.num_steps += 1
         finished = {s.req_id: s for s in self.scheduler.update(plan, result)}
         for work, token in zip(plan.seqs, result.token_ids, strict=True):
             seq = finished.get(work.req_id) or self.scheduler.get(work.req_id)
@@ -106,7 +102,7 @@ class ColocatedWorker:
                 continue   # aborted while the step ran
             if seq.first_token_time is None:
                 # a prefill (or one of its chunks): its time counts towards the prefill phase
-                self._prefill_s[seq.req_id] = self._prefill_s.get(seq.req_id, 0.0) + done - start
+                self._prefill_s[seq.req_id] = self._prefill_s.get(seq.req_id, 0.0) + elapsed
             if token != NO_TOKEN:   # a prefill chunk short of its prompt's end samples nothing
                 self._report(seq, token, work.req_id in finished, done)
         return self._flush(True)
@@ -125,37 +121,13 @@ class ColocatedWorker:
         tokens = wpb.Tokens(req_id=seq.req_id, token_ids=[token])
         if finished:
             tokens.finish_reason = seq.finish_reason.value
-        self._out.tokens.append(tokens)
-
-    def _fail(self, req_id: str, error: str) -> None:
-        self._out.failed.append(wpb.Failed(req_id=req_id, error=error))
-
-    def _flush(self, stepped: bool) -> wpb.FromWorker | None:
-        out = self._out
-        if not (stepped or out.prefilled or out.tokens or out.failed):
-            return None
-        out.load.CopyFrom(self.load())
-        self._out = wpb.FromWorker(instance=self.name)
-        return out
+        self._stream(tokens)
 
     # -- state ------------------------------------------------------------------------------
-    def load(self) -> wpb.Load:
+    def _queue_load(self) -> dict[str, int]:
         s = self.scheduler
-        return wpb.Load(num_waiting=len(s.waiting), num_running=len(s.running),
-                        queued_prompt_tokens=s.queued_prompt_tokens,
-                        num_free_blocks=self.blocks.num_free_blocks, num_blocks=self.blocks.num_blocks,
-                        num_steps=self.num_steps,
-                        mean_step_s=self._step_time / self.num_steps if self.num_steps else 0.0)
+        return dict(num_waiting=len(s.waiting), num_running=len(s.running),
+                    queued_prompt_tokens=s.queued_prompt_tokens)
 
     def is_idle(self) -> bool:
         return not self.scheduler.has_unfinished()
-
-    def next_wakeup(self, now: float) -> float | None:
-        return 0.0 if self.scheduler.has_unfinished() else None
-
-    def wait_sockets(self) -> list | None:
-        return []   # only commands bring work here
-
-    def close(self) -> None:
-        if self._on_close is not None:
-            self._on_close()

@@ -1,0 +1,1 @@
+"""pdcluster: colocated_worker (see DESIGN.md)."""
