@@ -46,7 +46,7 @@ class ChannelReceiver(KVReceiver):
         self.cache_data, self.layout, self.backend = cache_data, layout, backend
         self.max_attempts, self.timeout_s, self._clock = max_attempts, timeout_s, clock
         self.max_endpoints, self.lost_ttl_s = max_endpoints, lost_ttl_s
-        self._path = make_data_path(backend, f"pdkv-recv-{os.getpid()}", device=cache_data.device)
+        self._path = make_data_path(backend, f"pdkv-{os.getpid()}-recv", device=cache_data.device)
         self._ctx = zmq.Context()
         self._socks: OrderedDict[str, zmq.Socket] = OrderedDict()   # least recently used first
         self._pending: dict[str, _Pull] = {}

@@ -7,13 +7,18 @@ the source blocks from being reused while that copy runs.
 """
 from __future__ import annotations
 
+import itertools
 import math
+import os
 from collections import OrderedDict
 from multiprocessing import shared_memory
 
 import torch
 
 from kv_transfer.data_path import attach_segment, dtype_name, tensor_view
+
+
+_names = itertools.count()
 
 
 def _layout_bytes(shape, dtype: torch.dtype) -> int:
@@ -31,6 +36,10 @@ class SharedKVCache:
     """
 
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, name: str | None = None) -> None:
+        """`name` defaults to pdkv-<pid>-cache-<n>: whoever cleans up after a dead process finds
+        its segments by its pid (cluster.instances.reclaim_shared_memory)."""
+        if name is None:
+            name = f"pdkv-{os.getpid()}-cache-{next(_names)}"
         cache_bytes = _layout_bytes(shape, dtype)
         num_blocks = shape[2]
         self._seg = shared_memory.SharedMemory(create=True, size=cache_bytes + 8 * num_blocks, name=name)

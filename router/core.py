@@ -110,7 +110,7 @@ class RouterCore:
             self._replacing[info.role] -= 1
         for st in list(self.requests.values()):
             if st.waiting_for_instance:
-                st.events.put_nowait((Event.READY, info.name, None))
+                st.post(Event.READY, info.name, None, any_attempt=True)
 
     def instance_died(self, name: str, reason: str, replacing: bool = False) -> None:
         """The cluster saw the instance's process (or one of its ranks) die: its requests move."""
@@ -132,10 +132,17 @@ class RouterCore:
                     self.links.send(v.name, lost)
         why = f"instance {name} died ({reason})"
         for st in list(self.requests.values()):
-            # its KV was on the dead prefill instance and no decode instance has pulled it yet
-            kv_lost = st.prefill == name and (not st.prefill_done or st.pending_decode is not None)
-            if not st.finished and (kv_lost or st.decode == name):
-                st.events.put_nowait((Event.LOST, name, why))
+            if not st.finished and self._lost_on(st, name):
+                st.post(Event.LOST, name, why)
+
+    @staticmethod
+    def _lost_on(st: RequestState, name: str) -> bool:
+        """Does the current attempt need `name`? Its decode instance, or its prefill instance
+        until a decode instance has the KV offer (after that, a dead prefill instance is the
+        decode side's business: PeerLost, then transfer.on_failure)."""
+        if name == st.decode:
+            return True
+        return name == st.prefill and (not st.prefill_done or st.pending_decode is not None)
 
     def replacement_abandoned(self, role: str) -> None:
         """The cluster gave up a replacement it announced (it failed to start, or the restart
@@ -145,7 +152,7 @@ class RouterCore:
         if not self.has_capacity_coming(role):
             for st in self.requests.values():
                 if st.waiting_for_instance:
-                    st.events.put_nowait((Event.READY, "", None))
+                    st.post(Event.READY, "", None, any_attempt=True)
 
     def forget_instance(self, name: str) -> None:
         """A dead or removed instance's view goes (after `instance_died`, once it is cleaned up)."""
@@ -185,7 +192,7 @@ class RouterCore:
     def abort(self, req_id: str) -> bool:
         st = self.requests.get(req_id)
         if st is not None and not st.finished:
-            st.events.put_nowait((Event.ABORT, "", None))
+            st.post(Event.ABORT, "", None, any_attempt=True)
         return st is not None
 
     async def stream(self, st: RequestState) -> AsyncIterator[pb.GenerateResponse]:
@@ -194,10 +201,12 @@ class RouterCore:
         timeout = self.settings.request_timeout_s
         while not st.finished:
             try:
-                kind, instance, msg = await asyncio.wait_for(st.events.get(), timeout)
+                kind, instance, msg, attempt = await asyncio.wait_for(st.events.get(), timeout)
             except asyncio.TimeoutError:
                 raise RequestError(Status.UNAVAILABLE, f"request {st.req_id} made no progress for {timeout:.0f}s") \
                     from None
+            if attempt is not None and attempt != st.attempt:
+                continue   # queued for an attempt that has since moved: its news is stale
             now = time.monotonic()
             if kind is Event.PREFILLED:
                 for response in self._prefilled(st, instance, msg, now):
@@ -215,7 +224,7 @@ class RouterCore:
             elif kind is Event.FAILED:
                 self._failed(st, instance, msg)
             elif kind is Event.LOST:
-                if instance in (st.prefill, st.decode):   # (not an instance an earlier attempt left)
+                if self._lost_on(st, instance):   # (still: its KV may have reached decode meanwhile)
                     self._migrate(st, msg)
             elif kind is Event.READY:   # an instance came up (or none can come: then it fails)
                 if st.pending_decode is not None:
@@ -265,7 +274,7 @@ class RouterCore:
         self.breakers.dispatched(view.name, time.monotonic())
         work = wpb.PrefillWork(req_id=st.worker_id, prompt_token_ids=st.attempt_ids, sampling=st.attempt_sampling)
         if not self.links.send(view.name, wpb.ToWorker(prefill=work)):
-            st.events.put_nowait((Event.LOST, view.name, f"{view.name} is not reachable"))
+            st.post(Event.LOST, view.name, f"{view.name} is not reachable")
 
     def _prefilled(self, st: RequestState, instance: str, done: wpb.PrefillDone, now: float):
         self._release_prefill(st)
@@ -326,7 +335,7 @@ class RouterCore:
         work = wpb.DecodeWork(req_id=st.worker_id, prompt_token_ids=st.attempt_ids, sampling=st.attempt_sampling,
                               first_token_id=done.first_token_id, offer=done.offer)
         if not self.links.send(view.name, wpb.ToWorker(decode=work)):
-            st.events.put_nowait((Event.LOST, view.name, f"{view.name} is not reachable"))
+            st.post(Event.LOST, view.name, f"{view.name} is not reachable")
 
     def _failed(self, st: RequestState, instance: str, failed: wpb.Failed) -> None:
         if failed.retry:   # sound request, its attempt failed there (e.g. the KV was lost): move it
@@ -414,7 +423,7 @@ class RouterCore:
         attempt or of an instance it left is dropped."""
         st = self._by_worker_id.get(worker_id)
         if st is not None and not st.finished and instance in (st.prefill, st.decode):
-            st.events.put_nowait((kind, instance, msg))
+            st.post(kind, instance, msg)
 
     # -- state -------------------------------------------------------------------------------
     def instance_status(self, view: InstanceView) -> str:

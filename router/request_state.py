@@ -19,7 +19,7 @@ from router.detokenizer import Detokenizer
 
 
 class Event(enum.Enum):
-    """What reaches a request's stream (`RequestState.events`): (Event, instance, payload)."""
+    """What reaches a request's stream (`RequestState.post`), with the instance and a payload."""
 
     PREFILLED = "prefilled"   # wpb.PrefillDone: the first token (and the KV offer, disaggregated)
     OFFERED = "offered"       # wpb.EarlyOffer: stream_layers, before the prefill's forward pass
@@ -38,7 +38,8 @@ class RequestState:
     sampling: pb.SamplingParams     # as the client sent it
     detok: Detokenizer
     arrival: float
-    events: asyncio.Queue[tuple[Event, str, object]] = field(default_factory=asyncio.Queue)
+    # (kind, instance, payload, attempt it is for: None for any)
+    events: asyncio.Queue[tuple[Event, str, object, int | None]] = field(default_factory=asyncio.Queue)
     attempt: int = 0                # how many times it moved to another instance
     attempt_ids: list[int] = field(default_factory=list)   # what the current attempt prefills
     attempt_sampling: pb.SamplingParams | None = None      # ... and how it samples
@@ -59,6 +60,11 @@ class RequestState:
     queue_s: float = 0.0
     prefill_s: float = 0.0
     transfer_s: float = 0.0
+
+    def post(self, kind: Event, instance: str, payload: object, any_attempt: bool = False) -> None:
+        """Queue news for the stream, stamped with the current attempt: news still queued when
+        the request moves is dropped, whoever sent it."""
+        self.events.put_nowait((kind, instance, payload, None if any_attempt else self.attempt))
 
     @property
     def num_output_tokens(self) -> int:

@@ -1,6 +1,7 @@
 """Real clusters for integration tests: Ray, worker actors and the gRPC router, all on 127.0.0.1."""
 from __future__ import annotations
 
+import glob
 import os
 import socket
 import time
@@ -75,3 +76,5 @@ def stop_and_check_nothing_left(cluster: Cluster) -> None:
     assert not ray.is_initialized()
     assert wait_until(lambda: not any(pid_alive(p) for p in pids), timeout_s=30), "a worker process survived"
     assert not port_open("127.0.0.1", port), "the router port is still open"
+    left = [p for pid in pids for p in glob.glob(f"/dev/shm/pdkv-{pid}-*")]
+    assert not left, f"shared-memory segments of stopped workers are left: {left}"

@@ -181,21 +181,19 @@ def test_prefill_instance_dies_with_requests_queued(tiny_dir, oracle):
     try:
         prompts = [_prompt(20, seed=30 + i) for i in range(4)]
 
-        def hook(cluster, events):
-            def kill_first():   # before any prefill step: the requests sent to prefill-0 are queued there
-                if "prefill-0" in cluster.workers:
-                    cluster.kill("prefill-0")
-            return kill_first
-
         async def main():
             tasks = [asyncio.ensure_future(_collect(c.core, p, 8)) for p in prompts]
             await asyncio.sleep(0)   # every request dispatched, none stepped yet
-            assert any(st.prefill == "prefill-0" for st in c.core.requests.values())
-            await _drive(c, tasks, hook(c, []))
+            queued = [st for st in c.core.requests.values() if st.prefill == "prefill-0"]
+            assert queued
+            c.links.inbox["prefill-0"].clear()   # they reached it: it holds them...
+            c.kill("prefill-0")                  # ...and dies before its first step
+            await _drive(c, tasks)
             return [t.result() for t in tasks]
         results = asyncio.run(main())
         assert [t for t, _ in results] == _expected(oracle, prompts, 8)
         assert all(f.prefill_instance == "prefill-1" for _, f in results)
+        assert sum(f.migrations for _, f in results) >= 1
     finally:
         c.close()
 
@@ -275,5 +273,47 @@ def test_no_instance_and_none_coming_is_unavailable_at_once(tiny_dir):
         with pytest.raises(RequestError, match="no live prefill instance") as e:
             c.core.admit([5, 6, 7], SamplingParams(max_tokens=2), pb.SamplingParams(max_tokens=2))
         assert e.value.status is Status.UNAVAILABLE
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("policy", ["recompute", "reprefill"])
+def test_prefill_dies_with_kv_leased_and_the_policy_recovers(tiny_dir, oracle, policy):
+    c = Cluster(tiny_dir, on_failure=policy)
+    try:
+        prompts = [_prompt(18 + i, seed=80 + i) for i in range(4)]
+
+        def hook(cluster, events):
+            def kill_while_leased():   # prefill-0 handed KV offers out, nobody has pulled them yet
+                w = cluster.workers.get("prefill-0")
+                if w is not None and w.load().num_leases:
+                    cluster.kill("prefill-0")
+            return kill_while_leased
+        results = _run(c, prompts, 10, hook)
+        assert [t for t, _ in results] == _expected(oracle, prompts, 10)
+        assert "prefill-0" in c.dead
+        moved = sum(f.migrations for _, f in results)
+        assert (moved >= 1) if policy == "reprefill" else (moved == 0)
+    finally:
+        c.close()
+
+
+def test_prefill_dies_with_kv_leased_and_policy_fail_fails_the_request(tiny_dir):
+    c = Cluster(tiny_dir, on_failure="fail")
+    try:
+        def hook(cluster, events):
+            def kill_while_leased():
+                w = cluster.workers.get("prefill-0")
+                if w is not None and w.load().num_leases:
+                    cluster.kill("prefill-0")
+            return kill_while_leased
+
+        async def main():
+            tasks = [asyncio.ensure_future(_collect(c.core, _prompt(16, seed=90 + i), 6)) for i in range(4)]
+            await _drive(c, tasks, hook(c, []))
+            return [t.exception() for t in tasks]
+        errors = [e for e in asyncio.run(main()) if e is not None]
+        assert errors and all(isinstance(e, RequestError) for e in errors)
+        assert not c.core.requests
     finally:
         c.close()
