@@ -63,6 +63,7 @@ class Completion:
     metrics: dict[str, float] = field(default_factory=dict)   # queue_s, prefill_s, transfer_s, ttft_s, ...
     prefill_instance: str = ""
     decode_instance: str = ""
+    migrations: int = 0             # times it moved to another instance (one died or lost its KV)
 
 
 def make_request(prompt: str | None = None, *, messages: Sequence[dict] | None = None,
@@ -107,7 +108,7 @@ class _Collector:
         metrics = {name: getattr(t, name) for name in
                    ("queue_s", "prefill_s", "transfer_s", "decode_s", "ttft_s", "mean_tpot_s", "e2e_s")}
         return Completion(f.request_id, "".join(self.text), self.ids, f.finish_reason, f.prompt_tokens,
-                          metrics, f.prefill_instance, f.decode_instance)
+                          metrics, f.prefill_instance, f.decode_instance, f.migrations)
 
 
 class Client:
