@@ -218,6 +218,6 @@ def add_arguments(p) -> None:
     p.add_argument("--config", default=None, help="cluster YAML (default: 2 prefill + 2 decode, small caches)")
     p.add_argument("--num-requests", type=int, default=200)
     p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--kill-every-s", type=float, default=4.0)
+    p.add_argument("--kill-every-s", type=float, default=6.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench-results/chaos.json")
