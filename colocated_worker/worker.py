@@ -92,7 +92,7 @@ class ColocatedWorker(WorkerShell):
         except Exception as e:   # the batch fails, the worker and later requests go on
             for work in plan.seqs:
                 self.abort(work.req_id)
-                self._fail(work.req_id, f"step failed: {type(e).__name__}: {e}")
+                self._step_failed(work.req_id, e)
             return self._flush(True)
         done = time.monotonic()
         finished = {s.req_id: s for s in self.scheduler.update(plan, result)}

@@ -249,7 +249,7 @@ class DecodeWorker(WorkerShell):
                     for work in plan.seqs:
                         self.scheduler.abort(work.req_id)
                         self._transfer_s.pop(work.req_id, None)
-                        self._fail(work.req_id, f"decode failed: {type(e).__name__}: {e}")
+                        self._step_failed(work.req_id, e)
                     return self._flush(True)
                 finished = {s.req_id: s for s in self.scheduler.update(plan, result)}
                 for work in plan.seqs:

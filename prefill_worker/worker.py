@@ -109,7 +109,7 @@ class PrefillWorker(WorkerShell):
             except Exception as e:   # the batch fails, the worker and other requests go on
                 for seq in seqs:
                     self._drop_batch_seq(seq, now)
-                    self._fail(seq.req_id, f"prefill failed: {type(e).__name__}: {e}")
+                    self._step_failed(seq.req_id, e)
                 return self._flush(True)
             done = time.monotonic()
             for seq, token in zip(seqs, result.token_ids, strict=True):

@@ -94,14 +94,16 @@ class Tokens(_message.Message):
     def __init__(self, req_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., transfer_s: _Optional[float] = ...) -> None: ...
 
 class Failed(_message.Message):
-    __slots__ = ("req_id", "error", "retry")
+    __slots__ = ("req_id", "error", "retry", "instance_fault")
     REQ_ID_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     RETRY_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FAULT_FIELD_NUMBER: _ClassVar[int]
     req_id: str
     error: str
     retry: bool
-    def __init__(self, req_id: _Optional[str] = ..., error: _Optional[str] = ..., retry: _Optional[bool] = ...) -> None: ...
+    instance_fault: bool
+    def __init__(self, req_id: _Optional[str] = ..., error: _Optional[str] = ..., retry: _Optional[bool] = ..., instance_fault: _Optional[bool] = ...) -> None: ...
 
 class Load(_message.Message):
     __slots__ = ("num_waiting", "num_running", "queued_prompt_tokens", "num_free_blocks", "num_blocks", "num_leases", "mean_step_s", "num_steps")

@@ -338,13 +338,14 @@ class RouterCore:
             st.post(Event.LOST, view.name, f"{view.name} is not reachable")
 
     def _failed(self, st: RequestState, instance: str, failed: wpb.Failed) -> None:
-        if failed.retry:   # sound request, its attempt failed there (e.g. the KV was lost): move it
+        view = self.views.get(instance)
+        if failed.instance_fault or not failed.retry:
+            if view is not None:
+                view.num_failed += 1
+            self.breakers.failure(instance, time.monotonic())
+        if failed.retry:   # sound request, its attempt failed there (a step, its KV lost): move it
             self._migrate(st, f"{instance}: {failed.error}")
             return
-        view = self.views.get(instance)
-        if view is not None:
-            view.num_failed += 1
-        self.breakers.failure(instance, time.monotonic())
         raise RequestError(Status.INTERNAL, f"request {st.req_id} failed: {failed.error}")
 
     def _migrate(self, st: RequestState, why: str) -> None:

@@ -87,6 +87,12 @@ class WorkerShell(ABC):
         """`retry`: the request is sound, only this attempt failed here; the router runs it again."""
         self._out.failed.append(wpb.Failed(req_id=req_id, error=error, retry=retry))
 
+    def _step_failed(self, req_id: str, error: Exception) -> None:
+        """A step that raised: the fault is this instance's (a broken rank, a bug), not the
+        request's, so the router runs it again elsewhere and counts it against this instance."""
+        self._out.failed.append(wpb.Failed(req_id=req_id, retry=True, instance_fault=True,
+                                           error=f"{self.role} step failed: {type(error).__name__}: {error}"))
+
     def _stream(self, tokens: wpb.Tokens) -> None:
         """Tokens of a running request for the router (fault point `<role>.stream` once sent)."""
         self._out.tokens.append(tokens)

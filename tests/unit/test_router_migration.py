@@ -317,3 +317,22 @@ def test_prefill_dies_with_kv_leased_and_policy_fail_fails_the_request(tiny_dir)
         assert not c.core.requests
     finally:
         c.close()
+
+
+def test_an_instance_whose_steps_fail_loses_its_requests_to_others_and_leaves_rotation(tiny_dir, oracle):
+    c = Cluster(tiny_dir)
+    try:
+        broken = c.workers["decode-0"].runner
+
+        def fail(plan, on_layer=None):
+            raise RuntimeError("the device fell over")
+        broken.execute = fail
+        prompts = [_prompt(9 + i, seed=100 + i) for i in range(6)]
+        results = _run(c, prompts, 8)
+        assert [t for t, _ in results] == _expected(oracle, prompts, 8)
+        assert all(f.decode_instance == "decode-1" for _, f in results)
+        assert c.core.views["decode-0"].num_failed >= c.cfg.router.breaker_failures
+        assert c.core.instance_status(c.core.views["decode-0"]) == "out_of_rotation"
+    finally:
+        c.workers["decode-0"].runner.execute = lambda plan, on_layer=None: None
+        c.close()

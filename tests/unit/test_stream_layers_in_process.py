@@ -126,7 +126,7 @@ def test_a_prefill_failing_mid_forward_fails_the_early_pull_at_once(make_pair, b
     runner.execute = broken
     pair.submit("x", _prompt(11, seed=230), _sp(5))
     pair.step_prefill()
-    assert "prefill failed" in pair.failed["x"]
+    assert "prefill step failed" in pair.failed["x"]
     assert pair.prefill.load().num_leases == 0
     start = time.monotonic()
     pair.run_until(lambda: not pair.decode._early, "the early pull to fail", timeout_s=5)
