@@ -174,6 +174,69 @@ class FaultConfig:
 
 
 @dataclass(frozen=True)
+class PoolScaling:
+    """One pool's bounds and pace under autoscaling."""
+    min_instances: int = 1
+    max_instances: int = 4
+    upscale_delay_s: float = 10.0       # a proposal to grow must hold this long before it is applied
+    downscale_delay_s: float = 60.0     # ... to shrink (longer: scaling down is the costly mistake)
+    max_step: int = 1                   # instances added or removed per decision
+
+    def check(self, key: str) -> None:
+        _positive(self.min_instances, f"{key}.min_instances")
+        if self.max_instances < self.min_instances:
+            raise ConfigError(f"{key}.max_instances ({self.max_instances}) must be >= "
+                              f"{key}.min_instances ({self.min_instances})")
+        _finite_at_least(self.upscale_delay_s, 0.0, f"{key}.upscale_delay_s")
+        _finite_at_least(self.downscale_delay_s, 0.0, f"{key}.downscale_delay_s")
+        _positive(self.max_step, f"{key}.max_step")
+
+
+@dataclass(frozen=True)
+class AutoscalingConfig:
+    """Pools that follow the load (router/autoscale.py: the policies; cluster/autoscaler.py: the actuator)."""
+    policy: str = "none"                # none | load | slo
+    interval_s: float = 5.0             # one decision this often
+    window_s: float = 30.0              # observations cover the last this many seconds
+    prefill: PoolScaling = field(default_factory=PoolScaling)
+    decode: PoolScaling = field(default_factory=PoolScaling)
+    colocated: PoolScaling = field(default_factory=PoolScaling)
+    ttft_p90_s: float | None = None     # slo: the targets
+    tpot_p90_s: float | None = None
+    profile: str | None = None          # slo: a latency profile JSON (pdcluster profile) or a shipped name
+    queued_tokens_high: int = 2048      # load: prefill grows above this many queued prompt tokens per instance
+    queued_tokens_low: int = 128        # ... and shrinks below this
+    kv_use_high: float = 0.8            # load: decode grows above this KV-cache use per instance
+    kv_use_low: float = 0.2             # ... and shrinks below this
+    max_total_instances: int | None = None   # budget: ranks over every pool (tp x pp per instance)
+    max_cpus: int | None = None         # budget: CPUs over every pool (num_threads per rank)
+
+    def check(self, key: str) -> None:
+        _one_of(self.policy, ("none", "load", "slo"), f"{key}.policy")
+        for name in ("interval_s", "window_s"):
+            if not getattr(self, name) > 0 or not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{key}.{name} must be a finite number > 0, got {getattr(self, name)}")
+        for role in ("prefill", "decode", "colocated"):
+            getattr(self, role).check(f"{key}.{role}")
+        for name in ("ttft_p90_s", "tpot_p90_s"):
+            if getattr(self, name) is not None:
+                _finite_at_least(getattr(self, name), 1e-6, f"{key}.{name}")
+        if self.policy == "slo" and (self.profile is None or (self.ttft_p90_s is None and self.tpot_p90_s is None)):
+            raise ConfigError(f"{key}.policy slo needs {key}.profile and at least one of {key}.ttft_p90_s, "
+                              f"{key}.tpot_p90_s")
+        if not 0 <= self.queued_tokens_low <= self.queued_tokens_high:
+            raise ConfigError(f"{key}.queued_tokens_low must be in [0, {key}.queued_tokens_high]")
+        if not 0 <= self.kv_use_low <= self.kv_use_high <= 1:
+            raise ConfigError(f"{key}: need 0 <= kv_use_low <= kv_use_high <= 1")
+        for name in ("max_total_instances", "max_cpus"):
+            if getattr(self, name) is not None:
+                _positive(getattr(self, name), f"{key}.{name}")
+
+    def bounds(self, role: str) -> PoolScaling:
+        return getattr(self, role)
+
+
+@dataclass(frozen=True)
 class RayConfig:
     address: str | None = None          # None: start an embedded local Ray; else join this cluster
     host: str = "127.0.0.1"             # the address Ray nodes and our sockets bind
@@ -195,6 +258,7 @@ class ClusterConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     restart: RestartConfig = field(default_factory=RestartConfig)
+    autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)   # tests only
 
     def check(self) -> ClusterConfig:
@@ -209,7 +273,18 @@ class ClusterConfig:
             raise ConfigError(f"colocated.max_num_batched_tokens ({budget}) must be >= "
                               f"colocated.max_num_seqs ({self.colocated.max_num_seqs}) in mode colocated_chunked")
         self._check_plans()
+        self._check_autoscaling()
         return self
+
+    def _check_autoscaling(self) -> None:
+        a = self.autoscaling
+        if a.policy == "none":
+            return
+        for role, pool in self.pools().items():
+            b = a.bounds(role)
+            if not b.min_instances <= pool.num_instances <= b.max_instances:
+                raise ConfigError(f"{role}.num_instances ({pool.num_instances}) must be within "
+                                  f"autoscaling.{role}.min_instances..max_instances ({b.min_instances}..{b.max_instances})")
 
     def _check_plans(self) -> None:
         """Multi-rank (tp x pp) instances run in the prefill and decode pools (cluster.parallel_worker)."""
