@@ -40,6 +40,7 @@ class Instance:
     info: dict | None = None                    # rank 0's info() once ready
     rank_infos: list = field(default_factory=list)
     dead: bool = False
+    retiring: bool = False                      # being stopped on purpose (scaling down)
 
     @property
     def actors(self) -> list:
@@ -50,14 +51,19 @@ class Instance:
         return [i["pid"] for i in ([self.info] if self.info else []) + self.rank_infos]
 
 
+def bundles(pool: PoolConfig) -> list[dict]:
+    """One resource bundle per rank of an instance of this pool."""
+    bundle = {"CPU": float(pool.num_threads)}
+    if pool.num_gpus:
+        bundle["GPU"] = float(pool.num_gpus)
+    return [dict(bundle) for _ in range(pool.tp_size * pool.pp_size)]
+
+
 def launch(name: str, role: str, pool: PoolConfig, cfg_dict: dict, model_path: str, router_endpoint: str,
            host: str) -> Instance:
     """Reserve the instance's placement group and start its rank actors; returns at once."""
     num_ranks = pool.tp_size * pool.pp_size
-    bundle = {"CPU": float(pool.num_threads)}
-    if pool.num_gpus:
-        bundle["GPU"] = float(pool.num_gpus)
-    pg = placement_group([dict(bundle) for _ in range(num_ranks)], strategy="PACK", name=name)
+    pg = placement_group(bundles(pool), strategy="PACK", name=name)
 
     def place(rank: int) -> dict:
         return dict(num_cpus=pool.num_threads, num_gpus=pool.num_gpus,

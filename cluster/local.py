@@ -16,11 +16,15 @@ import os
 import threading
 import time
 
+from cluster.autoscaler import Autoscaler
 from cluster.config import ClusterConfig
+from cluster.planning import resolve_profile
 from cluster.ray_cluster import start_ray, stop_ray
 from engine.default_model import default_model_path
 from engine.model_config import load_model_config
 from engine.tokenizer import load_tokenizer
+from router.autoscale import make_policy
+from router.planner.profile import load_profile
 from router.links import WorkerLinks
 from router.server import InstanceInfo, ModelInfo, Router
 
@@ -52,6 +56,7 @@ class Cluster:
         self.log = log
         self.router = None
         self.pools = None                           # the PoolManager, once Ray is up
+        self.autoscaler = None                      # with autoscaling.policy load or slo
         self.rank_stops: dict[str, dict] = {}       # how each rank > 0 ended, after stop()
         self._loop: _LoopThread | None = None
         self._started_ray = False
@@ -96,7 +101,9 @@ class Cluster:
         t0 = time.monotonic()
         model_path = cfg.model.path or default_model_path()
         pools = cfg.pools()
-        need = sum(p.num_instances * p.num_threads * p.tp_size * p.pp_size for p in pools.values())
+        scaling = cfg.autoscaling.policy != "none"   # then the pools may grow to their maximum
+        need = sum((cfg.autoscaling.bounds(role).max_instances if scaling else p.num_instances)
+                   * p.num_threads * p.tp_size * p.pp_size for role, p in pools.items())
         self._started_ray = start_ray(cfg.ray.address, cfg.ray.host, cfg.ray.num_cpus or max(need, os.cpu_count() or 1))
         counts = " + ".join(f"{p.num_instances} {role}" for role, p in pools.items())
         self.log(f"ray ready in {time.monotonic() - t0:.1f}s; mode {cfg.mode}: starting {counts} "
@@ -114,7 +121,16 @@ class Cluster:
             self.router.add_instance(self._instance_info(inst))
         self._loop.run(self.router.start(), timeout=30)
         self.pools.start_watching()
+        if scaling:
+            self._start_autoscaler()
         self.log(f"router listening on {self.address} ({time.monotonic() - t0:.1f}s after start)")
+
+    def _start_autoscaler(self) -> None:
+        a = self.config.autoscaling
+        profile = load_profile(resolve_profile(a.profile)) if a.policy == "slo" else None
+        policy = make_policy(a, profile, self.config.mode)
+        self.autoscaler = Autoscaler(self.config, self.pools, self.router, self._loop.loop, policy, self.log)
+        self.autoscaler.start()
 
     def _bind_host(self) -> str:
         if self.config.ray.host != "auto":
@@ -161,6 +177,8 @@ class Cluster:
                 self._loop.run(self.router.stop(drain), timeout=drain + 30)
             except Exception as e:   # keep tearing down: actors and Ray must not be left behind
                 self.log(f"router stop: {e}")
+        if self.autoscaler is not None:
+            self.autoscaler.stop()
         if self.pools is not None:
             self.pools.stop()
             self.rank_stops = self.pools.stop_reports

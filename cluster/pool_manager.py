@@ -117,7 +117,7 @@ class PoolManager:
 
     def _watch_once(self) -> None:
         with self._lock:
-            live = [i for i in self.instances.values() if not i.dead]
+            live = [i for i in self.instances.values() if not i.dead and not i.retiring]
         watched = {ref: inst for inst in live if inst.ready_at is not None for ref in inst.watch_refs}
         starting = {ref: inst for inst in live if inst.ready_at is None for ref in inst.info_refs[:1]}
         refs = [*watched, *starting]
@@ -202,6 +202,35 @@ class PoolManager:
                     if d.role == entry[1] and not d.replaced_by:
                         d.replaced_by = inst.name
                         break
+
+    # -- scaling (the autoscaler's actuator) -----------------------------------------------
+    def starting(self, role: str) -> int:
+        """Instances of `role` launched whose model is still loading (replacements included)."""
+        with self._lock:
+            return sum(1 for i in self.instances.values()
+                       if i.role == role and i.ready_at is None and not i.dead and not i.retiring)
+
+    def retire(self, name: str) -> None:
+        """Stop an instance on purpose (scaling down): no replacement, not a death."""
+        with self._lock:
+            inst = self.instances.get(name)
+            if inst is None:
+                return
+            inst.retiring = True
+        self.stop_reports.update(instances.stop_all([inst]))
+        with self._lock:
+            self.instances.pop(name, None)
+
+    def request_capacity(self) -> None:
+        """Tell Ray's autoscaler what every instance we run or start needs, so a launched Ray
+        cluster grows (or keeps) the nodes for it; without one this is a no-op."""
+        bundles = [b for i in list(self.instances.values()) if not i.dead and not i.retiring
+                   for b in instances.bundles(i.pool)]
+        try:
+            from ray.autoscaler.sdk import request_resources
+            request_resources(bundles=bundles)
+        except Exception as e:   # no autoscaler to ask (a local Ray): nothing to do
+            log.debug("request_resources: %s", e)
 
     # -- stop ----------------------------------------------------------------------------
     def stop(self) -> None:

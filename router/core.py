@@ -62,7 +62,11 @@ class RouterSettings(Protocol):
 
 
 class RequestObserver(Protocol):
-    """Sees every request's progress (metrics): called on the router's loop, must not block."""
+    """Sees every request's progress (metrics, the autoscaler's window): called on the router's
+    loop, must not block."""
+
+    def admitted(self, st: RequestState, now: float) -> None:
+        """It was admitted (it counts as an arrival)."""
 
     def tokens(self, st: RequestState, num_tokens: int, now: float) -> None:
         """`num_tokens` more streamed at `now` (st.first_token_at tells whether they were the first)."""
@@ -154,6 +158,29 @@ class RouterCore:
                 if st.waiting_for_instance:
                     st.post(Event.READY, "", None, any_attempt=True)
 
+    def drain_instance(self, name: str) -> None:
+        """Take an instance out of rotation for good (the autoscaler removes it): no new work;
+        requests decoding there move now (prompt + streamed tokens, elsewhere), so it empties
+        in one step instead of at its longest request's end. A prefill instance finishes the
+        prompts it has."""
+        view = self.views.get(name)
+        if view is None or view.draining:
+            return
+        view.draining, view.available = True, False
+        if view.role == "prefill":
+            return
+        for st in list(self.requests.values()):
+            if not st.finished and st.decode == name:
+                st.post(Event.LOST, name, f"instance {name} is being removed", planned=True)
+
+    def is_drained(self, name: str) -> bool:
+        """Nothing of ours is left on it (what its last snapshot says agrees)."""
+        view = self.views.get(name)
+        if view is None or view.dead:
+            return True
+        load = view.load
+        return view.active == 0 and (load is None or load.num_waiting + load.num_running + load.num_leases == 0)
+
     def forget_instance(self, name: str) -> None:
         """A dead or removed instance's view goes (after `instance_died`, once it is cleaned up)."""
         self.views.pop(name, None)
@@ -162,12 +189,13 @@ class RouterCore:
     def _available(self) -> list[InstanceView]:
         now = time.monotonic()
         for v in self.views.values():
-            v.available = not v.dead and self.breakers.available(v.name, now)
+            v.available = not v.dead and not v.draining and self.breakers.available(v.name, now)
         return list(self.views.values())
 
     def has_capacity_coming(self, role: str) -> bool:
         """Some instance of `role` is alive or being replaced: a request may wait for it."""
-        return self._replacing[role] > 0 or any(v.role == role and not v.dead for v in self.views.values())
+        return self._replacing[role] > 0 or any(v.role == role and not v.dead and not v.draining
+                                                for v in self.views.values())
 
     # -- requests ------------------------------------------------------------------------
     def admit(self, ids: list[int], params: SamplingParams, sampling: pb.SamplingParams,
@@ -187,6 +215,8 @@ class RouterCore:
         st = RequestState(req_id, list(ids), params, sampling, Detokenizer(self.admission.tokenizer, params.stop),
                           time.monotonic())
         self.requests[req_id] = st
+        for o in self.observers:
+            o.admitted(st, st.arrival)
         return st
 
     def abort(self, req_id: str) -> bool:
@@ -225,7 +255,7 @@ class RouterCore:
                 self._failed(st, instance, msg)
             elif kind is Event.LOST:
                 if self._lost_on(st, instance):   # (still: its KV may have reached decode meanwhile)
-                    self._migrate(st, msg)
+                    self._migrate(st, msg.why, planned=msg.planned)
             elif kind is Event.READY:   # an instance came up (or none can come: then it fails)
                 if st.pending_decode is not None:
                     self._send_decode(st, st.pending_decode)
@@ -271,7 +301,7 @@ class RouterCore:
         else:
             st.prefill_active = True
         view.active += 1
-        self.breakers.dispatched(view.name, time.monotonic())
+        self._dispatched_to(view)
         work = wpb.PrefillWork(req_id=st.worker_id, prompt_token_ids=st.attempt_ids, sampling=st.attempt_sampling)
         if not self.links.send(view.name, wpb.ToWorker(prefill=work)):
             st.post(Event.LOST, view.name, f"{view.name} is not reachable")
@@ -304,8 +334,14 @@ class RouterCore:
             st.decode, st.decode_blocks, st.decode_active = view.name, need, True
             view.active += 1
             view.assigned_blocks += need
-            self.breakers.dispatched(view.name, time.monotonic())
+            self._dispatched_to(view)
         return view
+
+    def _dispatched_to(self, view: InstanceView) -> None:
+        now = time.monotonic()
+        self.breakers.dispatched(view.name, now)
+        if view.first_work_at is None:   # how long a new instance took to get work (scaling up)
+            view.first_work_at = now
 
     def _bind_decode_early(self, st: RequestState, early: wpb.EarlyOffer) -> None:
         """stream_layers: the prefill lease started before its forward. Bind a decode
@@ -348,12 +384,14 @@ class RouterCore:
             return
         raise RequestError(Status.INTERNAL, f"request {st.req_id} failed: {failed.error}")
 
-    def _migrate(self, st: RequestState, why: str) -> None:
-        """Run the request again elsewhere: prompt + streamed tokens, the rest of max_tokens."""
-        if st.attempt >= self.settings.migration_limit:
+    def _migrate(self, st: RequestState, why: str, planned: bool = False) -> None:
+        """Run the request again elsewhere: prompt + streamed tokens, the rest of max_tokens.
+        `planned`: the cluster moves it (scaling down), which does not use up its migrations."""
+        if not planned and st.unplanned_moves >= self.settings.migration_limit:
             raise RequestError(Status.UNAVAILABLE,
-                               f"request {st.req_id} could not finish: {why}; it already moved {st.attempt} "
+                               f"request {st.req_id} could not finish: {why}; it already moved {st.unplanned_moves} "
                                f"time(s), the limit (router.migration_limit) is {self.settings.migration_limit}")
+        st.unplanned_moves += not planned
         self._leave_instances(st)
         self._by_worker_id.pop(st.worker_id, None)
         st.attempt += 1
@@ -430,4 +468,17 @@ class RouterCore:
     def instance_status(self, view: InstanceView) -> str:
         if view.dead:
             return "dead"
+        if view.draining:
+            return "draining"
         return "out_of_rotation" if self.breakers.is_open(view.name) else "serving"
+
+    def pool_loads(self) -> dict[str, tuple[int, int, float]]:
+        """Per role, over its serving instances: (instances, prompt tokens queued for prefill,
+        mean fraction of KV blocks in use) — the autoscaler's view of the pools."""
+        out: dict[str, tuple[int, int, float]] = {}
+        for role in ("colocated",) if self.colocated else ("prefill", "decode"):
+            views = [v for v in self.views.values() if v.role == role and not v.dead and not v.draining]
+            used = [1 - v.free_blocks / v.num_blocks for v in views if v.num_blocks]
+            out[role] = (len(views), sum(max(0, v.queued_tokens) for v in views),
+                         sum(used) / len(used) if used else 0.0)
+        return out

@@ -17,6 +17,8 @@ class InstanceView:
     plan: str = "tp1-pp1"
     available: bool = True         # may take new work now: not dead, not out of rotation
     dead: bool = False             # its process is gone (reported by the cluster, from Ray)
+    draining: bool = False         # being removed (scaling down): no new work
+    first_work_at: float | None = None   # when it was first given work
     transfer_endpoint: str = ""    # a prefill instance's KV sender (the decode side's handshake address)
     queued_tokens: int = 0         # router: prompt tokens sent, prefill not done yet
     active: int = 0                # router: requests in flight on this instance

@@ -18,6 +18,14 @@ from protos import pdcluster_pb2 as pb
 from router.detokenizer import Detokenizer
 
 
+@dataclass(frozen=True)
+class Lost:
+    """The payload of Event.LOST."""
+
+    why: str
+    planned: bool = False           # the cluster moves it on purpose (scaling down)
+
+
 class Event(enum.Enum):
     """What reaches a request's stream (`RequestState.post`), with the instance and a payload."""
 
@@ -25,7 +33,7 @@ class Event(enum.Enum):
     OFFERED = "offered"       # wpb.EarlyOffer: stream_layers, before the prefill's forward pass
     TOKENS = "tokens"         # wpb.Tokens: decoded tokens
     FAILED = "failed"         # wpb.Failed: the instance could not serve it
-    LOST = "lost"             # str: an instance it was on died; run it again elsewhere
+    LOST = "lost"             # Lost: an instance it was on died or goes; run it again elsewhere
     READY = "ready"           # None: an instance came up for a request waiting for one
     ABORT = "abort"           # None: the client's Abort
 
@@ -41,6 +49,7 @@ class RequestState:
     # (kind, instance, payload, attempt it is for: None for any)
     events: asyncio.Queue[tuple[Event, str, object, int | None]] = field(default_factory=asyncio.Queue)
     attempt: int = 0                # how many times it moved to another instance
+    unplanned_moves: int = 0        # ... because an instance died or failed it (router.migration_limit)
     attempt_ids: list[int] = field(default_factory=list)   # what the current attempt prefills
     attempt_sampling: pb.SamplingParams | None = None      # ... and how it samples
     prefill: str = ""               # the current attempt's prefill instance
@@ -61,9 +70,12 @@ class RequestState:
     prefill_s: float = 0.0
     transfer_s: float = 0.0
 
-    def post(self, kind: Event, instance: str, payload: object, any_attempt: bool = False) -> None:
+    def post(self, kind: Event, instance: str, payload: object, any_attempt: bool = False,
+             planned: bool = False) -> None:
         """Queue news for the stream, stamped with the current attempt: news still queued when
-        the request moves is dropped, whoever sent it."""
+        the request moves is dropped, whoever sent it. A LOST payload is its reason."""
+        if kind is Event.LOST:
+            payload = Lost(payload, planned)
         self.events.put_nowait((kind, instance, payload, None if any_attempt else self.attempt))
 
     @property
