@@ -43,6 +43,30 @@ def test_defaults_load_and_are_frozen():
         cfg.prefill = PoolConfig()
 
 
+@pytest.mark.parametrize("name", ["autoscale", "bench-colocated-chunked", "bench-colocated",
+                                  "bench-disagg-nostream", "bench-disagg"])
+def test_every_cluster_yaml_in_deploy_loads(name):
+    cfg = load_config(str(REPO / "deploy" / f"{name}.yaml"))
+    assert cfg.router.host == "127.0.0.1" and cfg.ray.host == "127.0.0.1"
+
+
+def test_the_autoscaling_example_builds_its_policy():
+    from cluster.planning import resolve_profile
+    from router.autoscale import make_policy
+    from router.planner.profile import load_profile
+    from router.autoscale import Observation, PoolObservation
+    a = load_config(str(REPO / "deploy" / "autoscale.yaml")).autoscaling
+    assert a.policy == "slo" and a.bounds("decode").max_instances == 3
+    policy = make_policy(a, load_profile(resolve_profile(a.profile)))
+    idle = Observation(now=0.0, window_s=a.window_s, arrivals=0,
+                       pools={"prefill": PoolObservation(2), "decode": PoolObservation(2)})
+    policy.decide(idle)
+    # after its downscale delay, an idle cluster shrinks to each pool's minimum, one step at a time
+    later = Observation(now=a.bounds("prefill").downscale_delay_s, window_s=a.window_s, arrivals=0,
+                        pools=idle.pools)
+    assert policy.decide(later).desired == {"prefill": 1, "decode": 1}
+
+
 def test_empty_yaml_file_is_the_defaults(tmp_path):
     assert load_config(_yaml(tmp_path, "")) == ClusterConfig()
     assert load_config(_yaml(tmp_path, "# only a comment\n")) == ClusterConfig()
