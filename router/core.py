@@ -47,6 +47,7 @@ from router.links import WorkerLinks
 from router.request_state import Event, RequestState
 
 log = logging.getLogger(__name__)
+KEEP_DEAD_VIEWS = 16
 
 
 class RouterSettings(Protocol):
@@ -112,6 +113,9 @@ class RouterCore:
                                              transfer_endpoint=info.transfer_endpoint)
         if self._replacing[info.role] > 0:
             self._replacing[info.role] -= 1
+        dead = [n for n, v in self.views.items() if v.dead]
+        for name in dead[:-KEEP_DEAD_VIEWS]:   # the cluster's state shows the latest deaths only
+            self.forget_instance(name)
         for st in list(self.requests.values()):
             if st.waiting_for_instance:
                 st.post(Event.READY, info.name, None, any_attempt=True)
