@@ -3,7 +3,7 @@
     from cluster import Client, AsyncClient      # talk to a running router
     from cluster import Cluster, load_config      # start one in this process
 """
-from importlib import import_module
+from engine.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "Client": "cluster.client", "AsyncClient": "cluster.client", "Completion": "cluster.client",
@@ -14,10 +14,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'cluster' has no attribute {name!r}")
-    value = getattr(import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, globals(), _EXPORTS)

@@ -34,12 +34,9 @@ from collections.abc import Callable
 
 from engine.block_manager import BlockManager
 from engine.chunked_scheduler import NO_TOKEN
-from engine.errors import EngineError
 from engine.runner import Runner
-from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import SeqState
-from engine.validation import validate_request
 from protos import worker_pb2 as wpb
 from worker_shell.base import Handler, WorkerShell
 from worker_shell.faults import FaultPoints
@@ -54,9 +51,9 @@ class ColocatedWorker(WorkerShell):
                  vocab_size: int, max_model_len: int, on_close: Callable[[], None] | None = None,
                  faults: FaultPoints | None = None) -> None:
         """`scheduler`: an `engine.scheduler.Scheduler` or its chunked variant over `blocks`."""
-        super().__init__(name, runner, blocks, on_close=on_close, faults=faults)
+        super().__init__(name, runner, blocks, vocab_size=vocab_size, max_model_len=max_model_len,
+                         on_close=on_close, faults=faults)
         self.scheduler = scheduler
-        self.vocab_size, self.max_model_len = vocab_size, max_model_len
         self._prefill_s: dict[str, float] = {}     # req_id -> time spent in its prefill steps
 
     # -- commands ---------------------------------------------------------------------
@@ -67,14 +64,10 @@ class ColocatedWorker(WorkerShell):
         if self.scheduler.get(work.req_id) is not None:
             self._fail(work.req_id, f"request id {work.req_id!r} is already running here")
             return
-        try:
-            params = SamplingParams.from_message(work.sampling)
-            ids = list(work.prompt_token_ids)
-            validate_request(ids, params, self.vocab_size, self.max_model_len, self.blocks.num_blocks,
-                             self.blocks.block_size)
-        except EngineError as e:
-            self._fail(work.req_id, str(e))
+        checked = self._checked(work.req_id, work.prompt_token_ids, work.sampling)
+        if checked is None:
             return
+        ids, params = checked
         self.scheduler.add(SeqState(work.req_id, ids, params, arrival_time=now))
 
     def abort(self, req_id: str) -> None:

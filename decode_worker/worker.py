@@ -54,10 +54,8 @@ from dataclasses import dataclass
 from engine.block_manager import BlockManager, blocks_needed
 from engine.errors import ConfigError, EngineError
 from engine.runner import Runner
-from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import SeqState
-from engine.validation import validate_request
 from kv_transfer.backends import ON_FAILURE
 from kv_transfer.base import KVReceiver, TransferOffer, TransferStatus
 from protos import worker_pb2 as wpb
@@ -112,10 +110,10 @@ class DecodeWorker(WorkerShell):
                  early_ttl_s: float = 60.0, on_failure: str = "recompute", faults: FaultPoints | None = None) -> None:
         if on_failure not in ON_FAILURE:
             raise ConfigError(f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}")
-        super().__init__(name, runner, blocks, on_close=on_close, faults=faults)
+        super().__init__(name, runner, blocks, vocab_size=vocab_size, max_model_len=max_model_len,
+                         on_close=on_close, faults=faults)
         self.receiver = receiver
         self.on_failure = on_failure
-        self.vocab_size, self.max_model_len = vocab_size, max_model_len
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    max_model_len), blocks, eos_token_ids)
         self.pending: deque[tuple[SeqState, TransferOffer]] = deque()
@@ -137,11 +135,11 @@ class DecodeWorker(WorkerShell):
         if self._knows(work.req_id):   # a resent work: the request here is healthy, keep it
             log.warning("%s ignored a second DecodeWork for request %r", self.name, work.req_id)
             return
+        checked = self._checked(work.req_id, work.prompt_token_ids, work.sampling)
+        if checked is None:
+            return
+        ids, params = checked
         try:
-            params = SamplingParams.from_message(work.sampling)
-            ids = list(work.prompt_token_ids)
-            validate_request(ids, params, self.vocab_size, self.max_model_len, self.blocks.num_blocks,
-                             self.blocks.block_size)
             if not 0 <= work.first_token_id < self.vocab_size:
                 raise EngineError(f"first token id {work.first_token_id} is outside the vocabulary")
             offer = load_offer(work.offer)

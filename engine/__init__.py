@@ -6,7 +6,7 @@ The names are resolved lazily so that the plain-data modules (errors,
 sampling_params, output, block_manager, scheduler) can be imported by the
 router without importing torch.
 """
-from importlib import import_module
+from engine.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "LLM": "engine.llm",
@@ -22,10 +22,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'engine' has no attribute {name!r}")
-    value = getattr(import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, globals(), _EXPORTS)

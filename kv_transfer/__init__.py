@@ -13,7 +13,7 @@ and `ray` (Ray's object store; both processes connected to one Ray cluster).
 The names below are resolved lazily, so that `kv_transfer.backends` can be
 imported (by the config) without torch or zmq.
 """
-from importlib import import_module
+from engine.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "BACKENDS": "kv_transfer.backends",
@@ -26,10 +26,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'kv_transfer' has no attribute {name!r}")
-    value = getattr(import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, globals(), _EXPORTS)

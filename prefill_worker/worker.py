@@ -36,9 +36,7 @@ from collections.abc import Callable
 from engine.block_manager import BlockManager
 from engine.errors import EngineError
 from engine.runner import Runner
-from engine.sampling_params import SamplingParams
 from engine.sequence import FinishReason, SeqState, StepPlan, StepResult
-from engine.validation import validate_request
 from kv_transfer.base import KVSender
 from prefill_worker.scheduler import PrefillScheduler, PrefillSchedulerConfig
 from protos import worker_pb2 as wpb
@@ -57,11 +55,12 @@ class PrefillWorker(WorkerShell):
         if stream_layers and not sender.supports_streaming:
             raise EngineError(f"stream_layers: the {type(sender).__name__} cannot stream layers "
                               f"(transfer backend zmq, or shm zero copy)")
-        super().__init__(name, runner, blocks, on_close=on_close, faults=faults)
+        super().__init__(name, runner, blocks, vocab_size=vocab_size, max_model_len=max_model_len,
+                         on_close=on_close, faults=faults)
         self.stream_layers = stream_layers
         self.on_offer = on_offer   # the worker host sends early offers to the router at once
         self.sender = sender
-        self.vocab_size, self.eos_token_ids, self.max_model_len = vocab_size, eos_token_ids, max_model_len
+        self.eos_token_ids = eos_token_ids
         self.scheduler = PrefillScheduler(config, blocks)
         self._leases: dict[str, str] = {}            # req_id -> transfer_id
         self._lease_blocks: dict[str, tuple[str, list[int]]] = {}  # transfer_id -> (req_id, blocks)
@@ -73,14 +72,10 @@ class PrefillWorker(WorkerShell):
         return {"prefill": self.submit, "abort": lambda msg, now: self.abort(msg.req_id, now)}
 
     def submit(self, work: wpb.PrefillWork, now: float) -> None:
-        try:
-            params = SamplingParams.from_message(work.sampling)
-            ids = list(work.prompt_token_ids)
-            validate_request(ids, params, self.vocab_size, self.max_model_len, self.blocks.num_blocks,
-                             self.blocks.block_size)
-        except EngineError as e:
-            self._fail(work.req_id, str(e))
+        checked = self._checked(work.req_id, work.prompt_token_ids, work.sampling)
+        if checked is None:
             return
+        ids, params = checked
         seq = SeqState(work.req_id, ids, params, arrival_time=now)
         self._arrival[work.req_id] = now
         self.scheduler.add(seq)

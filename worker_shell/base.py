@@ -20,8 +20,11 @@ from collections.abc import Callable
 from typing import Any
 
 from engine.block_manager import BlockManager
+from engine.errors import EngineError
 from engine.runner import Runner
+from engine.sampling_params import SamplingParams
 from engine.sequence import StepResult
+from engine.validation import validate_request
 from protos import worker_pb2 as wpb
 from worker_shell.faults import FaultPoints
 
@@ -34,10 +37,11 @@ class WorkerShell(ABC):
     role = "worker"
     stream_layers = False   # a prefill worker that hands out early offers through `on_offer`
 
-    def __init__(self, name: str, runner: Runner, blocks: BlockManager, *,
+    def __init__(self, name: str, runner: Runner, blocks: BlockManager, *, vocab_size: int, max_model_len: int,
                  on_close: Callable[[], None] | None = None, faults: FaultPoints | None = None) -> None:
         self.name = name
         self.runner, self.blocks = runner, blocks
+        self.vocab_size, self.max_model_len = vocab_size, max_model_len
         self.faults = faults or FaultPoints()
         self._on_close = on_close
         self._out = wpb.FromWorker(instance=name)
@@ -61,6 +65,19 @@ class WorkerShell(ABC):
             log.warning("%s ignored a %r command: a %s worker does not take it", self.name, kind, self.role)
             return
         self._fail(req_id, f"a {self.role} worker cannot take {kind!r}")
+
+    def _checked(self, req_id: str, prompt_token_ids, sampling) -> tuple[list[int], SamplingParams] | None:
+        """A work message's prompt and sampling, checked as the router checks them (a worker
+        never trusts its socket); None, with the request failed, when they do not pass."""
+        try:
+            params = SamplingParams.from_message(sampling)
+            ids = list(prompt_token_ids)
+            validate_request(ids, params, self.vocab_size, self.max_model_len, self.blocks.num_blocks,
+                             self.blocks.block_size)
+        except EngineError as e:
+            self._fail(req_id, str(e))
+            return None
+        return ids, params
 
     # -- the step ------------------------------------------------------------------------
     @abstractmethod

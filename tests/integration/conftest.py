@@ -78,3 +78,27 @@ def stop_and_check_nothing_left(cluster: Cluster) -> None:
     assert not port_open("127.0.0.1", port), "the router port is still open"
     left = [p for pid in pids for p in glob.glob(f"/dev/shm/pdkv-{pid}-*")]
     assert not left, f"shared-memory segments of stopped workers are left: {left}"
+
+
+def stream_concurrently(address: str, prompts, max_tokens: int, on_token=None) -> list:
+    """Each prompt streamed greedily on its own thread (EOS ignored); the token ids per prompt
+    (None where a stream failed). `on_token(i, n)` runs after prompt i's n-th token."""
+    import threading
+
+    from cluster.client import Client
+    results: list = [None] * len(prompts)
+
+    def one(i: int) -> None:
+        with Client(address, timeout_s=180) as c:
+            ids = []
+            for chunk in c.generate(prompts[i], max_tokens=max_tokens, temperature=0.0, ignore_eos=True):
+                ids.extend(chunk.token_ids)
+                if on_token is not None:
+                    on_token(i, len(ids))
+            results[i] = ids
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(240)
+    return results

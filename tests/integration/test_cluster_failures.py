@@ -11,7 +11,6 @@ from __future__ import annotations
 import glob
 import os
 import signal
-import threading
 import time
 
 import pytest
@@ -19,7 +18,8 @@ import pytest
 from cluster.client import Client
 from cluster.local import Cluster
 from engine import SamplingParams
-from tests.integration.conftest import all_blocks_free, cluster_config, stop_and_check_nothing_left, wait_until
+from tests.integration.conftest import (all_blocks_free, cluster_config, stop_and_check_nothing_left,
+                                       stream_concurrently, wait_until)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -37,26 +37,6 @@ def _pool_back_to_size(cluster: Cluster) -> bool:
 
 def _segments_of(pids) -> list[str]:
     return [p for pid in pids for p in glob.glob(f"/dev/shm/pdkv-{pid}-*")]
-
-
-def _stream_all(address: str, prompts, max_tokens: int, on_token=None) -> list:
-    """Each prompt streamed on its own thread; returns (token_ids, final) per prompt."""
-    results: list = [None] * len(prompts)
-
-    def one(i: int) -> None:
-        with Client(address, timeout_s=180) as c:
-            ids = []
-            for chunk in c.generate(prompts[i], max_tokens=max_tokens, temperature=0.0, ignore_eos=True):
-                ids.extend(chunk.token_ids)
-                if on_token is not None:
-                    on_token(i, len(ids))
-            results[i] = ids
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(240)
-    return results
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +60,7 @@ def test_a_decode_worker_killed_mid_stream_loses_no_request_and_is_replaced(clus
                 name = busy[0].decode
                 victim.update(name=name, pid=cluster.infos[name]["pid"], at=time.monotonic())
                 os.kill(victim["pid"], signal.SIGKILL)
-    got = _stream_all(cluster.address, PROMPTS, MAX_NEW, kill_once)
+    got = stream_concurrently(cluster.address, PROMPTS, MAX_NEW, kill_once)
     assert got == want
     assert victim and cluster.router.core.num_migrations >= 1
     death = next(d for d in cluster.pools.deaths if d.name == victim["name"])

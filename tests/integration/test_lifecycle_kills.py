@@ -17,35 +17,15 @@ import threading
 
 import pytest
 
-from cluster.client import Client
 from cluster.local import Cluster
 from engine import SamplingParams
-from tests.integration.conftest import all_blocks_free, cluster_config, wait_until
+from tests.integration.conftest import all_blocks_free, cluster_config, stream_concurrently, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 PROMPTS = ["The capital of France is", "Write one sentence about the sea.", "def add(a, b):\n    ",
            "Name a colour:"]
 MAX_NEW = 12
-
-
-def _serve(address: str, on_token=None) -> list[list[int]]:
-    out: list = [None] * len(PROMPTS)
-
-    def one(i: int) -> None:
-        with Client(address, timeout_s=180) as c:
-            ids = []
-            for chunk in c.generate(PROMPTS[i], max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True):
-                ids.extend(chunk.token_ids)
-                if on_token is not None:
-                    on_token(len(ids))
-            out[i] = ids
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(PROMPTS))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(240)
-    return out
 
 
 def _check_recovered(cluster: Cluster, victim: str) -> None:
@@ -81,7 +61,7 @@ def test_a_worker_killed_at_each_point_of_a_request(point, victim, expected):
                          restart={"backoff_s": 0.2})
     with Cluster(cfg, log=lambda *_: None) as cluster:
         pids = {n: i["pid"] for n, i in cluster.infos.items()}
-        assert _serve(cluster.address) == expected
+        assert stream_concurrently(cluster.address, PROMPTS, MAX_NEW) == expected
         _check_recovered(cluster, victim)
         assert not glob.glob(f"/dev/shm/pdkv-{pids[victim]}-*")
 
@@ -92,11 +72,11 @@ def test_a_rank_of_a_tp2_instance_killed_mid_stream(expected):
         rank1 = cluster.rank_infos["decode-0.rank1"]["pid"]
         killed = threading.Event()
 
-        def kill_rank1(n: int) -> None:
+        def kill_rank1(i: int, n: int) -> None:
             if n >= 4 and not killed.is_set():
                 killed.set()
                 os.kill(rank1, signal.SIGKILL)
-        assert _serve(cluster.address, kill_rank1) == expected
+        assert stream_concurrently(cluster.address, PROMPTS, MAX_NEW, kill_rank1) == expected
         assert killed.is_set()
         death = next(d for d in cluster.pools.deaths if d.name == "decode-0")
         assert "rank 1" in death.reason

@@ -43,19 +43,26 @@ def test_judged_rates_are_the_lowest_the_measured_goodput_and_an_overloaded_rate
         judged_rates([], 0.9)
 
 
-def test_analysis_fits_the_calibration_from_worker_busy_time_and_reports_missing_rates():
-    profile = load_profile("router/planner/profiles/smollm2-135m-cpu.json")
+def _served_by_a_slower_truth():
+    """The shipped profile, and calibration points "measured" on a cluster whose prefill is 1.2x and
+    decode 1.5x slower than it: (profile, slo, simulated cluster, calibration points, a rate point)."""
+    profile = load_profile(str(SHIPPED_PROFILE))
     slo = SLO(2.5, 0.15)
     sim = SimulatedCluster("deploy/bench-disagg.yaml", 1456, slo)
-    spec = SweepSpec("chatbot", (0.5, 1.0), 8, slo, seed=0)
     cal = SweepSpec("chatbot", (0.5, 2.0), 8, slo, seed=1)
-    # "serving" = the profile with prefill 1.2x and decode 1.5x
     truth = calibrated(profile, 1.2, 1.5)
     cal_points = []
     for rate in cal.rates:
         busy = sim(truth, cal.requests(rate))[1]
         cal_points.append({"rate": rate, "workers": {p: {"steps": 1, "busy_s": busy[p]} for p in busy}})
     point = {"ttft_attainment": 1.0, "tpot_attainment": 1.0, "workers": cal_points[0]["workers"], "idle_after": True}
+    return profile, slo, sim, cal_points, point
+
+
+def test_analysis_fits_the_calibration_from_worker_busy_time_and_reports_missing_rates():
+    profile, slo, sim, cal_points, point = _served_by_a_slower_truth()
+    spec = SweepSpec("chatbot", (0.5, 1.0), 8, slo, seed=0)
+    cal = SweepSpec("chatbot", (0.5, 2.0), 8, slo, seed=1)
     measured = {"calibration": cal_points,
                 "points": [{**point, "rate": 0.5, "attainment": 1.0}, {**point, "rate": 1.0, "attainment": 1.0}]}
     a = analyse(measured, profile, sim, spec, cal, "test")
@@ -93,16 +100,7 @@ def test_reanalyse_rewrites_the_one_record_in_place(tmp_path, capsys, monkeypatc
     directory holds one current record, fidelity.json and fidelity.md, whatever the clock says."""
     from cluster.cli import main
     monkeypatch.chdir(ROOT)                  # the record names its config relative to the repository
-    profile = load_profile(str(SHIPPED_PROFILE))
-    slo = SLO(2.5, 0.15)
-    sim = SimulatedCluster("deploy/bench-disagg.yaml", 1456, slo)
-    cal = SweepSpec("chatbot", (0.5, 2.0), 8, slo, seed=1)
-    truth = calibrated(profile, 1.2, 1.5)
-    cal_points = []
-    for rate in cal.rates:
-        busy = sim(truth, cal.requests(rate))[1]
-        cal_points.append({"rate": rate, "workers": {p: {"steps": 1, "busy_s": busy[p]} for p in busy}})
-    point = {"ttft_attainment": 1.0, "tpot_attainment": 1.0, "workers": cal_points[0]["workers"], "idle_after": True}
+    profile, slo, sim, cal_points, point = _served_by_a_slower_truth()
     record = {"workload": "chatbot", "config": "deploy/bench-disagg.yaml", "rates": [0.5, 1.0], "num_requests": 8,
               "seed": 0, "calibration_seed": 1, "calibration_rates": [0.5, 2.0],
               "slo": {"ttft_s": 2.5, "tpot_s": 0.15}, "target": 0.9, "date_utc": "2026-12-05T10:00:00Z",
