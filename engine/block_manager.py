@@ -1,14 +1,24 @@
-"""Paged KV-cache bookkeeping: which blocks are free, who holds which.
+"""Paged KV-cache bookkeeping: which blocks are free, who holds which, which prefixes are cached.
 
 Pure Python (no torch, no clocks). Check, then commit: `can_allocate` and
 `can_append` have no side effects; `allocate` and `append` commit and raise
 `OutOfBlocksError` only when a caller skipped the check. Blocks are reference
 counted so that a block can be shared (prefix caching, a transfer lease);
-every full block carries a prefix hash chained over all tokens before it.
+a full block whose KV is computed can carry a prefix hash chained over all
+tokens before it (`set_hashes`).
+
+Prefix caching (`enable_prefix_caching`): a hashed block that nobody holds any
+more stays addressable by its hash while it waits in the free list, least
+recently freed first out; `allocate_cached` hands a prompt the cached blocks
+of its longest cached prefix (shared, never written again) and fresh ones for
+the rest, and a fresh block taken from the free list evicts whatever it cached.
+Hashes are set only once a block's KV is in the cache (the schedulers do it
+after the step that computed it), so a hit never reads a block still to be
+written.
 """
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
 from collections.abc import Sequence
 
 from engine.errors import OutOfBlocksError
@@ -35,15 +45,19 @@ def prefix_hashes(token_ids: Sequence[int], block_size: int) -> list[int]:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False) -> None:
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError(f"num_blocks and block_size must be > 0, got {num_blocks}, {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free: deque[int] = deque(range(num_blocks))
+        self.enable_prefix_caching = enable_prefix_caching
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))   # oldest first
         self._ref_counts = [0] * num_blocks
         self._hashes = [NO_HASH] * num_blocks
         self.hash_to_block: dict[int, int] = {}
+        self.num_queried_tokens = 0   # prompt tokens looked up in the cache (allocate_cached)
+        self.num_hit_tokens = 0       # ... and found there
+        self.num_evictions = 0        # cached blocks reused for other contents
 
     @property
     def num_free_blocks(self) -> int:
@@ -64,7 +78,8 @@ class BlockManager:
         return blocks_needed(num_tokens, self.block_size) <= len(self._free)
 
     def allocate(self, num_tokens: int, token_ids: Sequence[int] | None = None) -> list[int]:
-        """Take the blocks for `num_tokens` tokens; hash the full ones if tokens are given."""
+        """Take fresh blocks for `num_tokens` tokens; hash the full ones if tokens are given
+        (their KV must be in the cache already: a copy landed, not a prompt to compute)."""
         n = blocks_needed(num_tokens, self.block_size)
         if n > len(self._free):
             raise OutOfBlocksError(f"need {n} blocks for {num_tokens} tokens, {len(self._free)} free")
@@ -73,7 +88,43 @@ class BlockManager:
             self.set_hashes(block_ids, token_ids)
         return block_ids
 
+    def cached_prefix(self, token_ids: Sequence[int]) -> list[int]:
+        """The cached blocks of the longest cached prefix of `token_ids`, never covering its last
+        token (whose logits a prefill must compute) nor the block that holds it."""
+        if not self.enable_prefix_caching:
+            return []
+        usable = (len(token_ids) - 1) // self.block_size
+        hits = []
+        for h in prefix_hashes(token_ids[:usable * self.block_size], self.block_size):
+            block_id = self.hash_to_block.get(h)
+            if block_id is None:
+                break
+            hits.append(block_id)
+        return hits
+
+    def can_allocate_cached(self, num_tokens: int, token_ids: Sequence[int]) -> bool:
+        hits = self.cached_prefix(token_ids)
+        idle_hits = sum(1 for b in hits if self._ref_counts[b] == 0)   # they leave the free list
+        return blocks_needed(num_tokens, self.block_size) - len(hits) <= len(self._free) - idle_hits
+
+    def allocate_cached(self, num_tokens: int, token_ids: Sequence[int]) -> tuple[list[int], int]:
+        """Blocks for `num_tokens` tokens whose first `len(token_ids)` are these: the cached
+        prefix shared, fresh blocks for the rest. Returns (block ids, tokens already cached)."""
+        if not self.can_allocate_cached(num_tokens, token_ids):
+            raise OutOfBlocksError(f"no room for {num_tokens} tokens, {len(self._free)} blocks free")
+        hits = self.cached_prefix(token_ids)
+        for b in hits:
+            if self._ref_counts[b] == 0:
+                del self._free[b]
+            self._ref_counts[b] += 1
+        rest = blocks_needed(num_tokens, self.block_size) - len(hits)
+        self.num_queried_tokens += len(token_ids)
+        self.num_hit_tokens += len(hits) * self.block_size
+        return hits + [self._take() for _ in range(rest)], len(hits) * self.block_size
+
     def set_hashes(self, block_ids: Sequence[int], token_ids: Sequence[int]) -> None:
+        """`token_ids`' KV is in these blocks now: name each full block by its prefix hash (the
+        newest block of a hash is the one found: an older copy is likelier to be free)."""
         for block_id, h in zip(block_ids, prefix_hashes(token_ids, self.block_size)):
             self._hashes[block_id] = h
             self.hash_to_block[h] = block_id
@@ -114,16 +165,27 @@ class BlockManager:
         for _ in range(extra):
             block_ids.append(self._take())
 
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self.hash_to_block)
+
     # -- internals ---------------------------------------------------------
     def _take(self) -> int:
-        block_id = self._free.popleft()
+        block_id, _ = self._free.popitem(last=False)
+        if self._hashes[block_id] != NO_HASH:   # a cached block goes to other contents
+            self._forget_hash(block_id)
+            self.num_evictions += 1
         self._ref_counts[block_id] = 1
         return block_id
 
     def _release(self, block_id: int) -> None:
+        if not self.enable_prefix_caching:
+            self._forget_hash(block_id)
+        self._free[block_id] = None   # the most recently freed: evicted last
+
+    def _forget_hash(self, block_id: int) -> None:
         h = self._hashes[block_id]
         if h != NO_HASH:
             if self.hash_to_block.get(h) == block_id:
                 del self.hash_to_block[h]
             self._hashes[block_id] = NO_HASH
-        self._free.append(block_id)

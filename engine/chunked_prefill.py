@@ -89,7 +89,7 @@ def _sdpa(q, k, v, scale, gqa, mask):
 
 
 @torch.inference_mode()
-def execute_mixed(runner, plan) -> StepResult:
+def execute_mixed(runner, plan, on_layer=None) -> StepResult:
     """Run a MixedStepPlan on a ModelRunner: store every row's K/V, attend, sample the rows that end
     their request's prefill or decode (the others get NO_TOKEN)."""
     bs = runner.block_size
@@ -116,7 +116,8 @@ def execute_mixed(runner, plan) -> StepResult:
     meta = MixedAttentionMetadata(StepKind.MIXED, torch.cat(slots), [], tables, lens, num_decodes=nd,
                                   chunks=tuple(chunks))
     with matmul_backend(len(ids), runner.dtype):
-        hidden = runner.model(torch.tensor(ids), torch.cat(pos), runner.kv_layers, meta)   # [tokens, hidden]
+        hidden = runner.model(torch.tensor(ids), torch.cat(pos), runner.kv_layers, meta,
+                              on_layer=on_layer)   # [tokens, hidden]
         rows = [i for i, ok in enumerate(plan.samples) if ok]
         if not rows:
             return StepResult((NO_TOKEN,) * len(plan.seqs))

@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.block_manager import BlockManager
-from engine.scheduler import Scheduler, SchedulerConfig
+from engine.scheduler import Scheduler, SchedulerConfig, cache_computed
 from engine.sequence import SeqState, SeqStatus, SeqWork, StepKind, StepPlan, StepResult
 
 NO_TOKEN = -1   # the token of a row that sampled nothing: a chunk short of its prompt's end
@@ -87,16 +87,16 @@ class ChunkedScheduler(Scheduler):
                 budget -= chunks[-1][1]
         while budget > 0 and self.waiting and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            if not self.blocks.can_allocate(seq.num_tokens):
+            if not self.blocks.can_allocate_cached(seq.num_tokens, seq.all_token_ids):
                 break
             self.waiting.popleft()
-            seq.block_ids = self.blocks.allocate(seq.num_tokens, seq.all_token_ids)
+            seq.block_ids, seq.num_cached_tokens = self.blocks.allocate_cached(seq.num_tokens, seq.all_token_ids)
             seq.status = SeqStatus.RUNNING
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
             self.running.append(seq)
-            self._computed[seq.req_id] = 0
-            chunks.append((seq, min(seq.num_tokens, budget)))
+            self._computed[seq.req_id] = seq.num_cached_tokens   # a cached prefix is not computed again
+            chunks.append((seq, min(seq.num_tokens - seq.num_cached_tokens, budget)))
             budget -= chunks[-1][1]
         return self._plan(decodes, chunks)
 
@@ -107,6 +107,7 @@ class ChunkedScheduler(Scheduler):
             if seq is None or seq.status is not SeqStatus.RUNNING:
                 continue  # aborted while the step ran
             self._computed[seq.req_id] = work.context_len
+            cache_computed(self.blocks, seq, work)
             if token_id == NO_TOKEN:
                 continue
             seq.output_token_ids.append(token_id)

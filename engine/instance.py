@@ -25,7 +25,8 @@ class EngineParts:
 
 def build_engine(model: str | None = None, dtype: str | torch.dtype = "bfloat16", block_size: int = 16,
                  kv_cache_memory_gb: float = 1.0, max_model_len: int | None = None,
-                 num_threads: int | None = None, seed: int = 0, allocate_kv=torch.zeros) -> EngineParts:
+                 num_threads: int | None = None, seed: int = 0, allocate_kv=torch.zeros,
+                 enable_prefix_caching: bool = False) -> EngineParts:
     """Load the model (a local directory; None = the default model) and size the KV cache."""
     if num_threads is not None:
         torch.set_num_threads(num_threads)
@@ -40,4 +41,4 @@ def build_engine(model: str | None = None, dtype: str | torch.dtype = "bfloat16"
     num_blocks = KVCache.num_blocks_for_budget(int(kv_cache_memory_gb * 2**30), cfg.num_layers,
                                                block_size, cfg.num_kv_heads, cfg.head_dim, torch_dtype)
     runner = ModelRunner(cfg, torch_dtype, block_size, num_blocks, max_len, seed=seed, allocate_kv=allocate_kv)
-    return EngineParts(cfg, runner, BlockManager(num_blocks, block_size), max_len)
+    return EngineParts(cfg, runner, BlockManager(num_blocks, block_size, enable_prefix_caching), max_len)

@@ -33,10 +33,13 @@ class LLM:
     def __init__(self, model: str | None = None, dtype: str | torch.dtype = "bfloat16",
                  block_size: int = 16, kv_cache_memory_gb: float = 1.0, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 4096, max_model_len: int | None = None,
-                 num_threads: int | None = None, seed: int = 0, enable_chunked_prefill: bool = False) -> None:
+                 num_threads: int | None = None, seed: int = 0, enable_chunked_prefill: bool = False,
+                 enable_prefix_caching: bool = False) -> None:
         """`enable_chunked_prefill`: prompts run in chunks that share each step's
-        `max_num_batched_tokens` with the running decodes (Sarathi-Serve)."""
-        parts = build_engine(model, dtype, block_size, kv_cache_memory_gb, max_model_len, num_threads, seed)
+        `max_num_batched_tokens` with the running decodes (Sarathi-Serve).
+        `enable_prefix_caching`: a prompt whose prefix another request computed reuses its KV."""
+        parts = build_engine(model, dtype, block_size, kv_cache_memory_gb, max_model_len, num_threads, seed,
+                             enable_prefix_caching=enable_prefix_caching)
         self.model_config = cfg = parts.model_config
         self.runner, self.block_manager = parts.runner, parts.blocks
         self.dtype, self.max_model_len = parts.runner.dtype, parts.max_model_len

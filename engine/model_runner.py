@@ -13,6 +13,7 @@ import torch
 
 from engine.attention import AttentionMetadata
 from engine.chunked_prefill import execute_mixed
+from engine.chunked_scheduler import MixedStepPlan
 from engine.cpu_tuning import keep_freed_memory, matmul_backend
 from engine.dtypes import DTYPE_ALIASES, DTYPE_NAMES
 from engine.errors import ConfigError
@@ -67,12 +68,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill(self, seqs: Sequence[SeqWork], on_layer=None) -> StepResult:
-        """Run whole prompts packed together, store their KV, sample each first token."""
+        """Run whole prompts packed together, store their KV, sample each first token. Prompts
+        whose prefix is cached (start_pos > 0) run as the chunks of a mixed step, attending
+        over that prefix in the cache (chunked_prefill.py)."""
+        if any(s.start_pos for s in seqs):
+            return execute_mixed(self, MixedStepPlan(tuple(seqs), (True,) * len(seqs)), on_layer)
         ids, pos, slots, bounds = [], [], [], []
         start = 0
         for s in seqs:
-            if s.start_pos != 0:
-                raise NotImplementedError("prefill over a cached prefix is not supported yet")
             n = len(s.token_ids)
             ids.extend(s.token_ids)
             positions = torch.arange(n)

@@ -41,14 +41,16 @@ def admit_prefill_batch(waiting: deque[SeqState], blocks: BlockManager, max_seqs
     num_tokens = 0
     while waiting and len(batch) < max_seqs:
         seq = waiting[0]
-        n = seq.num_tokens
+        tokens = seq.all_token_ids
+        # the budget counts what runs: a prefix found in the prefix cache is not computed again
+        n = len(tokens) - len(blocks.cached_prefix(tokens)) * blocks.block_size
         # A prompt over the budget still runs, alone, so that it cannot starve.
         if batch and num_tokens + n > max_batched_tokens:
             break
-        if not blocks.can_allocate(n):
+        if not blocks.can_allocate_cached(len(tokens), tokens):
             break
         waiting.popleft()
-        seq.block_ids = blocks.allocate(n, seq.all_token_ids)
+        seq.block_ids, seq.num_cached_tokens = blocks.allocate_cached(len(tokens), tokens)
         seq.status = SeqStatus.RUNNING
         if seq.first_scheduled_time is None:
             seq.first_scheduled_time = now
@@ -58,9 +60,18 @@ def admit_prefill_batch(waiting: deque[SeqState], blocks: BlockManager, max_seqs
 
 
 def prefill_plan(batch: list[SeqState]) -> StepPlan:
-    """One packed prefill step over every token of each sequence (prompt + any output)."""
+    """One packed prefill step over every token of each sequence (prompt + any output) that
+    its cached prefix does not already hold."""
     return StepPlan(StepKind.PREFILL, tuple(
-        SeqWork(s.req_id, tuple(s.all_token_ids), 0, tuple(s.block_ids), s.sampling) for s in batch))
+        SeqWork(s.req_id, tuple(s.all_token_ids[s.num_cached_tokens:]), s.num_cached_tokens, tuple(s.block_ids),
+                s.sampling) for s in batch))
+
+
+def cache_computed(blocks: BlockManager, seq: SeqState, work: SeqWork) -> None:
+    """After a step: the blocks this step filled become findable in the prefix cache (a prefill,
+    or a decode step that completed a block)."""
+    if blocks.enable_prefix_caching and (len(work.token_ids) > 1 or work.context_len % blocks.block_size == 0):
+        blocks.set_hashes(seq.block_ids, seq.all_token_ids[:work.context_len])
 
 
 class Scheduler:
@@ -133,6 +144,7 @@ class Scheduler:
             seq = self._by_id.get(work.req_id)
             if seq is None or seq.status is not SeqStatus.RUNNING:
                 continue  # aborted while the step ran
+            cache_computed(self.blocks, seq, work)
             seq.output_token_ids.append(token_id)
             reason = self._stop_reason(seq, token_id)
             if reason is not None:
@@ -173,7 +185,7 @@ class Scheduler:
     def _preempt(self, seq: SeqState) -> None:
         self.running.remove(seq)
         self.blocks.free(seq.block_ids)
-        seq.block_ids = []
+        seq.block_ids, seq.num_cached_tokens = [], 0
         seq.status = SeqStatus.WAITING
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)

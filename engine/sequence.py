@@ -44,6 +44,7 @@ class SeqState:
         self.sampling = sampling
         self.arrival_time = arrival_time
         self.block_ids: list[int] = []
+        self.num_cached_tokens = 0      # its prefix found in the prefix cache at admission (not computed)
         self.status = SeqStatus.WAITING
         self.finish_reason: FinishReason | None = None
         self.num_preemptions = 0

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from engine.block_manager import BlockManager
 from engine.errors import EngineError
 from engine.runner import Runner
+from engine.scheduler import cache_computed
 from engine.sequence import FinishReason, SeqState, StepPlan, StepResult
 from kv_transfer.base import KVSender
 from prefill_worker.scheduler import PrefillScheduler, PrefillSchedulerConfig
@@ -107,7 +108,8 @@ class PrefillWorker(WorkerShell):
                     self._step_failed(seq.req_id, e)
                 return self._flush(True)
             done = time.monotonic()
-            for seq, token in zip(seqs, result.token_ids, strict=True):
+            for seq, work, token in zip(seqs, plan.seqs, result.token_ids, strict=True):
+                cache_computed(self.blocks, seq, work)   # before its blocks are leased or freed
                 self._hand_off(seq, token, elapsed, done)
         return self._flush(scheduled is not None)
 
