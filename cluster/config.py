@@ -51,11 +51,15 @@ class PoolConfig:
     block_size: int = 16
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 4096
+    enable_prefix_caching: bool = False   # keep computed prompt blocks: a prompt over a cached prefix computes the rest
 
     def check(self, key: str) -> None:
         for name in ("num_instances", "num_threads", "tp_size", "pp_size", "block_size", "max_num_seqs",
                      "max_num_batched_tokens"):
             _positive(getattr(self, name), f"{key}.{name}")
+        if self.enable_prefix_caching and self.tp_size * self.pp_size != 1:
+            raise ConfigError(f"{key}.enable_prefix_caching: a {self.plan} instance cannot reuse a cached prefix "
+                              f"yet (its prefill over a prefix runs on one rank only); use a 1 x 1 plan")
         if not self.kv_cache_memory_gb > 0 or not math.isfinite(self.kv_cache_memory_gb):
             raise ConfigError(f"{key}.kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
         if not self.num_gpus >= 0 or not math.isfinite(self.num_gpus):

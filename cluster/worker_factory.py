@@ -60,7 +60,8 @@ def build_worker(role: str, name: str, cfg: ClusterConfig, model_path: str, host
     allocate_kv = allocate_shared if use_shared else torch.zeros
     if rank_spec is None:
         parts = build_engine(model_path, cfg.model.dtype, pool.block_size, pool.kv_cache_memory_gb,
-                             cfg.model.max_model_len, pool.num_threads, allocate_kv=allocate_kv)
+                             cfg.model.max_model_len, pool.num_threads, allocate_kv=allocate_kv,
+                             enable_prefix_caching=pool.enable_prefix_caching)
         release: Callable[[], None] = parts.runner.release_kv_cache
     else:
         args = EngineArgs(model_path, cfg.model.dtype, pool.block_size, pool.kv_cache_memory_gb,

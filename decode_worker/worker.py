@@ -124,6 +124,7 @@ class DecodeWorker(WorkerShell):
         self.early_ttl_s = early_ttl_s
         self.num_prefetched = 0                     # early offers taken (stream_layers)
         self.num_failed_pulls = 0                   # pulls that failed or could not start
+        self.kv_bytes_received = 0                  # bytes of KV that crossed the wire to here
 
     # -- commands ---------------------------------------------------------------------
     def commands(self) -> dict[str, Handler]:
@@ -279,6 +280,7 @@ class DecodeWorker(WorkerShell):
     def _land_pulls(self, now: float) -> None:
         early_of = {e.offer.transfer_id: e for e in self._early.values() if e.done_at is None}
         for result in self.receiver.poll():
+            self.kv_bytes_received += result.nbytes
             early = early_of.get(result.transfer_id)
             if early is not None:
                 self._landed_early(early, result, now)
@@ -346,7 +348,8 @@ class DecodeWorker(WorkerShell):
                     num_running=len(self.scheduler.running))
 
     def stats(self) -> dict:
-        return {**super().stats(), "num_prefetched": self.num_prefetched, "num_failed_pulls": self.num_failed_pulls}
+        return {**super().stats(), "num_prefetched": self.num_prefetched, "num_failed_pulls": self.num_failed_pulls,
+                "kv_bytes_received": self.kv_bytes_received}
 
     def is_idle(self) -> bool:
         return not (self.pending or self._pulls or self._early or self.scheduler.has_unfinished())

@@ -23,6 +23,8 @@ class RequestSpec:
     arrival_s: float          # seconds after the start of the run
     prompt_tokens: int
     output_tokens: int
+    conversation: int | None = None   # multi-turn: the prompt is the first prompt_tokens of this
+                                      # conversation's token stream, so a turn extends the last
 
 
 @dataclass(frozen=True)
@@ -62,9 +64,49 @@ WORKLOADS: dict[str, Workload] = {
 }
 
 
+@dataclass(frozen=True)
+class MultiTurn:
+    """Chat conversations whose every turn extends the one before: turn k+1's prompt is turn k's
+    prompt, its answer and a new user message (a client resending the history), arriving a think
+    time after turn k's arrival. The request rate of a sweep counts turns."""
+    name: str
+    first: LengthDist          # system prompt + first user message
+    answer: LengthDist         # each turn's output
+    message: LengthDist        # each later user message
+    turns: int
+    think_s: float             # mean gap between a conversation's turns (exponential)
+    like: str
+
+
+MULTITURN = {
+    "multiturn": MultiTurn("multiturn", LengthDist(256, 0.5, 64, 768), LengthDist(48, 0.5, 8, 128),
+                           LengthDist(48, 0.6, 8, 160), turns=4, think_s=4.0, like="ShareGPT conversations"),
+}
+
+
+def multiturn_requests(wl: MultiTurn, rate: float, num_requests: int, seed: int = 0,
+                       burstiness: float = 1.0, max_total_tokens: int | None = None) -> list[RequestSpec]:
+    """`num_requests` turns: conversations start at rate / turns, their turns follow; sorted by
+    arrival. A conversation stops early rather than outgrow `max_total_tokens`."""
+    num_convs = -(-num_requests // wl.turns)
+    starts = arrival_times(rate / wl.turns, num_convs, random.Random(seed), burstiness)
+    rng = random.Random(seed + 1_000_003)
+    out: list[RequestSpec] = []
+    for c, t in enumerate(starts):
+        prompt = wl.first.sample(rng)
+        for _ in range(wl.turns):
+            answer = wl.answer.sample(rng)
+            if max_total_tokens is not None and prompt + answer > max_total_tokens:
+                break
+            out.append(RequestSpec(t, prompt, answer, conversation=c))
+            t += rng.expovariate(1.0 / wl.think_s)
+            prompt += answer + wl.message.sample(rng)
+    return sorted(out, key=lambda r: r.arrival_s)[:num_requests]
+
+
 def get_workload(name: str) -> Workload:
     if name not in WORKLOADS:
-        raise WorkloadError(f"unknown workload {name!r}; known: {sorted(WORKLOADS)}")
+        raise WorkloadError(f"unknown workload {name!r}; known: {sorted([*WORKLOADS, *MULTITURN])}")
     return WORKLOADS[name]
 
 
@@ -96,6 +138,8 @@ def sample_requests(workload: str | Workload, rate: float, num_requests: int, se
     Lengths come from their own seeded stream, so the same seed gives the same
     lengths at every rate: a rate sweep changes only the arrival times.
     """
+    if isinstance(workload, str) and workload in MULTITURN:
+        return multiturn_requests(MULTITURN[workload], rate, num_requests, seed, burstiness, max_total_tokens)
     wl = get_workload(workload) if isinstance(workload, str) else workload
     times = arrival_times(rate, num_requests, random.Random(seed), burstiness)
     rng = random.Random(seed + 1_000_003)

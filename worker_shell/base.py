@@ -141,8 +141,12 @@ class WorkerShell(ABC):
 
     def stats(self) -> dict:
         """What the actor reports to the cluster (tests, drills): plain data."""
-        return {"role": self.role, "num_free_blocks": self.blocks.num_free_blocks,
-                "num_blocks": self.blocks.num_blocks, "idle": self.is_idle(), "num_steps": self.num_steps}
+        b = self.blocks
+        return {"role": self.role, "num_free_blocks": b.num_free_blocks, "num_blocks": b.num_blocks,
+                "idle": self.is_idle(), "num_steps": self.num_steps,
+                # prefix caching: prompt tokens looked up, found (not computed again), cache churn
+                "prompt_tokens": b.num_queried_tokens, "prefix_hit_tokens": b.num_hit_tokens,
+                "num_cached_blocks": b.num_cached_blocks, "num_evictions": b.num_evictions}
 
     @abstractmethod
     def is_idle(self) -> bool:
