@@ -270,7 +270,8 @@ def run_configs(config_paths: Sequence[str], spec: SweepSpec, progress: bool = T
                 log: Callable[[str], None] = print) -> list[dict]:
     """Start each config's cluster in turn, sweep it, stop it."""
     modes = []
-    configs = [(path, load_config(path, {"router": {"port": 0}})) for path in config_paths]   # all checked first
+    configs = [(path, load_config(path, {"router": {"port": 0, "http_port": 0}}))   # all checked first
+               for path in config_paths]
     labels = [mode_label(cfg) for _, cfg in configs]
     for i, (path, cfg) in enumerate(configs):
         label = labels[i] if labels.count(labels[i]) == 1 else f"{labels[i]} ({Path(path).stem})"
