@@ -205,6 +205,24 @@ def test_a_client_that_leaves_a_stream_frees_its_request(http, base_url, cluster
     assert wait_until(lambda: all_blocks_free(cluster), timeout_s=30)
 
 
+def test_bench_serve_drives_our_http_api_as_any_openai_server(base_url, certs, tmp_path, capsys):
+    from cluster.cli import main
+    out, trace = tmp_path / "endpoint", tmp_path / "trace.csv"   # short requests, within the cluster's limits
+    trace.write_text("Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n" + "".join(
+        f"{i},m,{40 + 30 * i},{8 + 4 * i},0,x\n" for i in range(4)))
+    rc = main(["bench", "serve", "--endpoint", base_url + "/v1", "--token", TOKEN, "--ca-cert", certs.ca,
+               "--label", "ours-http", "--trace", str(trace), "--rates", "2", "--num-requests", "4",
+               "--ttft-slo", "60", "--tpot-slo", "5", "--warmup", "1", "--time-limit", "120", "--out", str(out),
+               "--no-progress"])
+    assert rc == 0 and "ours-http: goodput 2 req/s" in capsys.readouterr().out
+    [mode] = json.loads((out / "serve.json").read_text())["modes"]
+    [point] = mode["points"]
+    assert point["counts"]["ok"] == 4 and point["idle_after"]
+    for r in point["requests"]:
+        assert r["n_out"] == r["output_tokens"] and r["finish_reason"] == "length"
+        assert 0 < r["ttft_s"] <= r["e2e_s"] and r["tpot_s"] is not None
+
+
 # -- metrics during a load ----------------------------------------------------------------------------
 def _scrape(http, base_url) -> dict[str, float]:
     """Every sample, by name and labels (the families parsed by prometheus_client's own parser)."""
