@@ -19,6 +19,7 @@ from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
 from engine.validation import validate_request
 from protos import pdcluster_pb2 as pb
+from router.front_settings import FrontDoorSettings
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -48,13 +49,9 @@ class RequestLimits:
     max_stop_string_len: int = 256          # characters
 
     @classmethod
-    def from_settings(cls, settings) -> RequestLimits:
-        """From a RouterConfig (settings without these keys get the defaults)."""
-        defaults = cls()
-        return cls(getattr(settings, "max_prompt_tokens", defaults.max_prompt_tokens),
-                   getattr(settings, "max_tokens_limit", defaults.max_tokens),
-                   getattr(settings, "max_stop_strings", defaults.max_stop_strings),
-                   getattr(settings, "max_stop_string_len", defaults.max_stop_string_len))
+    def from_settings(cls, settings: FrontDoorSettings) -> RequestLimits:
+        return cls(settings.max_prompt_tokens, settings.max_tokens_limit, settings.max_stop_strings,
+                   settings.max_stop_string_len)
 
 
 class Admission:

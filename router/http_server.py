@@ -32,7 +32,7 @@ from router.admission import sampling_message
 from router.auth import BearerToken, refusal
 from router.errors import RequestError, Status
 from router.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from router.openai_protocol import ResponseWriter, error_body, parse_body, sse
+from router.openai_protocol import ProtocolError, ResponseWriter, error_body, parse_body, sse
 from router.request_state import RequestState
 from router.tls import uvicorn_ssl_options
 
@@ -81,7 +81,7 @@ async def _internal_error(request: Request, e: Exception) -> JSONResponse:
 def _api_error(e: Exception) -> ApiError:
     if isinstance(e, RequestError):
         return ApiError(HTTP_STATUS[e.status], e.message)
-    return ApiError(400, str(e), param=getattr(e, "param", None))
+    return ApiError(400, str(e), param=e.param if isinstance(e, ProtocolError) else None)
 
 
 class HttpFront:
@@ -89,7 +89,7 @@ class HttpFront:
 
     def __init__(self, router: Router) -> None:
         self.router, self.core = router, router.core
-        self.token = BearerToken(getattr(router.settings, "auth_token", None))
+        self.token = BearerToken(router.settings.auth_token)
         self.created = int(time.time())
         self.app = self._build_app()
         self._server: uvicorn.Server | None = None

@@ -21,7 +21,7 @@ import dataclasses
 import logging
 import os
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -36,6 +36,7 @@ from router import modes
 from router.admission import Admission, ModelInfo, RequestLimits, sampling_message
 from router.auth import BearerToken
 from router.core import InstanceInfo, RouterCore, RouterSettings
+from router.front_settings import FrontDoorSettings
 from router.errors import RequestError, Status
 from router.grpc_guard import GrpcGuard
 from router.http_server import HttpFront
@@ -56,16 +57,20 @@ STATUS_CODES = {Status.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
                 Status.INTERNAL: grpc.StatusCode.INTERNAL}
 
 
+class Settings(RouterSettings, FrontDoorSettings, Protocol):
+    """The router's config section (cluster.config.RouterConfig) as the core and the fronts read it."""
+
+
 class Router(pb_grpc.GenerationServicer, pb_grpc.AdminServicer):
-    def __init__(self, settings: RouterSettings, model: ModelInfo, tokenizer: PreTrainedTokenizerBase | None,
+    def __init__(self, settings: Settings, model: ModelInfo, tokenizer: PreTrainedTokenizerBase | None,
                  links: WorkerLinks, mode: str = modes.DISAGGREGATED) -> None:
         """`tokenizer`: None serves token ids only; `mode`: router.modes."""
         self.settings, self.model = settings, model
         self.core = RouterCore(settings, Admission(model, tokenizer, RequestLimits.from_settings(settings)),
                                links, mode)
         # the model's id on the HTTP API: router.served_model_name, else its directory's name
-        self.served_model_name = (getattr(settings, "served_model_name", None)
-                                  or os.path.basename(model.name.rstrip("/")) or model.name)
+        self.served_model_name = (settings.served_model_name or os.path.basename(model.name.rstrip("/"))
+                                  or model.name)
         self.metrics = RouterMetrics(self.core, self.served_model_name, model.transfer_backend)
         self.core.observers.append(self.metrics)
         self._server: grpc.aio.Server | None = None
@@ -88,7 +93,7 @@ class Router(pb_grpc.GenerationServicer, pb_grpc.AdminServicer):
     # -- lifecycle -------------------------------------------------------------------
     async def start(self) -> int:
         self._reader = asyncio.get_running_loop().create_task(self.core.read_workers())
-        server = grpc.aio.server(interceptors=[GrpcGuard(BearerToken(getattr(self.settings, "auth_token", None)))])
+        server = grpc.aio.server(interceptors=[GrpcGuard(BearerToken(self.settings.auth_token))])
         pb_grpc.add_GenerationServicer_to_server(self, server)
         pb_grpc.add_AdminServicer_to_server(self, server)
         self._health = health.aio.HealthServicer()
@@ -104,10 +109,9 @@ class Router(pb_grpc.GenerationServicer, pb_grpc.AdminServicer):
             raise OSError(f"router cannot bind {address}")
         await server.start()
         self._server = server
-        http_port = getattr(self.settings, "http_port", None)
-        if http_port is not None:
+        if self.settings.http_port is not None:
             self._http = HttpFront(self)
-            self.http_port_bound = await self._http.start(self.settings.host, http_port)
+            self.http_port_bound = await self._http.start(self.settings.host, self.settings.http_port)
         return self.port
 
     async def stop(self, drain_timeout_s: float = 0.0) -> None:

@@ -7,6 +7,7 @@ import ssl
 import grpc
 
 from engine.errors import ConfigError
+from router.front_settings import FrontDoorSettings
 
 
 def read_pem(path: str, key: str) -> bytes:
@@ -17,9 +18,9 @@ def read_pem(path: str, key: str) -> bytes:
         raise ConfigError(f"{key}: cannot read {path!r}: {e.strerror}") from None
 
 
-def grpc_server_credentials(settings) -> grpc.ServerCredentials | None:
+def grpc_server_credentials(settings: FrontDoorSettings) -> grpc.ServerCredentials | None:
     """None when TLS is off (router.tls_cert unset)."""
-    if getattr(settings, "tls_cert", None) is None:
+    if settings.tls_cert is None:
         return None
     pair = (read_pem(settings.tls_key, "router.tls_key"), read_pem(settings.tls_cert, "router.tls_cert"))
     ca = settings.tls_client_ca
@@ -27,9 +28,9 @@ def grpc_server_credentials(settings) -> grpc.ServerCredentials | None:
                                        require_client_auth=ca is not None)
 
 
-def uvicorn_ssl_options(settings) -> dict:
+def uvicorn_ssl_options(settings: FrontDoorSettings) -> dict:
     """uvicorn.Config keyword arguments for the same certificate ({} when TLS is off)."""
-    if getattr(settings, "tls_cert", None) is None:
+    if settings.tls_cert is None:
         return {}
     options = {"ssl_certfile": settings.tls_cert, "ssl_keyfile": settings.tls_key}
     if settings.tls_client_ca is not None:
