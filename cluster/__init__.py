@@ -8,7 +8,7 @@ from engine.lazy_exports import lazy_exports
 _EXPORTS = {
     "Client": "cluster.client", "AsyncClient": "cluster.client", "Completion": "cluster.client",
     "Chunk": "cluster.client", "ClientError": "cluster.client", "InvalidRequest": "cluster.client",
-    "Overloaded": "cluster.client", "Unavailable": "cluster.client",
+    "Overloaded": "cluster.client", "Unavailable": "cluster.client", "Unauthenticated": "cluster.client",
     "Cluster": "cluster.local", "ClusterConfig": "cluster.config", "load_config": "cluster.config",
 }
 __all__ = list(_EXPORTS)

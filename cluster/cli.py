@@ -12,7 +12,7 @@ from cluster.bench import serve as bench_serve
 def _generate(args: argparse.Namespace) -> int:
     if not args.local:
         from cluster.serve import generate
-        return generate(args.address, args.prompt, args.raw, max_tokens=args.max_tokens,
+        return generate(args.address, args.prompt, args.raw, _security(args), max_tokens=args.max_tokens,
                         temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     from engine import LLM, SamplingParams
     llm = LLM(model=args.model, dtype=args.dtype, num_threads=args.threads)
@@ -22,6 +22,21 @@ def _generate(args: argparse.Namespace) -> int:
     out = llm.generate([prompt], params)[0]
     print(out.text)
     return 0
+
+
+def _security(args: argparse.Namespace) -> dict:
+    """The Client options of --tls, --ca-cert, --client-cert, --client-key and --token."""
+    return {"tls": args.tls, "ca_cert": args.ca_cert, "client_cert": args.client_cert,
+            "client_key": args.client_key, "token": args.token}
+
+
+def _add_security_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("connection security (a router with router.tls_cert / router.auth_token)")
+    g.add_argument("--token", default=None, help="bearer token (the router's router.auth_token)")
+    g.add_argument("--ca-cert", default=None, help="PEM of the CA that signed the router's certificate (TLS)")
+    g.add_argument("--tls", action="store_true", help="TLS with the system's CAs (implied by --ca-cert)")
+    g.add_argument("--client-cert", default=None, help="PEM certificate of this client (mutual TLS)")
+    g.add_argument("--client-key", default=None, help="PEM key of --client-cert")
 
 
 def _bench_step(args: argparse.Namespace) -> int:
@@ -39,7 +54,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from cluster.serve import serve
-    return serve(args.config, args.address, args.port, plan_path=args.plan)
+    return serve(args.config, args.address, args.port, plan_path=args.plan, http_port=args.http_port)
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -54,7 +69,7 @@ def _profile(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     from cluster.serve import status
-    return status(args.address)
+    return status(args.address, _security(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--config", default=None, help="cluster YAML (default: built-in defaults)")
     srv.add_argument("--address", default=None, help="join this running Ray cluster instead of starting one")
     srv.add_argument("--port", type=int, default=None, help="router port (overrides router.port)")
+    srv.add_argument("--http-port", type=int, default=None,
+                     help="OpenAI-compatible HTTP port (overrides router.http_port; 0: any free, -1: none)")
     srv.add_argument("--plan", default=None, help="a plan YAML from `pdcluster plan`, merged over the config")
     srv.set_defaults(fn=_serve)
 
@@ -83,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", help="show the pools, their load and plans")
     st.add_argument("--address", default="127.0.0.1:50051", help="the router's host:port")
+    _add_security_arguments(st)
     st.set_defaults(fn=_status)
 
     gen = sub.add_parser("generate", help="stream one completion from a running cluster")
@@ -97,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--threads", type=int, default=None, help="torch CPU threads (--local)")
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    _add_security_arguments(gen)
     gen.set_defaults(fn=_generate)
 
     _add_bench_parsers(sub.add_parser("bench", help="run a benchmark (pdcluster bench WHAT --help)"))
@@ -144,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     from router.workload import WorkloadError
     try:
         return args.fn(args)
-    except (EngineError, ClientError, BenchError, PlannerError, WorkloadError) as e:
+    except (EngineError, ClientError, BenchError, PlannerError, WorkloadError, OSError) as e:
         print(f"pdcluster: error: {e}", file=sys.stderr)
         return 2
 

@@ -9,7 +9,12 @@
 
 `AsyncClient` has the same methods as coroutines / async iterators. Errors
 come back as `ClientError` subclasses carrying the gRPC status and the
-server's message (InvalidRequest, Overloaded, Unavailable).
+server's message (InvalidRequest, Overloaded, Unavailable, Unauthenticated).
+
+A router with TLS and a bearer token (router.tls_cert, router.auth_token):
+
+    client = Client("127.0.0.1:50051", ca_cert="ca.pem", token="...")
+    # mutual TLS (router.tls_client_ca): also client_cert="me.pem", client_key="me.key"
 """
 from __future__ import annotations
 
@@ -40,11 +45,60 @@ class Unavailable(ClientError):
     """The cluster cannot serve now (UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL)."""
 
 
+class Unauthenticated(ClientError, PermissionError):
+    """The router wants a (different) bearer token: UNAUTHENTICATED, PERMISSION_DENIED."""
+
+
 def _error(e: grpc.RpcError) -> ClientError:
     code = e.code()
     kind = {grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest, grpc.StatusCode.ALREADY_EXISTS: InvalidRequest,
-            grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded}.get(code, Unavailable)
+            grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded, grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+            grpc.StatusCode.PERMISSION_DENIED: Unauthenticated}.get(code, Unavailable)
     return kind(code, e.details() or "")
+
+
+@dataclass(frozen=True)
+class Security:
+    """How to reach a router: TLS (on with any of tls, ca_cert, client_cert) and a bearer token.
+
+    `ca_cert`: the CA that signed the router's certificate (PEM path or bytes; None: the system's);
+    `client_cert` / `client_key`: this client's certificate, for a router that asks for one.
+    """
+    tls: bool = False
+    ca_cert: str | bytes | None = None
+    client_cert: str | bytes | None = None
+    client_key: str | bytes | None = None
+    token: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("give both client_cert and client_key, or neither")
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.tls or self.ca_cert is not None or self.client_cert is not None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(root_certificates=_pem(self.ca_cert), private_key=_pem(self.client_key),
+                                            certificate_chain=_pem(self.client_cert))
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...] | None:
+        return (("authorization", f"Bearer {self.token}"),) if self.token else None
+
+
+def _pem(value: str | bytes | None) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    with open(value, "rb") as f:
+        return f.read()
+
+
+def _channel(address: str, security: Security, aio: bool):
+    grpc_ns = grpc.aio if aio else grpc
+    if security.uses_tls:
+        return grpc_ns.secure_channel(address, security.credentials())
+    return grpc_ns.insecure_channel(address)
 
 
 @dataclass(frozen=True)
@@ -112,9 +166,13 @@ class _Collector:
 
 
 class Client:
-    def __init__(self, address: str = "127.0.0.1:50051", timeout_s: float | None = None) -> None:
+    def __init__(self, address: str = "127.0.0.1:50051", timeout_s: float | None = None, *, tls: bool = False,
+                 ca_cert: str | bytes | None = None, client_cert: str | bytes | None = None,
+                 client_key: str | bytes | None = None, token: str | None = None) -> None:
         self.address, self.timeout_s = address, timeout_s
-        self._channel = grpc.insecure_channel(address)
+        security = Security(tls, ca_cert, client_cert, client_key, token)
+        self._md = security.metadata
+        self._channel = _channel(address, security, aio=False)
         self._gen = pb_grpc.GenerationStub(self._channel)
         self._admin = pb_grpc.AdminStub(self._channel)
         self.last: Completion | None = None   # the final result of the last finished generate()
@@ -123,7 +181,8 @@ class Client:
         """Stream chunks of new tokens; afterwards `self.last` holds the final result."""
         collector = _Collector()
         try:
-            for resp in self._gen.Generate(make_request(prompt, **kwargs), timeout=self.timeout_s):
+            for resp in self._gen.Generate(make_request(prompt, **kwargs),
+                                           timeout=self.timeout_s, metadata=self._md):
                 chunk = collector.add(resp)
                 if chunk is not None:
                     yield chunk
@@ -138,13 +197,15 @@ class Client:
 
     def abort(self, request_id: str) -> bool:
         try:
-            return self._gen.Abort(pb.AbortRequest(request_id=request_id), timeout=self.timeout_s).found
+            return self._gen.Abort(pb.AbortRequest(request_id=request_id), timeout=self.timeout_s,
+                                   metadata=self._md).found
         except grpc.RpcError as e:
             raise _error(e) from None
 
     def state(self) -> pb.ClusterState:
         try:
-            return self._admin.GetClusterState(pb.ClusterStateRequest(), timeout=self.timeout_s or 30)
+            return self._admin.GetClusterState(pb.ClusterStateRequest(), timeout=self.timeout_s or 30,
+                                               metadata=self._md)
         except grpc.RpcError as e:
             raise _error(e) from None
 
@@ -159,15 +220,20 @@ class Client:
 
 
 class AsyncClient:
-    def __init__(self, address: str = "127.0.0.1:50051", timeout_s: float | None = None) -> None:
+    def __init__(self, address: str = "127.0.0.1:50051", timeout_s: float | None = None, *, tls: bool = False,
+                 ca_cert: str | bytes | None = None, client_cert: str | bytes | None = None,
+                 client_key: str | bytes | None = None, token: str | None = None) -> None:
         self.address, self.timeout_s = address, timeout_s
-        self._channel = grpc.aio.insecure_channel(address)
+        security = Security(tls, ca_cert, client_cert, client_key, token)
+        self._md = security.metadata
+        self._channel = _channel(address, security, aio=True)
         self._gen = pb_grpc.GenerationStub(self._channel)
         self._admin = pb_grpc.AdminStub(self._channel)
 
     async def generate(self, prompt: str | None = None, **kwargs) -> AsyncIterator[Chunk]:
         try:
-            async for resp in self._gen.Generate(make_request(prompt, **kwargs), timeout=self.timeout_s):
+            async for resp in self._gen.Generate(make_request(prompt, **kwargs),
+                                                 timeout=self.timeout_s, metadata=self._md):
                 if resp.HasField("chunk"):
                     yield Chunk(tuple(resp.chunk.token_ids), resp.chunk.text)
         except grpc.RpcError as e:
@@ -177,7 +243,8 @@ class AsyncClient:
         """Chunks as they arrive, then the final `Completion` (for callers that time the chunks)."""
         collector = _Collector()
         try:
-            async for resp in self._gen.Generate(make_request(prompt, **kwargs), timeout=self.timeout_s):
+            async for resp in self._gen.Generate(make_request(prompt, **kwargs),
+                                                 timeout=self.timeout_s, metadata=self._md):
                 chunk = collector.add(resp)
                 if chunk is not None:
                     yield chunk
@@ -190,7 +257,8 @@ class AsyncClient:
     async def complete(self, prompt: str | None = None, **kwargs) -> Completion:
         collector = _Collector()
         try:
-            async for resp in self._gen.Generate(make_request(prompt, **kwargs), timeout=self.timeout_s):
+            async for resp in self._gen.Generate(make_request(prompt, **kwargs),
+                                                 timeout=self.timeout_s, metadata=self._md):
                 collector.add(resp)
         except grpc.RpcError as e:
             raise _error(e) from None
@@ -198,13 +266,15 @@ class AsyncClient:
 
     async def abort(self, request_id: str) -> bool:
         try:
-            return (await self._gen.Abort(pb.AbortRequest(request_id=request_id), timeout=self.timeout_s)).found
+            return (await self._gen.Abort(pb.AbortRequest(request_id=request_id), timeout=self.timeout_s,
+                                          metadata=self._md)).found
         except grpc.RpcError as e:
             raise _error(e) from None
 
     async def state(self) -> pb.ClusterState:
         try:
-            return await self._admin.GetClusterState(pb.ClusterStateRequest(), timeout=self.timeout_s or 30)
+            return await self._admin.GetClusterState(pb.ClusterStateRequest(), timeout=self.timeout_s or 30,
+                                                     metadata=self._md)
         except grpc.RpcError as e:
             raise _error(e) from None
 

@@ -5,7 +5,7 @@
 
 Every unknown key, wrong type or out-of-range value raises `ConfigError`
 naming the key by its dotted path (`prefill.num_instances`). Environment
-variables are read here once (PDCLUSTER_MODEL), nowhere else.
+variables are read here once (PDCLUSTER_MODEL, PDCLUSTER_AUTH_TOKEN), nowhere else.
 """
 from __future__ import annotations
 
@@ -122,16 +122,33 @@ class TransferConfig:
 class RouterConfig:
     host: str = "127.0.0.1"
     port: int = 50051                   # 0 picks a free port
+    http_port: int | None = 8000        # the OpenAI-compatible HTTP API; 0 picks a free port, null: none
     max_active_requests: int = 256      # beyond this, Generate answers RESOURCE_EXHAUSTED
     request_timeout_s: float = 300.0    # a request with no progress for this long fails
     drain_timeout_s: float = 30.0       # on stop, wait this long for requests in flight
     migration_limit: int = 3            # times a request may move after its instance died or failed it
     breaker_failures: int = 3           # failed requests in a row that take an instance out of rotation
     breaker_cooldown_s: float = 10.0    # how long it stays out before one probe request may go to it
+    served_model_name: str | None = None   # the model's id on the HTTP API; null: its directory's name
+    # security: TLS on both fronts (PEM files, both or neither); with tls_client_ca, clients must
+    # present a certificate signed by it (mutual TLS)
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    auth_token: str | None = None       # bearer token every request must carry (env PDCLUSTER_AUTH_TOKEN)
+    # per-request limits, checked on admission for every front door (null: the model's context)
+    max_prompt_tokens: int | None = None
+    max_tokens_limit: int | None = None
+    max_stop_strings: int = 16
+    max_stop_string_len: int = 256      # characters
 
     def check(self, key: str) -> None:
         if not 0 <= self.port < 65536:
             raise ConfigError(f"{key}.port must be in [0, 65536), got {self.port}")
+        if self.http_port is not None and not 0 <= self.http_port < 65536:
+            raise ConfigError(f"{key}.http_port must be in [0, 65536) or null, got {self.http_port}")
+        if self.http_port is not None and self.http_port == self.port != 0:
+            raise ConfigError(f"{key}.http_port and {key}.port are both {self.port}: give them different ports")
         _positive(self.max_active_requests, f"{key}.max_active_requests")
         if self.migration_limit < 0:
             raise ConfigError(f"{key}.migration_limit must be >= 0, got {self.migration_limit}")
@@ -141,6 +158,33 @@ class RouterConfig:
             raise ConfigError(f"{key}.request_timeout_s must be a finite number > 0, got {self.request_timeout_s}")
         if not self.drain_timeout_s >= 0 or not math.isfinite(self.drain_timeout_s):
             raise ConfigError(f"{key}.drain_timeout_s must be a finite number >= 0, got {self.drain_timeout_s}")
+        if self.served_model_name is not None and not self.served_model_name.strip():
+            raise ConfigError(f"{key}.served_model_name must not be blank")
+        self._check_security(key)
+        for name in ("max_prompt_tokens", "max_tokens_limit"):
+            if getattr(self, name) is not None:
+                _positive(getattr(self, name), f"{key}.{name}")
+        _positive(self.max_stop_strings, f"{key}.max_stop_strings")
+        _positive(self.max_stop_string_len, f"{key}.max_stop_string_len")
+
+    def _check_security(self, key: str) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            given, missing = ("tls_cert", "tls_key") if self.tls_key is None else ("tls_key", "tls_cert")
+            raise ConfigError(f"{key}.{given} is set but {key}.{missing} is not: TLS needs both")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError(f"{key}.tls_client_ca needs {key}.tls_cert and {key}.tls_key (mutual TLS runs on TLS)")
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(self, name)
+            if path is not None and not os.path.isfile(path):
+                raise ConfigError(f"{key}.{name}: file {path!r} does not exist")
+        if self.auth_token is not None:
+            # it travels in an HTTP header: printable ASCII without spaces
+            if not self.auth_token or not all(33 <= ord(c) < 127 for c in self.auth_token):
+                raise ConfigError(f"{key}.auth_token must be non-empty printable ASCII without spaces")
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
 
 @dataclass(frozen=True)
@@ -332,6 +376,10 @@ def load_config(path: str | None = None, overrides: dict | None = None) -> Clust
     model = data.get("model")
     if os.environ.get("PDCLUSTER_MODEL") and (model is None or isinstance(model, dict) and "path" not in model):
         data = merge_sections(data, {"model": {"path": os.environ["PDCLUSTER_MODEL"]}})
+    router = data.get("router")
+    if os.environ.get("PDCLUSTER_AUTH_TOKEN") and (router is None or isinstance(router, dict)
+                                                   and router.get("auth_token") is None):
+        data = merge_sections(data, {"router": {"auth_token": os.environ["PDCLUSTER_AUTH_TOKEN"]}})
     return from_dict(merge_sections(data, overrides or {}))
 
 

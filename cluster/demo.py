@@ -26,7 +26,7 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
 
 def main(max_tokens: int = 48, config_path: str | None = None) -> int:
     path = config_path or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)
-    cfg = load_config(path, {"router": {"port": 0}, "ray": {"address": None}})
+    cfg = load_config(path, {"router": {"port": 0, "http_port": 0}, "ray": {"address": None}})
     start = time.monotonic()
     with Cluster(cfg) as cluster, Client(cluster.address) as client:
         print(f"cluster up in {time.monotonic() - start:.1f}s\n", flush=True)

@@ -26,7 +26,8 @@ def plan_fragment(path: str) -> dict:
     return data
 
 
-def serve(config_path: str | None, address: str | None, port: int | None, plan_path: str | None = None) -> int:
+def serve(config_path: str | None, address: str | None, port: int | None, plan_path: str | None = None,
+          http_port: int | None = None) -> int:
     """Start the cluster in the foreground; Ctrl-C (or SIGTERM) drains it and stops."""
     from cluster.local import Cluster   # here: it brings torch and Ray, which `generate` / `status` do not need
     overrides: dict = plan_fragment(plan_path) if plan_path else {}
@@ -34,13 +35,18 @@ def serve(config_path: str | None, address: str | None, port: int | None, plan_p
         overrides = merge_sections(overrides, {"ray": {"address": address}})
     if port is not None:
         overrides = merge_sections(overrides, {"router": {"port": port}})
+    if http_port is not None:   # -1: no HTTP API
+        overrides = merge_sections(overrides, {"router": {"http_port": None if http_port < 0 else http_port}})
     cfg = load_config(config_path, overrides)
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     cluster = Cluster(cfg)
     try:
         cluster.start()
-        print(f"serving on {cluster.address}; Ctrl-C drains and stops", flush=True)
+        http = cluster.router.http_port_bound
+        scheme = "https" if cfg.router.tls else "http"
+        also = f", OpenAI-compatible HTTP on {scheme}://{cfg.router.host}:{http}/v1" if http is not None else ""
+        print(f"serving on {cluster.address} (gRPC){also}; Ctrl-C drains and stops", flush=True)
         while not stop.wait(0.5):
             pass
         print(f"draining (up to {cfg.router.drain_timeout_s:.0f}s) ...", flush=True)
@@ -70,17 +76,18 @@ def describe(r) -> str:
             f"on {r.decode_instance or '-'}")
 
 
-def generate(address: str, prompt: str, raw: bool, **sampling) -> int:
-    """Stream one completion to the terminal, then its timings on stderr."""
-    with Client(address) as client:
+def generate(address: str, prompt: str, raw: bool, security: dict | None = None, **sampling) -> int:
+    """Stream one completion to the terminal, then its timings on stderr. `security`: Client's
+    tls / ca_cert / client_cert / client_key / token."""
+    with Client(address, **(security or {})) as client:
         kwargs = {"prompt": prompt} if raw else {"messages": [{"role": "user", "content": prompt}]}
         result = stream_answer(client, **kwargs, **sampling)
     print(f"\n{describe(result)}", file=sys.stderr)
     return 0
 
 
-def status(address: str) -> int:
-    with Client(address) as client:
+def status(address: str, security: dict | None = None) -> int:
+    with Client(address, **(security or {})) as client:
         state = client.state()
     print(f"model {state.model}  transfer {state.transfer_backend}  "
           f"requests {state.num_active_requests}/{state.max_active_requests}")

@@ -83,7 +83,8 @@ def main(args: argparse.Namespace) -> int:
     if not Path("/proc/self/stat").exists():
         raise BenchError("bench cpu-share reads /proc: Linux only")
     profile = load_profile(args.profile)       # a bad path fails before the cluster starts
-    with Cluster(load_config(args.config, {"router": {"port": 0}}), log=lambda m: None) as cluster:
+    with Cluster(load_config(args.config, {"router": {"port": 0, "http_port": 0}}),
+                 log=lambda m: None) as cluster:
         results, wall, rows = asyncio.run(serve_point(cluster.address, args))
     print(f"{args.config}, {args.workload} at {args.rate:g} req/s, {args.num_requests} requests, "
           f"{wall:.1f} s: CPU per process, in cores")

@@ -315,7 +315,7 @@ def _run(args: argparse.Namespace, profile: Profile) -> dict:
                          time_limit_s=s.time_limit_s)
     t0 = time.monotonic()
     print(f"starting {args.config}", flush=True)
-    with Cluster(load_config(args.config, {"router": {"port": 0}}),
+    with Cluster(load_config(args.config, {"router": {"port": 0, "http_port": 0}}),
                  log=lambda m: print(f"    {m}", flush=True)) as cluster:
         measured = asyncio.run(_measure(cluster.address, spec, cal_spec, lambda m: print(m, flush=True)))
     return {"workload": args.workload, "config": args.config, "rates": list(rates),

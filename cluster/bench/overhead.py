@@ -55,7 +55,7 @@ def run(repeats: int = 5, out: str = "bench-results/overhead.json", dtype: str =
     from engine import LLM
 
     llm = LLM(dtype=dtype, num_threads=1, kv_cache_memory_gb=0.25)
-    cfg = load_config(None, {"model": {"dtype": dtype}, "router": {"port": 0},
+    cfg = load_config(None, {"model": {"dtype": dtype}, "router": {"port": 0, "http_port": 0},
                              "prefill": {"kv_cache_memory_gb": 0.25}, "decode": {"kv_cache_memory_gb": 0.25}})
     rows = []
     with Cluster(cfg, log=lambda *_: None) as cluster, Client(cluster.address) as client:

@@ -5,10 +5,12 @@
 
 For each config (one serving mode each) a cluster is started, warmed up, swept
 over the rates and stopped; `--address` drives an already running cluster
-instead. At each rate the same requests (lengths from `router.workload`, same
-seed at every rate: only the arrival times change) are sent *open loop*: each
-one at its arrival time whether or not earlier ones have finished, as its own
-asyncio task. Prompts are random in-vocabulary token ids of exactly the drawn
+instead, and `--endpoint http://HOST:PORT/v1 --model NAME` any OpenAI-compatible
+server (ours, vLLM, ...) over streamed HTTP completions (cluster.bench.endpoint).
+At each rate the same requests (lengths from `router.workload`, same seed at
+every rate: only the arrival times change) are sent *open loop*: each one at
+its arrival time whether or not earlier ones have finished, as its own asyncio
+task. Prompts are random in-vocabulary token ids of exactly the drawn
 length (no special tokens); the output length is forced with `ignore_eos` and
 `max_tokens`. A rate point is bounded by `--time-limit`: at it, sending stops
 and requests still in flight are cancelled (both count as SLO misses). The
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import random
@@ -29,6 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from cluster.bench.endpoint import EndpointClient
 from cluster.bench.serve_metrics import (CANCELLED, FAILED, OK, SLO, BenchError, RequestResult, goodput,
                                          goodput_interpolated, next_bisection_rate, summarize)
 from cluster.bench.serve_report import markdown
@@ -174,7 +178,9 @@ async def _one(client, r: RequestResult, ids: list[int], start: float, done: Cal
 
 async def run_point(client, specs: Sequence[RequestSpec], prompts: PromptMaker, time_limit_s: float,
                     progress: bool = True, desc: str = "") -> tuple[list[RequestResult], float]:
-    """Send `specs` open loop; returns every request's result and the point's duration in seconds."""
+    """Send `specs` open loop; returns every request's result and the point's duration in seconds.
+    `client`: the SDK's AsyncClient, or an EndpointClient (HTTP), which sends its own way."""
+    send = client.send if isinstance(client, EndpointClient) else functools.partial(_one, client)
     results = [RequestResult(i, s.arrival_s, s.prompt_tokens, s.output_tokens) for i, s in enumerate(specs)]
     ids = [prompts.ids(s.prompt_tokens, i) for i, s in enumerate(specs)]   # built before the clock starts
     bar = _Progress(len(results), desc, progress)
@@ -188,7 +194,7 @@ async def run_point(client, specs: Sequence[RequestSpec], prompts: PromptMaker, 
             break                       # the rest stay UNSENT: misses
         if at > loop.time():
             await asyncio.sleep(at - loop.time())
-        tasks.append(asyncio.create_task(_one(client, r, prompt, start, bar.update)))
+        tasks.append(asyncio.create_task(send(r, prompt, start, bar.update)))
     if tasks:
         _, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time()))
         for t in pending:
@@ -200,6 +206,8 @@ async def run_point(client, specs: Sequence[RequestSpec], prompts: PromptMaker, 
 
 async def wait_idle(client, timeout_s: float = IDLE_TIMEOUT_S) -> bool:
     """Until the router has no request and no instance holds work (bounded); False on timeout."""
+    if isinstance(client, EndpointClient):
+        return await client.wait_idle(timeout_s)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         st = await client.state()
@@ -217,9 +225,10 @@ async def warm_up(client, spec: SweepSpec, prompts: PromptMaker) -> None:
 
 
 async def sweep(address: str, spec: SweepSpec, prompts: PromptMaker, label: str, progress: bool = True,
-                log: Callable[[str], None] = print) -> dict:
-    """Every rate of `spec` (then `refine` bisection steps) against the cluster at `address`."""
-    client = AsyncClient(address)
+                log: Callable[[str], None] = print, client=None) -> dict:
+    """Every rate of `spec` (then `refine` bisection steps) against the cluster at `address`
+    (or through `client`, an EndpointClient; it is closed at the end)."""
+    client = client or AsyncClient(address)
     points: list[dict] = []
     try:
         await warm_up(client, spec, prompts)
@@ -270,7 +279,8 @@ def run_configs(config_paths: Sequence[str], spec: SweepSpec, progress: bool = T
                 log: Callable[[str], None] = print) -> list[dict]:
     """Start each config's cluster in turn, sweep it, stop it."""
     modes = []
-    configs = [(path, load_config(path, {"router": {"port": 0}})) for path in config_paths]   # all checked first
+    configs = [(path, load_config(path, {"router": {"port": 0, "http_port": 0}}))   # all checked first
+               for path in config_paths]
     labels = [mode_label(cfg) for _, cfg in configs]
     for i, (path, cfg) in enumerate(configs):
         label = labels[i] if labels.count(labels[i]) == 1 else f"{labels[i]} ({Path(path).stem})"
@@ -299,6 +309,29 @@ def run_address(address: str, spec: SweepSpec, label: str, model: str | None = N
     prompts = PromptMaker.for_model(model, spec.seed)
     result = asyncio.run(sweep(address, spec, prompts, label, progress, log))
     result["config"] = address
+    return [result]
+
+
+def run_endpoint(endpoint: str, spec: SweepSpec, label: str, model: str | None = None,
+                 tokenizer: str | None = None, token: str | None = None, ca_cert: str | None = None,
+                 progress: bool = True, log: Callable[[str], None] = print) -> list[dict]:
+    """Sweep any OpenAI-compatible server; the prompts use `tokenizer`'s vocabulary (default: `model`
+    when it is a local directory, else the default model)."""
+    vocab = tokenizer or (model if model and os.path.isdir(model) else default_model_path())
+    prompts = PromptMaker.for_model(vocab, spec.seed)
+
+    async def run() -> dict:
+        client = EndpointClient(endpoint, model, token, ca_cert)
+        try:
+            name = await client.resolve_model()
+        except BaseException:
+            await client.close()
+            raise
+        log(f"--- {label}: {endpoint}, model {name!r}")
+        return await sweep(endpoint, spec, prompts, label, progress, log, client=client)
+
+    result = asyncio.run(run())
+    result["config"] = endpoint
     return [result]
 
 
@@ -340,7 +373,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--config", default=None,
                    help="cluster YAML(s), comma-separated: each is started in turn and swept (one mode each)")
     g.add_argument("--address", default=None, help="drive this running router (host:port) instead")
-    g.add_argument("--label", default="cluster", help="with --address: the mode's name in the results")
+    g.add_argument("--endpoint", default=None,
+                   help="drive any OpenAI-compatible server instead (http://HOST:PORT/v1): streamed completions")
+    g.add_argument("--label", default="cluster", help="with --address / --endpoint: the mode's name in the results")
     g.add_argument("--workload", default="chatbot", help="chatbot | code | summarization")
     g.add_argument("--trace", default=None, help="BurstGPT-layout CSV: lengths and burstiness from it")
     g.add_argument("--rates", default="0.5,1", help="comma-separated request rates (req/s)")
@@ -354,7 +389,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--time-limit", type=float, default=None, help="seconds per rate point (default: span + 60)")
     g.add_argument("--warmup", type=int, default=2, help="unmeasured requests before the sweep")
     g.add_argument("--cdf-rate", type=float, default=None, help="rate whose latencies the CDF plot shows")
-    g.add_argument("--model", default=None, help="with --address: the model directory for the vocabulary")
+    g.add_argument("--model", default=None, help="with --address: the model directory for the vocabulary; "
+                   "with --endpoint: the model name requests carry (default: the first the server lists)")
+    g.add_argument("--tokenizer", default=None,
+                   help="with --endpoint: the model directory whose vocabulary the prompts use (default: --model "
+                        "when it is a directory, else the default model)")
+    g.add_argument("--token", default=None, help="with --endpoint: bearer token")
+    g.add_argument("--ca-cert", default=None, help="with --endpoint: CA of the server's TLS certificate (PEM)")
     g.add_argument("--no-progress", action="store_true")
 
 
@@ -369,8 +410,9 @@ def parse_rates(text: str) -> tuple[float, ...]:
 
 
 def main(args: argparse.Namespace) -> int:
-    if (args.config is None) == (args.address is None):
-        raise BenchError("bench serve needs exactly one of --config (start clusters) or --address")
+    if sum(x is not None for x in (args.config, args.address, args.endpoint)) != 1:
+        raise BenchError("bench serve needs exactly one of --config (start clusters), --address (a running "
+                         "router) or --endpoint (any OpenAI-compatible server)")
     if args.ttft_slo is None or args.tpot_slo is None:
         raise BenchError("bench serve needs --ttft-slo and --tpot-slo (seconds)")
     spec = SweepSpec(args.workload, parse_rates(args.rates), args.num_requests, SLO(args.ttft_slo, args.tpot_slo),
@@ -381,6 +423,9 @@ def main(args: argparse.Namespace) -> int:
     load_before = os.getloadavg()
     if args.config is not None:
         modes = run_configs([c for c in args.config.split(",") if c], spec, not args.no_progress)
+    elif args.endpoint is not None:
+        modes = run_endpoint(args.endpoint, spec, args.label, args.model, args.tokenizer, args.token, args.ca_cert,
+                             not args.no_progress)
     else:
         modes = run_address(args.address, spec, args.label, args.model, not args.no_progress)
     out = args.out

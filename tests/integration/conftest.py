@@ -20,7 +20,7 @@ def cluster_config(**sections):
         "model": {"dtype": "float32"},   # fp32: token-for-token against transformers
         "prefill": {"kv_cache_memory_gb": 0.2},
         "decode": {"kv_cache_memory_gb": 0.2},
-        "router": {"host": "127.0.0.1", "port": 0, "drain_timeout_s": 5},
+        "router": {"host": "127.0.0.1", "port": 0, "http_port": 0, "drain_timeout_s": 5},
         "ray": {"address": None, "host": "127.0.0.1"},
     }
     for name, values in sections.items():

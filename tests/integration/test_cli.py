@@ -31,7 +31,7 @@ def test_serve_generate_status_and_ctrl_c(tmp_path):
                       "router: {drain_timeout_s: 5}\n")
     log = open(tmp_path / "serve.log", "w+")
     serve = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--config", str(config),
-                              "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                              "--port", str(port), "--http-port", "0"], stdout=log, stderr=subprocess.STDOUT,
                              env=dict(os.environ, PYTHONUNBUFFERED="1"))
     try:
         deadline = time.monotonic() + 180

@@ -13,7 +13,7 @@ CONFIG = """\
 model: {dtype: bfloat16}
 prefill: {kv_cache_memory_gb: 0.2}
 decode: {kv_cache_memory_gb: 0.2}
-router: {port: 0, drain_timeout_s: 5}
+router: {port: 0, http_port: 0, drain_timeout_s: 5}
 """
 
 
