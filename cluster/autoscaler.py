@@ -110,6 +110,7 @@ class Autoscaler:
         for _ in range(n):
             event.instances.append(self.pools.launch(role).name)
         self.events.append(event)
+        self._call(lambda: self.router.core.scaling_events.update({(role, "up"): n}))
         self.pools.request_capacity()
         self.log(f"autoscaler: + {n} {role} ({', '.join(event.instances)}): {why}")
 
@@ -121,6 +122,7 @@ class Autoscaler:
             return
         event = ScalingEvent(now, role, -len(victims), why, victims)
         self.events.append(event)
+        self._call(lambda: self.router.core.scaling_events.update({(role, "down"): len(victims)}))
         for name in victims:
             event.moved[name] = self._call(lambda name=name: self._drain(name))
             self._draining[name] = (now, event)

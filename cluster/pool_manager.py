@@ -55,6 +55,8 @@ class PoolManager:
                  log_fn: Callable[[str], None] = print) -> None:
         self.cfg, self.model_path, self.router_endpoint, self.host = cfg, model_path, router_endpoint, host
         self._cfg_dict = to_dict(cfg)
+        # the workers need no router secrets: what they are handed can be read in Ray's logs
+        self._cfg_dict["router"] = {**self._cfg_dict["router"], "auth_token": None}
         self.on_ready, self.on_dead, self.log = on_ready, on_dead, log_fn
         self.instances: dict[str, Instance] = {}      # live or starting
         self.deaths: list[DeathRecord] = []

@@ -25,6 +25,8 @@ def start_ray(address: str | None, host: str, num_cpus: int) -> bool:
         # it is imported, so this comes first.
         os.environ["RAY_AUTH_MODE"] = "token"
         os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+        # Ray starts workers at nice 15 by default: ours are the service, not background work
+        os.environ.setdefault("RAY_worker_niceness", "0")
         if _is_loopback(host):
             # _node_ip_address="127.0.0.1" alone is not honoured: Ray swaps a loopback
             # address for the machine's external one unless single-node mode is on.

@@ -103,6 +103,7 @@ class RouterCore:
         self.draining = False
         self.num_migrations = 0
         self.num_deaths = 0
+        self.scaling_events: Counter[tuple[str, str]] = Counter()   # (role, "up" | "down") -> instances
         self.observers: list[RequestObserver] = []
 
     # -- instances -----------------------------------------------------------------------

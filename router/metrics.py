@@ -36,7 +36,7 @@ REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 2
                            120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 # ours: a KV pull takes milliseconds on one node
 TRANSFER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-STATUSES = ("serving", "out_of_rotation", "dead")
+STATUSES = ("serving", "draining", "out_of_rotation", "dead")
 # vLLM's request_success reasons are OpenAI's finish reasons
 SUCCESS_REASON = {"eos": "stop", "stop": "stop", "length": "length", "context": "length", "abort": "abort"}
 
@@ -96,6 +96,9 @@ class RouterMetrics:
         self._last_token_at: dict[str, float] = {}
 
     # -- RequestObserver ---------------------------------------------------------------
+    def admitted(self, st: RequestState, now: float) -> None:
+        """Arrivals are the core's `requests` plus what has ended: nothing to count here."""
+
     def tokens(self, st: RequestState, num_tokens: int, now: float) -> None:
         if num_tokens <= 0:
             return
@@ -181,4 +184,8 @@ class _StateCollector:
         deaths = CounterMetricFamily(PREFIX + "instance_deaths", "Instances whose process died.",
                                      labels=["model_name"])
         deaths.add_metric([model], core.num_deaths)
-        yield from (running, waiting, usage, leases, instances, active, migrations, deaths)
+        scaling = CounterMetricFamily(PREFIX + "scaling_events", "Instances the autoscaler added (up) or "
+                                      "removed (down), per pool.", labels=["model_name", "role", "direction"])
+        for (role, direction), n in sorted(core.scaling_events.items()):
+            scaling.add_metric([model, role, direction], n)
+        yield from (running, waiting, usage, leases, instances, active, migrations, deaths, scaling)

@@ -8,3 +8,10 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray reads its auth settings when it is first imported, and a unit test may import it before
+# an integration test starts a cluster: the settings cluster.ray_cluster.start_ray would set,
+# set once for the whole session, so the order tests run in does not matter.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+if "RAY_AUTH_TOKEN" not in os.environ:
+    import secrets
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)

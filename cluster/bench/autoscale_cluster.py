@@ -31,7 +31,7 @@ DEFAULT_SCALING = {
     "model": {"dtype": "bfloat16"},
     "prefill": {"num_instances": 1, "kv_cache_memory_gb": 0.3},
     "decode": {"num_instances": 1, "kv_cache_memory_gb": 0.3},
-    "router": {"port": 0, "drain_timeout_s": 5},
+    "router": {"port": 0, "http_port": 0, "drain_timeout_s": 5},
     "ray": {"address": None, "host": "127.0.0.1"},
     "autoscaling": {
         "policy": "load", "interval_s": 2.0, "window_s": 10.0,
@@ -108,7 +108,7 @@ def run_once(cfg: ClusterConfig, specs: list[RequestSpec], slo: SLO, label: str,
 
 def main(args) -> int:
     base = load_config(args.config) if args.config else load_config(None, DEFAULT_SCALING)
-    base = base.replace(router={"port": 0}, ray={"address": None})
+    base = base.replace(router={"port": 0, "http_port": 0}, ray={"address": None})
     specs = step_trace(args.low_rate, args.high_rate, args.duration_s, args.seed)
     slo = SLO(args.ttft_slo, args.tpot_slo)
     print(f"autoscale (cluster): {len(specs)} requests over {args.duration_s:.0f}s, "

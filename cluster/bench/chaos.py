@@ -36,7 +36,7 @@ DEFAULT_CLUSTER = {
     "model": {"dtype": "float32"},   # greedy output compared token for token with the calm run
     "prefill": {"num_instances": 2, "kv_cache_memory_gb": 0.1},
     "decode": {"num_instances": 2, "kv_cache_memory_gb": 0.1},
-    "router": {"port": 0, "migration_limit": 5, "request_timeout_s": 120, "drain_timeout_s": 5},
+    "router": {"port": 0, "http_port": 0, "migration_limit": 5, "request_timeout_s": 120, "drain_timeout_s": 5},
     "restart": {"max_restarts": 50, "backoff_s": 0.5},
     "ray": {"address": None, "host": "127.0.0.1"},
 }
@@ -199,7 +199,7 @@ def summarize(chaos: ChaosResult, calm: ChaosResult | None) -> dict:
 def main(args) -> int:
     from engine.default_model import default_model_path
     from engine.tokenizer import load_tokenizer
-    cfg = load_config(args.config, DEFAULT_CLUSTER if args.config is None else {"router": {"port": 0}})
+    cfg = load_config(args.config, DEFAULT_CLUSTER if args.config is None else {"router": {"port": 0, "http_port": 0}})
     tok = load_tokenizer(cfg.model.path or default_model_path())
     requests = requests_for(tok, args.num_requests, args.seed)
     print(f"chaos: {len(requests)} requests, a kill every {args.kill_every_s}s", flush=True)
