@@ -62,9 +62,9 @@ class RouterSettings(Protocol):
     breaker_cooldown_s: float
 
 
-class RequestObserver(Protocol):
+class RequestObserver:
     """Sees every request's progress (metrics, the autoscaler's window): called on the router's
-    loop, must not block."""
+    loop, must not block. A subclass overrides what it needs; the rest do nothing."""
 
     def admitted(self, st: RequestState, now: float) -> None:
         """It was admitted (it counts as an arrival)."""

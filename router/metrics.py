@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
 
+from router.core import RequestObserver
 from router.request_state import RequestState
 
 PREFIX = "pdcluster:"
@@ -52,7 +53,7 @@ def buckets_1_2_5(max_value: int) -> list[int]:
         scale *= 10
 
 
-class RouterMetrics:
+class RouterMetrics(RequestObserver):
     """Observes the core's requests; `render()` is the /metrics page."""
 
     def __init__(self, core, model_name: str, transfer_backend: str = "") -> None:
@@ -96,9 +97,6 @@ class RouterMetrics:
         self._last_token_at: dict[str, float] = {}
 
     # -- RequestObserver ---------------------------------------------------------------
-    def admitted(self, st: RequestState, now: float) -> None:
-        """Arrivals are the core's `requests` plus what has ended: nothing to count here."""
-
     def tokens(self, st: RequestState, num_tokens: int, now: float) -> None:
         if num_tokens <= 0:
             return
@@ -128,9 +126,6 @@ class RouterMetrics:
             self.transfer.observe(st.transfer_s)
         self.prompt_hist.observe(len(st.prompt_ids))
         self.gen_hist.observe(st.num_output_tokens)
-
-    def migrated(self, st: RequestState, why: str) -> None:
-        """Counted by the core (num_migrations), read at scrape time."""
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -10,6 +10,7 @@ import math
 from collections import deque
 
 from router.autoscale import Observation, PoolObservation
+from router.core import RequestObserver
 
 
 def p90(values: list[float]) -> float | None:
@@ -19,7 +20,7 @@ def p90(values: list[float]) -> float | None:
     return ordered[min(len(ordered) - 1, int(math.ceil(0.9 * len(ordered))) - 1)]
 
 
-class RequestWindow:
+class RequestWindow(RequestObserver):
     def __init__(self, keep_s: float = 600.0) -> None:
         self.keep_s = keep_s
         self._arrived: deque[tuple[float, int]] = deque()                 # (time, prompt tokens)
@@ -30,9 +31,6 @@ class RequestWindow:
         self._arrived.append((now, len(st.prompt_ids)))
         self._trim(now)
 
-    def tokens(self, st, num_tokens: int, now: float) -> None:
-        pass
-
     def ended(self, st, reason: str, now: float) -> None:
         if st.first_token_at is None or reason in ("cancelled", "error", "abort"):
             return
@@ -40,9 +38,6 @@ class RequestWindow:
         tpot = (st.last_token_at - st.first_token_at) / (n - 1) if n > 1 else None
         self._finished.append((now, n, st.first_token_at - st.arrival, tpot))
         self._trim(now)
-
-    def migrated(self, st, why: str) -> None:
-        pass
 
     # -- reading ------------------------------------------------------------------------------
     def _trim(self, now: float) -> None:

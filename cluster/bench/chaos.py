@@ -31,6 +31,7 @@ from pathlib import Path
 from cluster.client import Client
 from cluster.config import ClusterConfig, load_config
 from cluster.local import Cluster
+from router.core import RequestObserver
 
 DEFAULT_CLUSTER = {
     "model": {"dtype": "float32"},   # greedy output compared token for token with the calm run
@@ -103,17 +104,11 @@ def _one(address: str, index: int, ids: list[int], max_tokens: int, state: dict)
     return rec
 
 
-class _MoveCounter:
-    """A router observer: how many times each request moved (read by the client threads)."""
+class _MoveCounter(RequestObserver):
+    """How many times each request moved (read by the client threads)."""
 
     def __init__(self, moved: dict) -> None:
         self.moved = moved
-
-    def tokens(self, st, num_tokens, now) -> None:
-        pass
-
-    def ended(self, st, reason, now) -> None:
-        pass
 
     def migrated(self, st, why) -> None:
         self.moved[st.req_id] = st.attempt
