@@ -115,6 +115,7 @@ class RouterCore:
         self.num_migrations = 0
         self.num_deaths = 0
         self.scaling_events: Counter[tuple[str, str]] = Counter()   # (role, "up" | "down") -> instances
+        self.num_local_prefills = 0        # attempts prefilled on their decode instance (conditional)
         self.observers: list[RequestObserver] = []
 
     # -- instances -----------------------------------------------------------------------
@@ -312,6 +313,7 @@ class RouterCore:
         st.waiting_for_instance = False
         self._by_worker_id[st.worker_id] = st
         st.prefill, st.prefill_done, st.local_prefill = view.name, False, local
+        self.num_local_prefills += local
         st.charged_tokens = len(st.attempt_ids)
         view.queued_tokens += st.charged_tokens
         if self.colocated or local:   # both phases here: counted active until the request ends
