@@ -37,7 +37,7 @@ from cluster.bench.serve_metrics import (CANCELLED, FAILED, OK, SLO, BenchError,
                                          goodput_interpolated, next_bisection_rate, summarize)
 from cluster.bench.serve_report import markdown
 from cluster.client import AsyncClient, Chunk, Client, ClientError
-from cluster.config import load_config
+from cluster.config import ClusterConfig, load_config, merge_sections
 from cluster.local import Cluster
 from engine.tokenizer import load_tokenizer
 from engine.default_model import default_model_path
@@ -284,9 +284,12 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
-def mode_label(config) -> str:
-    """The config's serving mode (disaggregated when the config has no `mode` key)."""
-    return str(getattr(config, "mode", None) or "disaggregated")
+def mode_label(config: ClusterConfig) -> str:
+    """The config's serving mode; a disaggregated one that prefills some requests on its decode
+    instances is named after that choice (conditional, never)."""
+    if config.mode == "disaggregated" and config.router.disaggregation != "always":
+        return config.router.disaggregation
+    return config.mode
 
 
 # what every worker counts (worker_shell.base.stats): prompt tokens looked up in the prefix cache and
@@ -301,11 +304,11 @@ def worker_counters(cluster: Cluster) -> dict[str, int]:
 
 
 def run_configs(config_paths: Sequence[str], spec: SweepSpec, progress: bool = True,
-                log: Callable[[str], None] = print) -> list[dict]:
-    """Start each config's cluster in turn, sweep it, stop it."""
+                log: Callable[[str], None] = print, overrides: dict | None = None) -> list[dict]:
+    """Start each config's cluster in turn (`overrides` merged over each), sweep it, stop it."""
     modes = []
-    configs = [(path, load_config(path, {"router": {"port": 0, "http_port": 0}}))   # all checked first
-               for path in config_paths]
+    merged = merge_sections({"router": {"port": 0, "http_port": 0}}, overrides or {})
+    configs = [(path, load_config(path, merged)) for path in config_paths]   # all checked first
     labels = [mode_label(cfg) for _, cfg in configs]
     for i, (path, cfg) in enumerate(configs):
         label = labels[i] if labels.count(labels[i]) == 1 else f"{labels[i]} ({Path(path).stem})"
