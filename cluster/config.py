@@ -24,6 +24,7 @@ from router import modes
 from worker_shell.faults import POINTS as FAULT_POINTS
 
 CHUNKED_DEFAULT_BUDGET = 512           # Sarathi-Serve-sized token budget per step
+DISAGGREGATION = ("always", "never", "conditional")
 
 
 @dataclass(frozen=True)
@@ -141,8 +142,13 @@ class RouterConfig:
     max_tokens_limit: int | None = None
     max_stop_strings: int = 16
     max_stop_string_len: int = 256      # characters
+    # mode disaggregated: where prompts are prefilled. always: the prefill pool; never: on the decode
+    # instance that decodes them (in chunks); conditional: per request, whichever meets the SLOs
+    # better (the `conditional` section)
+    disaggregation: str = "always"
 
     def check(self, key: str) -> None:
+        _one_of(self.disaggregation, DISAGGREGATION, f"{key}.disaggregation")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"{key}.port must be in [0, 65536), got {self.port}")
         if self.http_port is not None and not 0 <= self.http_port < 65536:
@@ -185,6 +191,20 @@ class RouterConfig:
     @property
     def tls(self) -> bool:
         return self.tls_cert is not None
+
+
+@dataclass(frozen=True)
+class ConditionalConfig:
+    """router.disaggregation conditional / never: local prefills on decode instances (router/conditional.py)."""
+    ttft_slo_s: float = 1.0             # the targets the choice weighs each path against
+    tpot_slo_s: float = 0.15
+    local_prefill_tokens: int = 256     # prompt tokens a decode step carries at most (Sarathi-Serve chunk)
+    profile: str = "smollm2-135m-cpu"   # latency profile of the model on this hardware (corrected live)
+
+    def check(self, key: str) -> None:
+        _finite_at_least(self.ttft_slo_s, 1e-6, f"{key}.ttft_slo_s")
+        _finite_at_least(self.tpot_slo_s, 1e-6, f"{key}.tpot_slo_s")
+        _positive(self.local_prefill_tokens, f"{key}.local_prefill_tokens")
 
 
 @dataclass(frozen=True)
@@ -305,6 +325,7 @@ class ClusterConfig:
     transfer: TransferConfig = field(default_factory=TransferConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    conditional: ConditionalConfig = field(default_factory=ConditionalConfig)
     restart: RestartConfig = field(default_factory=RestartConfig)
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)   # tests only
@@ -322,7 +343,15 @@ class ClusterConfig:
                               f"colocated.max_num_seqs ({self.colocated.max_num_seqs}) in mode colocated_chunked")
         self._check_plans()
         self._check_autoscaling()
+        if self.local_prefills and self.decode.tp_size * self.decode.pp_size != 1:
+            raise ConfigError(f"router.disaggregation {self.router.disaggregation}: a {self.decode.plan} decode "
+                              f"instance cannot prefill locally yet (its chunked steps run on one rank); use 1 x 1")
         return self
+
+    @property
+    def local_prefills(self) -> bool:
+        """Decode instances prefill some requests themselves (router.disaggregation never/conditional)."""
+        return not self.is_colocated and self.router.disaggregation != "always"
 
     def _check_autoscaling(self) -> None:
         a = self.autoscaling

@@ -24,6 +24,7 @@ from engine.default_model import default_model_path
 from engine.model_config import load_model_config
 from engine.tokenizer import load_tokenizer
 from router.autoscale import make_policy
+from router.conditional import ConditionalPolicy
 from router.planner.profile import load_profile
 from router.links import WorkerLinks
 from router.server import InstanceInfo, ModelInfo, Router
@@ -147,7 +148,13 @@ class Cluster:
         model = ModelInfo(name=model_path, vocab_size=mc.vocab_size, max_model_len=max_len,
                           num_blocks=smallest["num_blocks"], block_size=smallest["block_size"],
                           transfer_backend=cfg.transfer.backend)
-        self.router = Router(cfg.router, model, load_tokenizer(model_path), links, mode=cfg.mode)
+        conditional = None
+        if cfg.local_prefills:   # router.disaggregation never / conditional: the placement model
+            c = cfg.conditional
+            latency = load_profile(resolve_profile(c.profile)).latency(1, 1)
+            conditional = ConditionalPolicy(latency, c.ttft_slo_s, c.tpot_slo_s, c.local_prefill_tokens)
+        self.router = Router(cfg.router, model, load_tokenizer(model_path), links, mode=cfg.mode,
+                             conditional=conditional)
 
     @staticmethod
     def _instance_info(inst) -> InstanceInfo:

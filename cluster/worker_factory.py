@@ -86,7 +86,8 @@ def build_worker(role: str, name: str, cfg: ClusterConfig, model_path: str, host
             receiver = ScatteringReceiver(receiver, runner)
         return DecodeWorker(name, runner, parts.blocks, receiver, **common,
                             config=SchedulerConfig(pool.max_num_seqs, pool.max_num_batched_tokens),
-                            on_close=release, on_failure=t.on_failure)
+                            on_close=release, on_failure=t.on_failure,
+                            local_chunk_tokens=cfg.conditional.local_prefill_tokens if cfg.local_prefills else None)
     kwargs = dict(host=host, lease_ttl_s=t.lease_ttl_s, checksum=t.checksum, compress=t.compress)
     if use_shared:
         kwargs["shared_cache"] = shared[0]

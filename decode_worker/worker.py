@@ -27,6 +27,15 @@ Lifecycle of a request here:
      ends FAILED at the next poll (not after the receiver's timeouts) and
      goes through step 3; PENDING requests whose KV it held go there at once.
 
+Local prefill (router.disaggregation conditional or never): `local_prefill`
+(router -> PrefillWork, the message a prefill worker takes) puts a request in
+WAITING here; with `local_chunk_tokens` the scheduler is the chunked one, so
+its prompt runs in chunks riding on the decode steps (no step carries more
+than that many prompt tokens) and its first token goes back as PrefillDone,
+then it decodes here like any other. With prefix caching, KV that landed from
+a transfer or was computed here is found again by a later prompt over the
+same prefix (a conversation's next turn).
+
 Layer-wise streaming: `prefetch(offer)` takes the early offer of a prefill that
 is still running (before any DecodeWork) and starts pulling at once, into
 blocks for the prompt plus the first token; each layer lands as it is sent.
@@ -54,6 +63,7 @@ from dataclasses import dataclass
 from engine.block_manager import BlockManager, blocks_needed
 from engine.errors import ConfigError, EngineError
 from engine.runner import Runner
+from engine.chunked_scheduler import NO_TOKEN, ChunkedScheduler
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import SeqState
 from kv_transfer.backends import ON_FAILURE
@@ -107,15 +117,24 @@ class DecodeWorker(WorkerShell):
     def __init__(self, name: str, runner: Runner, blocks: BlockManager, receiver: KVReceiver, *, vocab_size: int,
                  eos_token_ids: frozenset[int], max_model_len: int,
                  config: SchedulerConfig = SchedulerConfig(), on_close: Callable[[], None] | None = None,
-                 early_ttl_s: float = 60.0, on_failure: str = "recompute", faults: FaultPoints | None = None) -> None:
+                 early_ttl_s: float = 60.0, on_failure: str = "recompute", faults: FaultPoints | None = None,
+                 local_chunk_tokens: int | None = None) -> None:
+        """`local_chunk_tokens`: take local prefills, at most this many prompt tokens per step."""
         if on_failure not in ON_FAILURE:
             raise ConfigError(f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}")
+        self.local_chunk_tokens = local_chunk_tokens   # (before the shell asks for the commands)
         super().__init__(name, runner, blocks, vocab_size=vocab_size, max_model_len=max_model_len,
                          on_close=on_close, faults=faults)
         self.receiver = receiver
         self.on_failure = on_failure
-        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
-                                                   max_model_len), blocks, eos_token_ids)
+        if local_chunk_tokens is None:
+            self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
+                                                       max_model_len), blocks, eos_token_ids)
+        else:   # every running request decodes in each step, a chunk of prefill rides along
+            self.scheduler = ChunkedScheduler(SchedulerConfig(config.max_num_seqs,
+                                                              config.max_num_seqs + local_chunk_tokens,
+                                                              max_model_len), blocks, eos_token_ids)
+        self._local_prefill_s: dict[str, float] = {}   # req_id -> seconds in its chunks, until its first token
         self.pending: deque[tuple[SeqState, TransferOffer]] = deque()
         self._pulls: dict[str, _Pull] = {}          # transfer_id -> pull
         self._pull_of: dict[str, str] = {}          # req_id -> transfer_id
@@ -128,9 +147,22 @@ class DecodeWorker(WorkerShell):
 
     # -- commands ---------------------------------------------------------------------
     def commands(self) -> dict[str, Handler]:
-        return {"decode": self.submit, "prefetch": lambda msg, now: self.prefetch(msg.offer, now),
+        local = {"prefill": self.local_prefill} if self.local_chunk_tokens is not None else {}
+        return {**local, "decode": self.submit, "prefetch": lambda msg, now: self.prefetch(msg.offer, now),
                 "abort": lambda msg, now: self.abort(msg.req_id),
                 "peer_lost": lambda msg, now: self.peer_lost(msg.endpoint)}
+
+    def local_prefill(self, work: wpb.PrefillWork, now: float) -> None:
+        """Prefill a request here (no KV moves), then decode it."""
+        if self._knows(work.req_id):
+            self._fail(work.req_id, f"request id {work.req_id!r} is already here")
+            return
+        checked = self._checked(work.req_id, work.prompt_token_ids, work.sampling)
+        if checked is None:
+            return
+        ids, params = checked
+        self._local_prefill_s[work.req_id] = 0.0
+        self.scheduler.add(SeqState(work.req_id, ids, params, arrival_time=now))
 
     def submit(self, work: wpb.DecodeWork, now: float) -> None:
         if self._knows(work.req_id):   # a resent work: the request here is healthy, keep it
@@ -221,6 +253,7 @@ class DecodeWorker(WorkerShell):
             self.blocks.free(pull.seq.block_ids)
             return
         self._transfer_s.pop(req_id, None)
+        self._local_prefill_s.pop(req_id, None)
         self.scheduler.abort(req_id)
 
     def peer_lost(self, endpoint: str) -> None:
@@ -243,16 +276,20 @@ class DecodeWorker(WorkerShell):
             plan = self.scheduler.schedule(now)
             if plan is not None:
                 try:
-                    result, _ = self._timed(lambda: self.runner.execute(plan))
+                    result, elapsed = self._timed(lambda: self.runner.execute(plan))
                 except Exception as e:   # the batch fails, the worker and later requests go on
                     for work in plan.seqs:
                         self.scheduler.abort(work.req_id)
                         self._transfer_s.pop(work.req_id, None)
+                        self._local_prefill_s.pop(work.req_id, None)
                         self._step_failed(work.req_id, e)
                     return self._flush(True)
                 finished = {s.req_id: s for s in self.scheduler.update(plan, result)}
-                for work in plan.seqs:
-                    self._report(work.req_id, finished)
+                for work, token in zip(plan.seqs, result.token_ids, strict=True):
+                    if work.req_id in self._local_prefill_s:
+                        self._local_prefill_s[work.req_id] += elapsed
+                    if token != NO_TOKEN:   # (a prefill chunk short of its prompt's end samples nothing)
+                        self._report(work.req_id, token, finished)
                 stepped = True
         return self._flush(stepped)
 
@@ -291,6 +328,8 @@ class DecodeWorker(WorkerShell):
             del self._pull_of[pull.seq.req_id]
             self._transfer_s[pull.seq.req_id] = now - pull.started
             if result.status is TransferStatus.DONE:
+                if self.blocks.enable_prefix_caching:   # a later prompt over this prefix finds it here
+                    self.blocks.set_hashes(pull.seq.block_ids, pull.seq.prompt_token_ids)
                 self.scheduler.add_running(pull.seq)
             else:
                 self._pull_failed(pull.seq, result.error or "transfer failed")
@@ -330,11 +369,20 @@ class DecodeWorker(WorkerShell):
         seq.num_preemptions += 1
         self.scheduler.add(seq)   # WAITING: prefilled here over prompt + first token
 
-    def _report(self, req_id: str, finished: dict[str, SeqState]) -> None:
+    def _report(self, req_id: str, token: int, finished: dict[str, SeqState]) -> None:
         seq = finished.get(req_id) or self.scheduler.get(req_id)
-        if seq is None or not seq.output_token_ids:
+        if seq is None:
+            return   # aborted while the step ran
+        prefill_s = self._local_prefill_s.pop(req_id, None)
+        if prefill_s is not None:   # a local prefill's first token: as a prefill worker reports it
+            start = seq.first_scheduled_time if seq.first_scheduled_time is not None else seq.arrival_time
+            done = wpb.PrefillDone(req_id=req_id, first_token_id=token, queue_s=start - seq.arrival_time,
+                                   prefill_s=prefill_s)
+            if req_id in finished:
+                done.finish_reason = seq.finish_reason.value
+            self._out.prefilled.append(done)
             return
-        tokens = wpb.Tokens(req_id=req_id, token_ids=[seq.output_token_ids[-1]])
+        tokens = wpb.Tokens(req_id=req_id, token_ids=[token])
         if req_id in finished:
             tokens.finish_reason = seq.finish_reason.value
         transfer_s = self._transfer_s.pop(req_id, None)

@@ -33,17 +33,19 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from engine.block_manager import blocks_needed
+from engine.block_manager import blocks_needed, prefix_hashes
 from engine.sampling_params import SamplingParams
 from protos import pdcluster_pb2 as pb
 from protos import worker_pb2 as wpb
 from router import modes
 from router.admission import Admission
 from router.breaker import CircuitBreakers
+from router.conditional import ConditionalPolicy, DecodeSide, PrefillSide
 from router.detokenizer import Detokenizer
 from router.dispatch import InstanceView, pick_colocated, pick_decode, pick_prefill
 from router.errors import RequestError, Status
 from router.links import WorkerLinks
+from router.prefix_index import PrefixIndex
 from router.request_state import Event, RequestState
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,7 @@ class RouterSettings(Protocol):
     migration_limit: int
     breaker_failures: int
     breaker_cooldown_s: float
+    disaggregation: str                 # always | never | conditional (mode disaggregated)
 
 
 class RequestObserver:
@@ -90,9 +93,17 @@ class InstanceInfo:
 
 class RouterCore:
     def __init__(self, settings: RouterSettings, admission: Admission, links: WorkerLinks,
-                 mode: str = modes.DISAGGREGATED) -> None:
+                 mode: str = modes.DISAGGREGATED, conditional: ConditionalPolicy | None = None) -> None:
+        """`conditional`: the policy for router.disaggregation conditional / never (its model also
+        picks the decode instance of a local prefill)."""
         self.settings, self.admission, self.links = settings, admission, links
         self.colocated = modes.is_colocated(mode)
+        self.disaggregation = "always" if self.colocated else settings.disaggregation
+        if self.disaggregation != "always" and conditional is None:
+            raise ValueError(f"router.disaggregation {self.disaggregation} needs a conditional policy")
+        self.conditional = conditional
+        # KV-aware placement: which instance has seen which prefix (only where the choice uses it)
+        self.prefix_index = PrefixIndex() if self.disaggregation != "always" else None
         self.first_role = "colocated" if self.colocated else "prefill"
         self.views: dict[str, InstanceView] = {}
         self.requests: dict[str, RequestState] = {}
@@ -104,6 +115,7 @@ class RouterCore:
         self.num_migrations = 0
         self.num_deaths = 0
         self.scaling_events: Counter[tuple[str, str]] = Counter()   # (role, "up" | "down") -> instances
+        self.num_local_prefills = 0        # attempts prefilled on their decode instance (conditional)
         self.observers: list[RequestObserver] = []
 
     # -- instances -----------------------------------------------------------------------
@@ -128,6 +140,8 @@ class RouterCore:
             return
         view.dead, view.available = True, False
         self.num_deaths += 1
+        if self.prefix_index is not None:
+            self.prefix_index.forget(name)
         self.links.disconnect(name)
         self.breakers.forget(name)
         if replacing:
@@ -218,7 +232,7 @@ class RouterCore:
         if not self.has_capacity_coming(self.first_role):
             raise RequestError(Status.UNAVAILABLE, f"no live {self.first_role} instance")
         st = RequestState(req_id, list(ids), params, sampling, Detokenizer(self.admission.tokenizer, params.stop),
-                          time.monotonic())
+                          time.monotonic(), block_size=self.admission.model.block_size)
         self.requests[req_id] = st
         for o in self.observers:
             o.admitted(st, st.arrival)
@@ -286,9 +300,10 @@ class RouterCore:
 
     # -- the steps of one request -----------------------------------------------------------
     def _dispatch(self, st: RequestState) -> None:
-        """Send the current attempt to a prefill (or colocated) instance, or let it wait for one."""
-        pick = pick_colocated if self.colocated else pick_prefill
-        view = pick(self._available())
+        """Send the current attempt to a prefill (or colocated) instance, or to the decode instance
+        that will prefill it itself (router.disaggregation), or let it wait for one."""
+        st.start_attempt()
+        view, local = self._place_prefill(st)
         if view is None:
             if not self.has_capacity_coming(self.first_role):
                 raise RequestError(Status.UNAVAILABLE, f"no live {self.first_role} instance for request "
@@ -297,16 +312,18 @@ class RouterCore:
             return
         st.waiting_for_instance = False
         self._by_worker_id[st.worker_id] = st
-        st.prefill, st.prefill_done = view.name, False
-        st.start_attempt()
+        st.prefill, st.prefill_done, st.local_prefill = view.name, False, local
+        self.num_local_prefills += local
         st.charged_tokens = len(st.attempt_ids)
         view.queued_tokens += st.charged_tokens
-        if self.colocated:   # both phases here: counted active until the request ends
+        if self.colocated or local:   # both phases here: counted active until the request ends
             st.decode, st.decode_active = view.name, True
         else:
             st.prefill_active = True
         view.active += 1
         self._dispatched_to(view)
+        if self.prefix_index is not None:
+            self.prefix_index.note(view.name, st.attempt_hashes)
         work = wpb.PrefillWork(req_id=st.worker_id, prompt_token_ids=st.attempt_ids, sampling=st.attempt_sampling)
         if not self.links.send(view.name, wpb.ToWorker(prefill=work)):
             st.post(Event.LOST, view.name, f"{view.name} is not reachable")
@@ -320,9 +337,11 @@ class RouterCore:
         yield self._chunk(st, [done.first_token_id], now, ends)
         if ends and st.decode and not self.colocated:   # bound early: free its early pull
             self.links.send(st.decode, wpb.ToWorker(abort=wpb.Abort(req_id=st.worker_id)))
+        if self.conditional is not None and not st.local_prefill and done.prefill_s > 0:
+            self.conditional.observed_prefill(len(st.attempt_ids), done.prefill_s)
         if st.detok.stopped or ends:
             yield self._finish(st, "stop" if st.detok.stopped else done.finish_reason, now)
-        elif not self.colocated:   # colocated: the same instance decodes on, its tokens follow
+        elif not (self.colocated or st.local_prefill):   # else the same instance decodes on
             self._send_decode(st, done)
 
     def _chunk(self, st: RequestState, token_ids, now: float, final: bool) -> pb.GenerateResponse:
@@ -341,6 +360,43 @@ class RouterCore:
             view.assigned_blocks += need
             self._dispatched_to(view)
         return view
+
+    def _place_prefill(self, st: RequestState) -> tuple[InstanceView | None, bool]:
+        """(instance, local): where the current attempt is prefilled. Colocated: the least loaded
+        instance; disaggregated: the prefill pool (always), its decode instance (never), or
+        whichever the conditional policy predicts meets the SLOs better."""
+        views = self._available()
+        if self.colocated:
+            return pick_colocated(views), False
+        if self.disaggregation == "always":
+            return pick_prefill(views), False
+        hashes = st.attempt_hashes
+        decodes = [self._decode_side(v, hashes) for v in views if v.role == "decode" and v.available]
+        prefills = [] if self.disaggregation == "never" else [
+            PrefillSide(v.name, v.queued_tokens, self._overlap(v.name, hashes))
+            for v in views if v.role == "prefill" and v.available]
+        choice = self.conditional.choose(len(st.attempt_ids), decodes, prefills)
+        if choice is None:
+            return None, False
+        st.placement = choice.reason
+        return self.views[choice.instance], choice.local
+
+    def _overlap(self, name: str, hashes: list[int]) -> int:
+        return self.prefix_index.overlap(name, hashes) * self.admission.model.block_size if self.prefix_index else 0
+
+    def _decode_side(self, v: InstanceView, hashes: list[int]) -> DecodeSide:
+        """A decode instance as the conditional policy sees it: its batch and KV now (from the
+        requests the router has there), its local prefills queued, its measured step speed."""
+        batch = context = 0
+        for st in self.requests.values():
+            if st.decode == v.name and st.prefill_done and not st.finished:
+                batch += 1
+                context += len(st.attempt_ids) + st.num_output_tokens
+        load = v.load
+        factor = 1.0
+        if load is not None and load.num_steps > 10 and load.num_running:
+            factor = self.conditional.step_factor(load.num_running, context, load.mean_step_s)
+        return DecodeSide(v.name, batch, context, max(0, v.queued_tokens), self._overlap(v.name, hashes), factor)
 
     def _dispatched_to(self, view: InstanceView) -> None:
         now = time.monotonic()
@@ -373,6 +429,8 @@ class RouterCore:
             st.pending_decode, st.waiting_for_instance = done, True
             return
         st.pending_decode, st.waiting_for_instance = None, False
+        if self.prefix_index is not None:   # the pulled prompt KV is findable there
+            self.prefix_index.note(view.name, st.attempt_hashes)
         work = wpb.DecodeWork(req_id=st.worker_id, prompt_token_ids=st.attempt_ids, sampling=st.attempt_sampling,
                               first_token_id=done.first_token_id, offer=done.offer)
         if not self.links.send(view.name, wpb.ToWorker(decode=work)):
@@ -409,6 +467,9 @@ class RouterCore:
 
     def _finish(self, st: RequestState, reason: str, now: float) -> pb.GenerateResponse:
         st.finished, st.finish_reason = True, reason
+        if self.prefix_index is not None and st.decode:   # it keeps the conversation so far
+            self.prefix_index.note(st.decode, prefix_hashes(st.prompt_ids + st.detok.token_ids[:-1],
+                                                            self.admission.model.block_size))
         if reason in ("stop", "abort"):
             self._leave_instances(st)
         return st.final(reason, now)

@@ -179,8 +179,12 @@ class _StateCollector:
         deaths = CounterMetricFamily(PREFIX + "instance_deaths", "Instances whose process died.",
                                      labels=["model_name"])
         deaths.add_metric([model], core.num_deaths)
+        local = CounterMetricFamily(PREFIX + "local_prefills", "Requests prefilled on the decode instance "
+                                    "that decodes them (router.disaggregation conditional / never).",
+                                    labels=["model_name"])
+        local.add_metric([model], core.num_local_prefills)
         scaling = CounterMetricFamily(PREFIX + "scaling_events", "Instances the autoscaler added (up) or "
                                       "removed (down), per pool.", labels=["model_name", "role", "direction"])
         for (role, direction), n in sorted(core.scaling_events.items()):
             scaling.add_metric([model, role, direction], n)
-        yield from (running, waiting, usage, leases, instances, active, migrations, deaths, scaling)
+        yield from (running, waiting, usage, leases, instances, active, migrations, deaths, local, scaling)

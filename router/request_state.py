@@ -13,6 +13,7 @@ import asyncio
 import enum
 from dataclasses import dataclass, field
 
+from engine.block_manager import prefix_hashes
 from engine.sampling_params import SamplingParams
 from protos import pdcluster_pb2 as pb
 from router.detokenizer import Detokenizer
@@ -52,9 +53,13 @@ class RequestState:
     unplanned_moves: int = 0        # ... because an instance died or failed it (router.migration_limit)
     attempt_ids: list[int] = field(default_factory=list)   # what the current attempt prefills
     attempt_sampling: pb.SamplingParams | None = None      # ... and how it samples
+    block_size: int = 16            # the KV blocks' size (what prefix hashes cover)
+    _hashes: list[int] | None = field(default=None, repr=False)
     prefill: str = ""               # the current attempt's prefill instance
     decode: str = ""                # ... and its decode instance (colocated: the same one)
     prefill_done: bool = False
+    local_prefill: bool = False     # the current attempt prefills on its decode instance
+    placement: str = ""             # why it was prefilled where it was (conditional disaggregation)
     finished: bool = False
     finish_reason: str = ""         # set when it finished (not when it failed or was cancelled)
     waiting_for_instance: bool = False   # no instance could take it: it waits for one to come up
@@ -87,11 +92,19 @@ class RequestState:
         """The id the workers know this attempt by."""
         return self.req_id if self.attempt == 0 else f"{self.req_id}#{self.attempt}"
 
+    @property
+    def attempt_hashes(self) -> list[int]:
+        """The prefix hashes of the current attempt's prompt's full blocks (KV-aware routing)."""
+        if self._hashes is None:
+            self._hashes = prefix_hashes(self.attempt_ids, self.block_size)
+        return self._hashes
+
     def start_attempt(self) -> None:
         """The next attempt prefills the prompt and every token already streamed, and samples
         with max_tokens cut by those tokens; a seeded request draws each token from its
         position, so the stream goes on as if nothing had happened."""
         self.attempt_ids = self.prompt_ids + self.detok.token_ids
+        self._hashes = None
         if self.num_output_tokens == 0:
             self.attempt_sampling = self.sampling
             return

@@ -35,6 +35,7 @@ from protos import worker_pb2 as wpb
 from router import modes
 from router.admission import Admission, ModelInfo, RequestLimits, sampling_message
 from router.auth import BearerToken
+from router.conditional import ConditionalPolicy
 from router.core import InstanceInfo, RouterCore, RouterSettings
 from router.front_settings import FrontDoorSettings
 from router.errors import RequestError, Status
@@ -63,11 +64,13 @@ class Settings(RouterSettings, FrontDoorSettings, Protocol):
 
 class Router(pb_grpc.GenerationServicer, pb_grpc.AdminServicer):
     def __init__(self, settings: Settings, model: ModelInfo, tokenizer: PreTrainedTokenizerBase | None,
-                 links: WorkerLinks, mode: str = modes.DISAGGREGATED) -> None:
-        """`tokenizer`: None serves token ids only; `mode`: router.modes."""
+                 links: WorkerLinks, mode: str = modes.DISAGGREGATED,
+                 conditional: ConditionalPolicy | None = None) -> None:
+        """`tokenizer`: None serves token ids only; `mode`: router.modes; `conditional`: the policy
+        of router.disaggregation conditional / never."""
         self.settings, self.model = settings, model
         self.core = RouterCore(settings, Admission(model, tokenizer, RequestLimits.from_settings(settings)),
-                               links, mode)
+                               links, mode, conditional)
         # the model's id on the HTTP API: router.served_model_name, else its directory's name
         self.served_model_name = (settings.served_model_name or os.path.basename(model.name.rstrip("/"))
                                   or model.name)

@@ -17,8 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from cluster.bench.serve_metrics import SLO  # noqa: E402
 
-_STYLE = {"disaggregated": ("tab:blue", "o"), "colocated": ("tab:red", "s"),
-          "colocated_chunked": ("tab:orange", "^")}
+_STYLE = {"disaggregated": ("tab:blue", "o"), "conditional": ("tab:green", "D"), "never": ("tab:purple", "v"),
+          "colocated": ("tab:red", "s"), "colocated_chunked": ("tab:orange", "^")}
 
 
 def _style(label: str, i: int) -> tuple[str, str]:

@@ -11,8 +11,10 @@ Three steps, each one's output in `--out`:
    `--profile` names one to reuse. The SLOs and rates are derived from it by
    the rules of cluster/bench/settings.py: the VM's hardware and speed change,
    so fixed settings would measure nothing on a faster machine.
-2. sweeps: disaggregated 1P+1D against colocated and colocated_chunked (2
-   instances each), one CPU thread per instance, on each workload. Each mode's
+2. sweeps: disaggregated 1P+1D (always, and conditional: each request
+   prefilled on the prefill or the decode instance, as its router predicts
+   better) against colocated and colocated_chunked (2 instances each), one CPU
+   thread per instance, on each workload. Each mode's
    cluster is started once (deploy/bench-*.yaml), warmed up, swept over the
    workload's rates open loop and stopped; `<workload>/` holds serve.json
    (every request), tables.md, attainment.png and latency_cdf.png, and
@@ -36,7 +38,8 @@ from cluster.config import load_config
 from router.planner.profile import Profile, load_profile
 from router.workload import WORKLOADS
 
-CONFIGS = ("deploy/bench-disagg.yaml", "deploy/bench-colocated.yaml", "deploy/bench-colocated-chunked.yaml")
+CONFIGS = ("deploy/bench-disagg.yaml", "deploy/bench-disagg-conditional.yaml", "deploy/bench-colocated.yaml",
+           "deploy/bench-colocated-chunked.yaml")
 PROFILE_NAME = "profile-cpu.json"
 NUM_BLOCKS = 1456          # KV blocks per instance: 0.5 GB of the default model's cache, as the bench clusters log
 
@@ -61,7 +64,10 @@ def sweep_all(out: Path, workloads: list[str], configs: list[str], profile_path:
         load = os.getloadavg()
         print(f"=== {wl}: rates {list(spec.rates)}, {spec.num_requests} requests each, SLO TTFT "
               f"{spec.slo.ttft_s:g} s / TPOT {spec.slo.tpot_s:g} s; load average {load[0]:.2f}", flush=True)
-        modes = run_configs(configs, spec, progress=progress)
+        # a conditional router weighs its paths against the workload's SLOs on this machine's profile
+        conditional = {"conditional": {"ttft_slo_s": spec.slo.ttft_s, "tpot_slo_s": spec.slo.tpot_s,
+                                       "profile": profile_path}}
+        modes = run_configs(configs, spec, progress=progress, overrides=conditional)
         write_results(str(out / wl), spec, modes, load, setting.cdf_rate)
         parts.append((out / wl / "tables.md").read_text())
         print(f"=== {wl} done at {time.monotonic() - t0:.0f} s", flush=True)

@@ -37,7 +37,7 @@ from cluster.bench.serve_metrics import (CANCELLED, FAILED, OK, SLO, BenchError,
                                          goodput_interpolated, next_bisection_rate, summarize)
 from cluster.bench.serve_report import markdown
 from cluster.client import AsyncClient, Chunk, Client, ClientError
-from cluster.config import load_config
+from cluster.config import ClusterConfig, load_config, merge_sections
 from cluster.local import Cluster
 from engine.tokenizer import load_tokenizer
 from engine.default_model import default_model_path
@@ -115,9 +115,15 @@ class PromptMaker:
         special = set(tok.all_special_ids) | set(getattr(tok, "added_tokens_decoder", {}) or {})
         return cls(load_model_config(model_path).vocab_size, sorted(special), seed)
 
-    def ids(self, n: int, index: int) -> list[int]:
-        rng = random.Random(self.seed * 1_000_003 + index)
+    def ids(self, n: int, index: int, conversation: int | None = None) -> list[int]:
+        """`n` ids seeded by the request's index, or, for a turn of a multi-turn conversation,
+        the first `n` of that conversation's stream: a later turn extends an earlier one."""
+        key = index if conversation is None else -1_000_000 - conversation
+        rng = random.Random(self.seed * 1_000_003 + key)
         return [self.allowed[rng.randrange(len(self.allowed))] for _ in range(n)]
+
+    def for_spec(self, spec: RequestSpec, index: int) -> list[int]:
+        return self.ids(spec.prompt_tokens, index, spec.conversation)
 
 
 class _Progress:
@@ -182,7 +188,7 @@ async def run_point(client, specs: Sequence[RequestSpec], prompts: PromptMaker, 
     `client`: the SDK's AsyncClient, or an EndpointClient (HTTP), which sends its own way."""
     send = client.send if isinstance(client, EndpointClient) else functools.partial(_one, client)
     results = [RequestResult(i, s.arrival_s, s.prompt_tokens, s.output_tokens) for i, s in enumerate(specs)]
-    ids = [prompts.ids(s.prompt_tokens, i) for i, s in enumerate(specs)]   # built before the clock starts
+    ids = [prompts.for_spec(s, i) for i, s in enumerate(specs)]   # built before the clock starts
     bar = _Progress(len(results), desc, progress)
     loop = asyncio.get_running_loop()
     start = loop.time() + 0.05
@@ -225,9 +231,11 @@ async def warm_up(client, spec: SweepSpec, prompts: PromptMaker) -> None:
 
 
 async def sweep(address: str, spec: SweepSpec, prompts: PromptMaker, label: str, progress: bool = True,
-                log: Callable[[str], None] = print, client=None) -> dict:
+                log: Callable[[str], None] = print, client=None,
+                counters: Callable[[], dict[str, int]] | None = None) -> dict:
     """Every rate of `spec` (then `refine` bisection steps) against the cluster at `address`
-    (or through `client`, an EndpointClient; it is closed at the end)."""
+    (or through `client`, an EndpointClient; it is closed at the end). `counters`: the workers'
+    counters (WORKER_COUNTERS), whose growth over each rate point is recorded with it."""
     client = client or AsyncClient(address)
     points: list[dict] = []
     try:
@@ -236,10 +244,16 @@ async def sweep(address: str, spec: SweepSpec, prompts: PromptMaker, label: str,
 
         async def point(rate: float) -> None:
             specs = spec.requests(rate)
+            before = counters() if counters is not None else None
             results, duration = await run_point(client, specs, prompts, spec.limit_for(specs), progress,
                                                 f"{label} @ {rate:g} req/s")
             summary = summarize(results, spec.slo, rate, duration)
             summary["idle_after"] = await wait_idle(client)
+            if before is not None:
+                after = counters()
+                w = summary["worker_counters"] = {k: after[k] - before[k] for k in after}
+                log(f"{label:>18} @ {rate:6.3g} req/s: prefill computed {w['prompt_tokens'] - w['prefix_hit_tokens']} "
+                    f"of {w['prompt_tokens']} prompt tokens, {w['kv_bytes_received'] / 2**20:.1f} MiB of KV moved")
             summary["requests"] = [r.to_dict() for r in results]
             points.append(summary)
             c = summary["counts"]
@@ -270,17 +284,31 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
-def mode_label(config) -> str:
-    """The config's serving mode (disaggregated when the config has no `mode` key)."""
-    return str(getattr(config, "mode", None) or "disaggregated")
+def mode_label(config: ClusterConfig) -> str:
+    """The config's serving mode; a disaggregated one that prefills some requests on its decode
+    instances is named after that choice (conditional, never)."""
+    if config.mode == "disaggregated" and config.router.disaggregation != "always":
+        return config.router.disaggregation
+    return config.mode
+
+
+# what every worker counts (worker_shell.base.stats): prompt tokens looked up in the prefix cache and
+# found there (prefill computed the difference), KV bytes that reached decode instances
+WORKER_COUNTERS = ("prompt_tokens", "prefix_hit_tokens", "kv_bytes_received")
+
+
+def worker_counters(cluster: Cluster) -> dict[str, int]:
+    """WORKER_COUNTERS summed over the cluster's live instances."""
+    stats = cluster.worker_stats().values()
+    return {k: sum(s.get(k, 0) for s in stats) for k in WORKER_COUNTERS}
 
 
 def run_configs(config_paths: Sequence[str], spec: SweepSpec, progress: bool = True,
-                log: Callable[[str], None] = print) -> list[dict]:
-    """Start each config's cluster in turn, sweep it, stop it."""
+                log: Callable[[str], None] = print, overrides: dict | None = None) -> list[dict]:
+    """Start each config's cluster in turn (`overrides` merged over each), sweep it, stop it."""
     modes = []
-    configs = [(path, load_config(path, {"router": {"port": 0, "http_port": 0}}))   # all checked first
-               for path in config_paths]
+    merged = merge_sections({"router": {"port": 0, "http_port": 0}}, overrides or {})
+    configs = [(path, load_config(path, merged)) for path in config_paths]   # all checked first
     labels = [mode_label(cfg) for _, cfg in configs]
     for i, (path, cfg) in enumerate(configs):
         label = labels[i] if labels.count(labels[i]) == 1 else f"{labels[i]} ({Path(path).stem})"
@@ -288,7 +316,8 @@ def run_configs(config_paths: Sequence[str], spec: SweepSpec, progress: bool = T
         log(f"--- {label} ({path}): starting the cluster")
         try:
             with Cluster(cfg, log=lambda m: log(f"    {m}")) as cluster:
-                result = asyncio.run(sweep(cluster.address, spec, prompts, label, progress, log))
+                result = asyncio.run(sweep(cluster.address, spec, prompts, label, progress, log,
+                                           counters=lambda: worker_counters(cluster)))
         except Exception as e:   # keep the other modes' results: the run is long; the error is reported
             log(f"--- {label}: FAILED: {type(e).__name__}: {e}")
             result = {"label": label, "points": [], "goodput": 0.0, "goodput_interpolated": 0.0,
@@ -376,7 +405,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--endpoint", default=None,
                    help="drive any OpenAI-compatible server instead (http://HOST:PORT/v1): streamed completions")
     g.add_argument("--label", default="cluster", help="with --address / --endpoint: the mode's name in the results")
-    g.add_argument("--workload", default="chatbot", help="chatbot | code | summarization")
+    g.add_argument("--workload", default="chatbot", help="chatbot | code | summarization | multiturn")
     g.add_argument("--trace", default=None, help="BurstGPT-layout CSV: lengths and burstiness from it")
     g.add_argument("--rates", default="0.5,1", help="comma-separated request rates (req/s)")
     g.add_argument("--num-requests", type=int, default=40, help="requests per rate point")

@@ -1,0 +1,136 @@
+"""Conditional disaggregation: prefill each request where it meets the SLOs best. Pure.
+
+Two ways to prefill a request (router.disaggregation: conditional):
+
+  * remote: on the prefill instance with the least work, then its KV moves to
+    a decode instance. TTFT = the prefill queue ahead of it + its own prefill.
+  * local: on the decode instance that will decode it, in chunks of at most
+    `chunk_tokens` riding on that instance's decode steps (Sarathi-Serve), so
+    no step stalls its running decodes by more than one chunk. TTFT = the
+    local prefill queue ahead of it + its own tokens, a chunk per step; the
+    price is that every step of that instance, until the prompt is done,
+    carries a chunk: its running requests' TPOT rises to the step time with a
+    chunk.
+
+The choice weighs the predicted TTFT of each path against the TPOT the local
+path imposes on the instance's running decodes. Local wins when its TTFT is no
+worse than remote's (or remote would miss the TTFT SLO and local would not) and
+the step time with a chunk stays within the TPOT SLO. Prompt tokens an
+instance already holds in its prefix cache (`overlap_tokens`) are not
+prefilled again, on either path.
+
+Times come from a latency profile of the machine (router/planner/profile.py:
+prefill(tokens, sum l^2), decode(batch, context)), corrected per phase by what
+the workers report: measured prefill seconds over predicted (an EWMA) and each
+decode instance's measured step time over predicted.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from router.planner.profile import PlanLatency
+
+EWMA = 0.2
+FACTOR_RANGE = (0.25, 8.0)
+
+
+@dataclass(frozen=True)
+class DecodeSide:
+    name: str
+    batch: int                 # requests decoding there now
+    context_tokens: int        # their KV tokens in all
+    queued_local_tokens: int   # prompt tokens of local prefills not done yet there
+    overlap_tokens: int = 0    # of this prompt, already in its prefix cache
+    step_factor: float = 1.0   # its measured decode step over the profile's
+
+
+@dataclass(frozen=True)
+class PrefillSide:
+    name: str
+    queued_tokens: int         # prompt tokens sent there, not prefilled yet
+    overlap_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Choice:
+    local: bool
+    instance: str              # the decode instance (local), or the prefill instance (remote)
+    ttft_local_s: float
+    ttft_remote_s: float
+    tpot_local_s: float        # the chosen decode instance's step time while it prefills
+    reason: str
+
+
+@dataclass
+class ConditionalPolicy:
+    latency: PlanLatency
+    ttft_slo_s: float
+    tpot_slo_s: float
+    chunk_tokens: int = 256
+    prefill_factor: float = 1.0           # measured / predicted prefill time, smoothed
+
+    # -- the model ----------------------------------------------------------------------------
+    def prefill_s(self, tokens: int) -> float:
+        """One prompt of `tokens` alone (sum of squares: one sequence)."""
+        return max(0.0, self.latency.prefill(tokens, tokens * tokens)) * self.prefill_factor
+
+    def decode_step_s(self, d: DecodeSide, extra_tokens: int = 0) -> float:
+        """A step of `d`'s batch, plus `extra_tokens` of a prefill chunk riding on it."""
+        base = self.latency.decode(max(1, d.batch), d.context_tokens) if d.batch else 0.0
+        chunk = self.prefill_s(extra_tokens) if extra_tokens else 0.0
+        return base * d.step_factor + chunk
+
+    def ttft_remote(self, p: PrefillSide, prompt_tokens: int) -> float:
+        own = max(1, prompt_tokens - p.overlap_tokens)
+        return self.prefill_s(p.queued_tokens + own) if p.queued_tokens else self.prefill_s(own)
+
+    def ttft_local(self, d: DecodeSide, prompt_tokens: int) -> tuple[float, float]:
+        """(TTFT, step time while prefilling) of a local prefill on `d`."""
+        own = max(1, prompt_tokens - d.overlap_tokens)
+        todo = d.queued_local_tokens + own
+        chunk = min(self.chunk_tokens, todo)
+        steps = -(-todo // self.chunk_tokens)
+        step = self.decode_step_s(d, chunk)
+        return steps * step, step
+
+    # -- the choice ----------------------------------------------------------------------------
+    def choose(self, prompt_tokens: int, decodes: list[DecodeSide], prefills: list[PrefillSide]) -> Choice | None:
+        """None when there is nowhere to go. With no prefill instance, local wherever best."""
+        remote = min(prefills, key=lambda p: self.ttft_remote(p, prompt_tokens), default=None)
+        t_remote = self.ttft_remote(remote, prompt_tokens) if remote is not None else float("inf")
+        best = None
+        for d in decodes:
+            t_local, step = self.ttft_local(d, prompt_tokens)
+            if best is None or (t_local, step) < (best[1], best[2]):
+                best = (d, t_local, step)
+        if best is None:
+            return None if remote is None else Choice(False, remote.name, float("inf"), t_remote, 0.0,
+                                                      "no decode instance can take a local prefill")
+        d, t_local, step = best
+        tpot_ok = step <= self.tpot_slo_s
+        faster = t_local <= t_remote
+        rescues = t_remote > self.ttft_slo_s >= t_local
+        if remote is None or (tpot_ok and (faster or rescues)):
+            why = "no prefill instance" if remote is None else (
+                f"local TTFT {t_local:.3f}s <= remote {t_remote:.3f}s" if faster else
+                f"remote TTFT {t_remote:.3f}s misses the SLO, local {t_local:.3f}s meets it")
+            return Choice(True, d.name, t_local, t_remote, step, why)
+        why = (f"a chunk would slow {d.name}'s steps to {step:.3f}s > TPOT SLO {self.tpot_slo_s}s" if not tpot_ok
+               else f"remote TTFT {t_remote:.3f}s < local {t_local:.3f}s")
+        return Choice(False, remote.name, t_local, t_remote, step, why)
+
+    # -- live correction -------------------------------------------------------------------------
+    def observed_prefill(self, tokens: int, seconds: float) -> None:
+        """A remote prefill of `tokens` (alone or batched) took `seconds`: nudge the factor."""
+        predicted = self.prefill_s(tokens) / self.prefill_factor
+        if predicted <= 0 or seconds <= 0:
+            return
+        ratio = min(max(seconds / predicted, FACTOR_RANGE[0]), FACTOR_RANGE[1])
+        self.prefill_factor = (1 - EWMA) * self.prefill_factor + EWMA * ratio
+
+    def step_factor(self, batch: int, context_tokens: int, measured_step_s: float) -> float:
+        """A decode instance's measured step over the profile's prediction for its batch."""
+        predicted = self.latency.decode(max(1, batch), context_tokens) if batch else 0.0
+        if predicted <= 0 or measured_step_s <= 0:
+            return 1.0
+        return min(max(measured_step_s / predicted, FACTOR_RANGE[0]), FACTOR_RANGE[1])

@@ -1,0 +1,107 @@
+"""Conditional disaggregation: the placement model (pure), and real workers stepped in-process
+prefilling some requests on the decode instance that decodes them.
+
+Every request, prefilled remotely or locally, over a cached prefix or not, streams exactly
+the in-process engine's greedy tokens, and every block is free at the end.
+"""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from router.conditional import ConditionalPolicy, DecodeSide, PrefillSide
+from router.planner.profile import PhaseModel, PlanLatency
+from tests.inprocess_cluster import Cluster, collect, drive, expected
+from tests.unit.test_workers_in_process import _prompt, oracle, tiny_dir  # noqa: F401
+
+# 1 ms per prompt token, a 20 ms decode step + 0.1 ms per request
+LATENCY = PlanLatency(PhaseModel(0.0, 0.001, 0.0), PhaseModel(0.02, 0.0001, 0.0))
+
+
+def _policy(**kw) -> ConditionalPolicy:
+    return ConditionalPolicy(LATENCY, ttft_slo_s=kw.pop("ttft", 0.5), tpot_slo_s=kw.pop("tpot", 0.1),
+                             chunk_tokens=kw.pop("chunk", 64), **kw)
+
+
+def test_an_idle_prefill_instance_takes_a_prompt_a_decode_instance_would_chunk_slowly():
+    c = _policy().choose(400, [DecodeSide("d0", 8, 4000, 0)], [PrefillSide("p0", 0)])
+    assert not c.local and c.instance == "p0" and c.ttft_remote_s < c.ttft_local_s
+
+
+def test_a_long_prefill_queue_sends_a_short_prompt_to_an_idle_decode_instance():
+    c = _policy().choose(60, [DecodeSide("d0", 1, 200, 0)], [PrefillSide("p0", 3000)])
+    assert c.local and c.instance == "d0" and c.ttft_local_s < c.ttft_remote_s
+
+
+def test_local_is_refused_when_a_chunk_would_push_the_running_decodes_past_the_tpot_slo():
+    busy = DecodeSide("d0", 64, 60000, 0, step_factor=4.0)   # its steps already near the SLO
+    c = _policy(tpot=0.1).choose(60, [busy], [PrefillSide("p0", 3000)])
+    assert not c.local and "TPOT" in c.reason
+
+
+def test_a_cached_prefix_on_a_decode_instance_makes_local_cheaper():
+    cold = _policy().choose(300, [DecodeSide("d0", 2, 500, 0)], [PrefillSide("p0", 0)])
+    warm = _policy().choose(300, [DecodeSide("d0", 2, 500, 0, overlap_tokens=288)], [PrefillSide("p0", 0)])
+    assert not cold.local and warm.local
+
+
+def test_remote_rescues_nothing_local_can_and_no_prefill_pool_means_local():
+    c = _policy(ttft=0.3).choose(100, [DecodeSide("d0", 1, 100, 0)], [PrefillSide("p0", 1000)])
+    assert c.local   # remote would miss the TTFT SLO, local meets it
+    assert _policy().choose(100, [DecodeSide("d0", 1, 100, 0)], []).local
+    assert _policy().choose(100, [], []) is None
+
+
+def test_the_live_correction_follows_measured_prefills():
+    p = _policy()
+    for _ in range(30):
+        p.observed_prefill(500, 1.0)   # 2 ms per token measured, 1 ms predicted
+    assert p.prefill_factor == pytest.approx(2.0, rel=0.05)
+    assert p.step_factor(4, 400, 0.06) == pytest.approx(0.06 / (0.02 + 0.0001 * 4), rel=1e-6)
+
+
+# -- real workers --------------------------------------------------------------------------------
+def _serve(cluster: Cluster, prompts, max_tokens: int):
+    async def main():
+        tasks = [asyncio.ensure_future(collect(cluster.core, p, max_tokens)) for p in prompts]
+        await drive(cluster, tasks)
+        return [t.result() for t in tasks]
+    return asyncio.run(main())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["never", "conditional"])
+def test_local_and_remote_prefills_match_the_engine(tiny_dir, oracle, mode):
+    policy = _policy(ttft=0.05, tpot=10.0, chunk=8)   # a long queue at prefill-0 sends the rest local
+    c = Cluster(tiny_dir, num_prefill=1, num_decode=2, conditional=policy,
+                extra={"router": {"disaggregation": mode}, "conditional": {"local_prefill_tokens": 8}})
+    try:
+        prompts = [_prompt(30 + 7 * i, seed=300 + i) for i in range(6)]
+        results = _serve(c, prompts, 10)
+        assert [t for t, _ in results] == expected(oracle, prompts, 10)
+        local = [f for _, f in results if f.prefill_instance.startswith("decode")]
+        remote = [f for _, f in results if f.prefill_instance.startswith("prefill")]
+        assert local and (remote if mode == "conditional" else not remote)
+        assert all(f.prefill_instance == f.decode_instance for f in local)
+    finally:
+        c.close()
+
+
+@pytest.mark.slow
+def test_a_conversations_next_turn_is_prefilled_over_its_cached_history_where_it_was_decoded(tiny_dir, oracle):
+    policy = _policy(ttft=5.0, tpot=10.0, chunk=16)
+    c = Cluster(tiny_dir, num_prefill=1, num_decode=2, conditional=policy,
+                extra={"router": {"disaggregation": "conditional"}, "conditional": {"local_prefill_tokens": 16},
+                       "decode": {"enable_prefix_caching": True}, "prefill": {"enable_prefix_caching": True}})
+    try:
+        first = _prompt(41, seed=400)
+        (t1, f1), = _serve(c, [first], 12)
+        turn2 = first + t1 + _prompt(9, seed=401)   # the client resends the history and a new message
+        (t2, f2), = _serve(c, [turn2], 12)
+        assert [t1, t2] == expected(oracle, [first, turn2], 12)
+        holder = c.workers[f1.decode_instance]
+        assert f2.prefill_instance == f1.decode_instance == f2.decode_instance   # KV-aware: it went back
+        assert holder.blocks.num_hit_tokens >= 48   # the history's blocks were not computed again
+    finally:
+        c.close()
