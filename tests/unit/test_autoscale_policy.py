@@ -138,3 +138,17 @@ def test_no_arrivals_shrinks_to_the_minimum(a100):
     d = _slo(a100).decide(Observation(now=0, window_s=30, arrivals=0, pools={
         "prefill": PoolObservation(5), "decode": PoolObservation(4)})).desired
     assert d == {"prefill": 1, "decode": 1}
+
+
+def test_a_rate_step_up_does_not_make_the_profile_look_faster(a100):
+    """Just after the rate triples, the requests finished in the window were served at the old
+    rate (calm latencies), while the current pools simulated at the new rate queue without end.
+    That gap is the step, not the profile's speed: it must not shrink the pools asked for
+    (it did: both factors fell to x0.5 and the policy asked for too few instances)."""
+    prompts, outputs = [300] * 50, [100] * 50
+    trusting = _slo(a100).decide(_window(0, 30, prompts, outputs, current=(1, 1))).desired
+    p = _slo(a100)
+    for t in range(3):   # three windows into the step, the pools not grown yet
+        d = p.decide(_window(t * 10, 30, prompts, outputs, current=(1, 1), ttft_p90_s=0.06, tpot_p90_s=0.03)).desired
+    assert p.slo.factors["prefill"] >= 1.0 and p.slo.factors["decode"] >= 1.0
+    assert d["prefill"] >= trusting["prefill"] and d["decode"] >= trusting["decode"]
