@@ -220,15 +220,20 @@ class SloProposer:
         plans = {role: (p.tp, p.pp) for role, p in obs.pools.items()}
         prof = calibrated(self.profile, self.factors["prefill"], self.factors["decode"])
         res = self._run(prof, unit, obs.rate or rate, plans, counts)
+        uncorrected = res if prof is self.profile or self.factors == {"prefill": 1.0, "decode": 1.0} else \
+            self._run(self.profile, unit, obs.rate or rate, plans, counts)
         targets = {"ttft": self.s.ttft_p90_s, "tpot": self.s.tpot_p90_s}
         for phase, metric, seen in (("prefill", "ttft", obs.ttft_p90_s), ("decode", "tpot", obs.tpot_p90_s)):
             predicted = self._p90(res, metric)
             if seen is None or predicted <= 0:
                 continue
-            if targets[metric] is not None and predicted > targets[metric]:
-                # The pools as they are fall behind at this rate: the prediction is a queue that grows
-                # with the horizon, while the requests finished in the window were served before it
-                # built up (a rate step). Their ratio says nothing about the profile's speed.
+            if targets[metric] is not None and \
+                    self._p90(uncorrected, metric) > CORRECTION_RANGE[1] * targets[metric]:
+                # Even the uncorrected profile has the pools as they are fall far behind at this rate
+                # (a rate step up): the prediction is a queue that grows for as long as the simulation
+                # runs, while the requests finished in the window were served before it built up.
+                # Their ratio says nothing about the profile's speed. (Judged on the uncorrected
+                # profile, so that a factor grown too large still comes back down.)
                 continue
             ratio = min(max(seen / predicted, CORRECTION_RANGE[0]), CORRECTION_RANGE[1])
             self.factors[phase] = min(max(self.factors[phase] * (0.5 + 0.5 * ratio), CORRECTION_RANGE[0]),

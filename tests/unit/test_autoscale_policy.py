@@ -152,3 +152,10 @@ def test_a_rate_step_up_does_not_make_the_profile_look_faster(a100):
         d = p.decide(_window(t * 10, 30, prompts, outputs, current=(1, 1), ttft_p90_s=0.06, tpot_p90_s=0.03)).desired
     assert p.slo.factors["prefill"] >= 1.0 and p.slo.factors["decode"] >= 1.0
     assert d["prefill"] >= trusting["prefill"] and d["decode"] >= trusting["decode"]
+    # but a factor grown too large (a backlog once made the live p90 high) still comes back down
+    # when pools that serve the rate see calm latencies, though the corrected profile says they fall behind
+    p.slo.factors = {"prefill": 4.0, "decode": 4.0}
+    for t in range(4):
+        p.decide(_window(100 + t * 10, 30, prompts, outputs, current=tuple(trusting.values()), ttft_p90_s=0.06,
+                         tpot_p90_s=0.03))
+    assert p.slo.factors["prefill"] < 2.0 and p.slo.factors["decode"] < 2.0
