@@ -178,6 +178,11 @@ def _brief(c: dict) -> str:
     return f"attainment {c['attainment']:.1%}, {c['gpu_hours']:.2f} GPU-hours"
 
 
+def _gap(v: dict) -> str:
+    gap = v["points_below_static_peak"]
+    return f"{abs(gap):.1f} points {'below' if gap >= 0 else 'above'} static-peak"
+
+
 def verdict(trace: dict) -> dict:
     by = {c["cluster"]: c for c in trace["clusters"]}
     auto, peak = by["autoscaled"], by["static-peak"]
@@ -208,8 +213,8 @@ def markdown(record: dict) -> str:
     for tr in record["traces"]:
         v = tr["verdict"]
         lines += [f"**{tr['trace']}**: {tr['source']}; {tr['num_requests']} requests, mean {tr['mean_rate']:.1f} "
-                  f"req/s, peak {tr['peak_rate']:.1f} req/s. Autoscaled: {v['points_below_static_peak']:+.1f} "
-                  f"points below static-peak at {v['gpu_hours_vs_static_peak']:.0%} of its GPU-hours: target "
+                  f"req/s, peak {tr['peak_rate']:.1f} req/s. Autoscaled: {_gap(v)} "
+                  f"at {v['gpu_hours_vs_static_peak']:.0%} of its GPU-hours: target "
                   f"{'met' if v['met'] else 'missed'}.", ""]
     for tr in record["traces"]:
         auto = tr["clusters"][0]
@@ -340,8 +345,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sim.add_argument("--startup-s", type=float, default=30.0, help="model load of an added instance")
     pol = p.add_argument_group("the policy (router/autoscale.py)")
     pol.add_argument("--policy", choices=("slo", "load"), default="slo")
-    pol.add_argument("--interval-s", type=float, default=10.0)
-    pol.add_argument("--window-s", type=float, default=30.0)
+    pol.add_argument("--interval-s", type=float, default=5.0)
+    pol.add_argument("--window-s", type=float, default=10.0)
     pol.add_argument("--upscale-delay-s", type=float, default=0.0)
     pol.add_argument("--downscale-delay-s", type=float, default=60.0)
     pol.add_argument("--max-step", type=int, default=8, help="instances added or removed per decision")
@@ -366,7 +371,7 @@ def main(args: argparse.Namespace) -> int:
     write(record, out)
     for tr in record["traces"]:
         v = tr["verdict"]
-        print(f"{tr['trace']}: autoscaled {v['points_below_static_peak']:+.1f} points below static-peak at "
-              f"{v['gpu_hours_vs_static_peak']:.0%} of its GPU-hours: target {'met' if v['met'] else 'missed'}")
+        print(f"{tr['trace']}: autoscaled {_gap(v)} at {v['gpu_hours_vs_static_peak']:.0%} of its GPU-hours: "
+              f"target {'met' if v['met'] else 'missed'}")
     print(f"wrote autoscale.json, autoscale.md and plots in {out} after {record['wall_s']:.0f} s")
     return 0
