@@ -5,7 +5,7 @@ import argparse
 import sys
 from importlib import import_module
 
-from cluster.bench import chaos, cpu_share, fidelity, overlap, results
+from cluster.bench import autoscale, chaos, cpu_share, fidelity, overlap, results
 from cluster.bench import serve as bench_serve
 
 
@@ -147,7 +147,8 @@ def _add_bench_parsers(bench: argparse.ArgumentParser) -> None:
             ("fidelity", fidelity, "the planner's simulator against a measured 1P1D cluster (one record)"),
             ("overlap", overlap, "TPOT of requests decoding while a prefill runs, from a serve.json"),
             ("cpu-share", cpu_share, "CPU per process while a cluster serves one rate point"),
-            ("chaos", chaos, "serving while workers are killed, next to the same run without kills")):
+            ("chaos", chaos, "serving while workers are killed, next to the same run without kills"),
+            ("autoscale", autoscale, "autoscaled pools against static ones sized for the peak and the mean")):
         p = which.add_parser(name, help=help_text, description=module.__doc__,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)

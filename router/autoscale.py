@@ -41,6 +41,7 @@ from router.workload import RequestSpec
 
 POLICIES = ("none", "load", "slo")
 CORRECTION_RANGE = (0.5, 4.0)      # observed / predicted latency factors beyond this are noise
+STEADY_RATE = 0.25                 # the correction runs while the rate moved less than this in a window
 
 
 # -- settings (the config's autoscaling section, read by field name) -------------------------------
@@ -138,6 +139,7 @@ class SloProposer:
         self.horizon_s, self.min_requests, self.max_requests = horizon_s, min_requests, max_requests
         self.headroom, self.seed = headroom, seed
         self.factors = {"prefill": 1.0, "decode": 1.0}   # observed / predicted, smoothed
+        self._rates: list[tuple[float, float]] = []      # (now, window rate) of recent observations
 
     def propose(self, obs: Observation) -> tuple[dict[str, int], str]:
         current = {role: p.current for role, p in obs.pools.items()}
@@ -212,9 +214,26 @@ class SloProposer:
                 break
         return n_p, n_d
 
+    def _steady(self, obs: Observation) -> bool:
+        """Whether the window's rate is within STEADY_RATE of the rate one window earlier. The p90
+        observed is of requests that finished in the window, which arrived about one window
+        earlier; the prediction runs at the window's arrival rate. After a rate step the two
+        belong to different loads: right after a step up, the pools simulated at the new rate
+        queue without end while the finished requests were served calmly at the old one, and
+        the correction made the profile look up to 2x faster, so the policy asked for too few
+        instances just when the load came."""
+        first = not self._rates
+        self._rates = [(t, r) for t, r in self._rates if t >= obs.now - 3 * obs.window_s]
+        before = [r for t, r in self._rates if t <= obs.now - obs.window_s]
+        self._rates.append((obs.now, obs.rate))
+        if not before:
+            return first        # nothing to compare with yet: trust the first window, skip the next ones
+        return abs(obs.rate - before[-1]) <= STEADY_RATE * min(obs.rate, before[-1])
+
     def _correct(self, obs: Observation, unit, rate: float) -> None:
-        """Observed over predicted p90 per phase, for the pools as they are; smoothed, clamped."""
-        if obs.ttft_p90_s is None and obs.tpot_p90_s is None:
+        """Observed over predicted p90 per phase, for the pools as they are, while the rate is
+        steady; smoothed, clamped."""
+        if not self._steady(obs) or (obs.ttft_p90_s is None and obs.tpot_p90_s is None):
             return
         counts = {role: max(1, p.ready) for role, p in obs.pools.items()}
         plans = {role: (p.tp, p.pp) for role, p in obs.pools.items()}

@@ -7,7 +7,8 @@ See docs/planner.md.
 """
 from router.planner.goodput import Goodput, at_rate, attainment, goodput, unit_rate_requests
 from router.planner.profile import PhaseModel, PlannerError, Profile, ProfileError, load_profile
-from router.planner.simulator import PoolSpec, RequestResult, SimConfig, simulate
+from router.planner.simulator import PoolSpec, RequestResult, SimConfig, Simulation, simulate
 
 __all__ = ["Goodput", "PhaseModel", "PlannerError", "PoolSpec", "Profile", "ProfileError", "RequestResult",
-           "SimConfig", "at_rate", "attainment", "goodput", "load_profile", "simulate", "unit_rate_requests"]
+           "SimConfig", "Simulation", "at_rate", "attainment", "goodput", "load_profile", "simulate",
+           "unit_rate_requests"]

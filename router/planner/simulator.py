@@ -4,6 +4,10 @@
                        decode=PoolSpec(2, 1, 1), config=SimConfig(transfer_gb_s=25))
     attainment(results, ttft_slo=0.25, tpot_slo=0.1)
 
+`Simulation` is the same cluster with instances added, or stopped taking work, while it runs
+(router/planner/elastic.py drives it from an autoscaling policy); `simulate` builds fixed pools
+on it.
+
 Modes:
   * "disaggregated": prefill instances batch prompts FCFS under a token budget
     and hold each prompt's KV until it is handed off; the router sends the
@@ -51,7 +55,7 @@ import itertools
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from router.planner.profile import PlanLatency, PlannerError, Profile
 from router import modes
@@ -108,7 +112,7 @@ class SimStats:
 
 class _Req:
     __slots__ = ("spec", "first_token_at", "finished_at", "blocks", "done_prompt", "tokens_left",
-                 "kv_holder", "kv_landed_at")
+                 "kv_holder", "kv_landed_at", "origin")
 
     def __init__(self, spec: RequestSpec) -> None:
         self.spec = spec
@@ -117,6 +121,7 @@ class _Req:
         self.done_prompt = 0        # chunked prefill: prompt tokens already run
         self.tokens_left = spec.output_tokens - 1   # tokens still to decode after the first
         self.kv_holder = None       # the prefill instance holding its KV until decode has it
+        self.origin = self          # a moved request's new attempt points at the request it finishes
 
 
 class _Sim:
@@ -180,8 +185,9 @@ def decode_round_s(lat: PlanLatency, pp: int, batch: int, context: int) -> float
 class _Prefill:
     """A prefill instance: FCFS batches under the token budget and its KV memory."""
 
-    def __init__(self, sim: _Sim, pool: PoolSpec, on_done: Callable) -> None:
-        self.sim, self.on_done = sim, on_done
+    def __init__(self, sim: _Sim, pool: PoolSpec, on_done: Callable, on_stopped: Callable | None = None) -> None:
+        self.sim, self.on_done, self.on_stopped = sim, on_done, on_stopped
+        self.accepting = True      # False: it finishes what it has, then on_stopped(now, self)
         self.pp = pool.pp if sim.cfg.pipeline_overlap else 1
         self.lat = sim.profile.latency(pool.tp, pool.pp)
         self.total_blocks = self.free_blocks = sim.capacity_blocks(pool)
@@ -227,6 +233,7 @@ class _Prefill:
         self.stage_busy = False
         self.sim.end(self)
         self.kick(now)
+        self._check_stopped(now)
 
     def _done(self, now: float, batch: list[_Req]) -> None:
         for r in batch:
@@ -237,13 +244,25 @@ class _Prefill:
         self.free_blocks += r.blocks
         r.blocks, r.kv_holder = 0, None
         self.kick(now)
+        self._check_stopped(now)
+
+    def idle(self) -> bool:
+        """Nothing queued, running or held: every prompt's KV has been handed off."""
+        return not self.stage_busy and not self.waiting and self.free_blocks == self.total_blocks
+
+    def _check_stopped(self, now: float) -> None:
+        if not self.accepting and self.on_stopped is not None and self.idle():
+            self.on_stopped(now, self)
 
 
 class _Decode:
     """A decode instance: FCFS admission by KV room, KV pull, continuous batching."""
 
-    def __init__(self, sim: _Sim, pool: PoolSpec, pull: bool, on_finish: Callable) -> None:
+    def __init__(self, sim: _Sim, pool: PoolSpec, pull: bool, on_finish: Callable, on_move: Callable | None = None,
+                 on_stopped: Callable | None = None) -> None:
         self.sim, self.pull, self.on_finish = sim, pull, on_finish
+        self.on_move, self.on_stopped = on_move, on_stopped   # see stop()
+        self.accepting = True
         self.pp = pool.pp if sim.cfg.pipeline_overlap else 1
         self.lat = sim.profile.latency(pool.tp, pool.pp)
         self.total_blocks = self.free_blocks = sim.capacity_blocks(pool)
@@ -295,6 +314,12 @@ class _Decode:
     def _pulled(self, now: float, r: _Req, need: int) -> None:
         if r.kv_holder is not None:
             r.kv_holder.release(now, r)
+        if not self.accepting:          # it was pulling when it stopped taking work: the request moves
+            self.free_blocks += need
+            self.admitted -= 1
+            self.on_move(now, r)
+            self._check_stopped(now)
+            return
         r.blocks, r.kv_landed_at = need, now
         self.landed.append(r)
         if not self.stepping:
@@ -311,6 +336,30 @@ class _Decode:
         ctx = sum(r.spec.prompt_tokens + r.spec.output_tokens - r.tokens_left for r in self.running)
         self.sim.begin(self, now, "decode", decode_round_s(self.lat, self.pp, len(self.running), ctx),
                        lambda start, step: self.sim.at(start + step, self._stepped))
+
+    def stop(self, now: float) -> tuple[list[_Req], list[_Req]]:
+        """It takes no more work. Returns (the requests decoding here, KV landed or not, which
+        move: on_move is called for those still pulling when they land; the requests waiting
+        for admission, whose KV is still on their prefill instance). A step in flight is lost:
+        its tokens were not streamed, so the moved requests run them again."""
+        self.accepting = False
+        moved = self.running + self.landed
+        for r in moved:
+            self.free_blocks += r.blocks
+            r.blocks = 0
+        self.admitted -= len(moved)
+        self.running, self.landed = [], []
+        waiting = list(self.waiting)
+        self.waiting.clear()
+        self.waiting_blocks = 0
+        return moved, waiting
+
+    def idle(self) -> bool:
+        return self.admitted == 0 and not self.waiting
+
+    def _check_stopped(self, now: float) -> None:
+        if not self.accepting and self.on_stopped is not None and self.idle():
+            self.on_stopped(now, self)
 
     def _stepped(self, now: float) -> None:
         still = []
@@ -452,49 +501,160 @@ def simulate(mode: str, profile: Profile, requests: Sequence[RequestSpec], prefi
              config: SimConfig = SimConfig(), stats: SimStats | None = None) -> list[RequestResult]:
     """Run the requests through the cluster; one result per request, in input order.
     `stats`, when given, receives the steps and busy seconds of every instance by phase."""
+    sim = Simulation(mode, profile, config, stats)
+    for role, pool in _pools(mode, prefill, decode, colocated).items():
+        for _ in range(pool.num_instances):
+            sim.add_instance(role, pool)
+    reqs = sim.submit(requests)
+    sim.run()
+    return [sim.result(r) for r in reqs]
+
+
+def _pools(mode: str, prefill: PoolSpec | None, decode: PoolSpec | None,
+           colocated: PoolSpec | None) -> dict[str, PoolSpec]:
     if mode not in MODES:
         raise PlannerError(f"unknown simulation mode {mode!r}; known: {list(MODES)}")
-    _check_config(config)
-    sim = _Sim(profile, config, stats)
-    reqs = [_Req(_check_request(i, s)) for i, s in enumerate(requests)]
-    route = _build(mode, sim, prefill, decode, colocated)
-    for r in reqs:
-        sim.at(r.spec.arrival_s, route, r)
-    sim.run()
-    return [_result(r, config) for r in reqs]
+    given = {"prefill": prefill, "decode": decode, "colocated": colocated}
+    return {role: _need(given[role], role, mode) for role in _roles(mode)}
 
 
-def _build(mode: str, sim: _Sim, prefill: PoolSpec | None, decode: PoolSpec | None,
-           colocated: PoolSpec | None) -> Callable:
-    """Instances for the mode; returns the router: arrival time, request -> an instance."""
-    def finished(now: float, r: _Req) -> None:
-        pass
-
+def _roles(mode: str) -> tuple[str, ...]:
+    """The pools a mode runs (decode before prefill: the order their instances are built in)."""
     if mode in (modes.COLOCATED, modes.COLOCATED_CHUNKED):
-        pool = _need(colocated, "colocated", mode)
-        insts = [_Colocated(sim, pool, mode == modes.COLOCATED_CHUNKED, finished) for _ in range(pool.num_instances)]
-        return lambda now, r: min(insts, key=_Colocated.load).add(now, r)
-    decodes = []
-    if mode != "prefill_only":
-        pool = _need(decode, "decode", mode)
-        decodes = [_Decode(sim, pool, mode == modes.DISAGGREGATED, finished) for _ in range(pool.num_instances)]
+        return ("colocated",)
+    return {"prefill_only": ("prefill",), "decode_only": ("decode",)}.get(mode, ("decode", "prefill"))
 
-    def to_decode(now: float, r: _Req) -> None:
-        if r.tokens_left <= 0 or not decodes:      # done at its first token (or no decode phase simulated)
-            r.finished_at = now
+
+class Simulation:
+    """One simulated cluster whose instances may come and go while it runs: the event queue, the
+    instances taking work, by role, and the router between them. `simulate` builds fixed pools
+    on it; router/planner/elastic.py adds instances and stops them as a policy decides.
+
+        sim = Simulation("disaggregated", profile, config, on_finish=f, on_stopped=g)
+        inst = sim.add_instance("decode", PoolSpec(1, 1, 1), now)     # takes work from `now`
+        reqs = sim.submit(requests); sim.at(t, fn, *args); sim.run()
+        sim.stop_taking_work(now, inst)     # prefill: finishes what it has; decode: its requests move
+        sim.result(req)
+
+    on_finish(now, req) is called as each submitted request finishes; on_stopped(now, inst) once
+    an instance that stopped taking work holds nothing more. A request that finds no instance of
+    the role it needs (all stopped, new ones still loading) waits for the next one added.
+    """
+
+    def __init__(self, mode: str, profile: Profile, config: SimConfig = SimConfig(), stats: SimStats | None = None,
+                 on_finish: Callable | None = None, on_stopped: Callable | None = None) -> None:
+        if mode not in MODES:
+            raise PlannerError(f"unknown simulation mode {mode!r}; known: {list(MODES)}")
+        _check_config(config)
+        self.mode, self.sim = mode, _Sim(profile, config, stats)
+        self.on_finish, self.on_stopped = on_finish, on_stopped
+        self.instances: dict[str, list] = {"prefill": [], "decode": [], "colocated": []}   # taking work
+        self.pending: dict[str, deque[_Req]] = {role: deque() for role in self.instances}
+        self.num_moved = 0          # attempts started by moving a request off a stopped decode instance
+
+    # -- instances -------------------------------------------------------------------------------
+    def add_instance(self, role: str, pool: PoolSpec, now: float = 0.0):
+        """A new instance of `role` (one of pool's plan; its num_instances is ignored) that takes work
+        from `now`; requests waiting for one are routed."""
+        if role not in _roles(self.mode):
+            raise PlannerError(f"mode {self.mode!r} has no {role} pool")
+        _need(replace(pool, num_instances=1), role, self.mode)
+        if role == "colocated":
+            inst = _Colocated(self.sim, pool, self.mode == modes.COLOCATED_CHUNKED, self._finished)
+        elif role == "prefill":
+            inst = _Prefill(self.sim, pool, self.to_decode, self.on_stopped)
+        else:
+            inst = _Decode(self.sim, pool, self.mode == modes.DISAGGREGATED, self._finished, self._move,
+                           self.on_stopped)
+        self.instances[role].append(inst)
+        waiting, self.pending[role] = self.pending[role], deque()
+        for r in waiting:
+            self._route(role, now, r)
+        return inst
+
+    def stop_taking_work(self, now: float, inst) -> None:
+        """The instance takes no more work and stops (on_stopped) once it holds nothing. A prefill
+        instance finishes its queue and hands off its KV; a decode instance's requests move now."""
+        role = next((k for k, v in self.instances.items() if inst in v), None)
+        if role is None:
+            raise PlannerError("stop_taking_work: not an instance taking work in this simulation")
+        if role == "colocated":
+            raise PlannerError("stop_taking_work: colocated instances do not stop yet")
+        self.instances[role].remove(inst)
+        if role == "prefill":
+            inst.accepting = False
+            inst._check_stopped(now)
+            return
+        moved, waiting = inst.stop(now)
+        for r in waiting:           # never admitted there: offered to another decode instance
+            self.to_decode(now, r)
+        for r in moved:
+            self._move(now, r)
+        inst._check_stopped(now)
+
+    # -- requests --------------------------------------------------------------------------------
+    def submit(self, requests: Sequence[RequestSpec]) -> list[_Req]:
+        """The requests, checked, their arrivals scheduled; pass them to result() after run()."""
+        reqs = [_Req(_check_request(i, s)) for i, s in enumerate(requests)]
+        for r in reqs:
+            self.sim.at(r.spec.arrival_s, self.arrive, r)
+        return reqs
+
+    def at(self, t: float, fn: Callable, *args) -> None:
+        self.sim.at(t, fn, *args)
+
+    def run(self) -> None:
+        self.sim.run()
+
+    def num_events(self) -> int:
+        """Events still to come (arrivals, steps, transfers, what at() scheduled)."""
+        return len(self.sim.events)
+
+    def result(self, r: _Req) -> RequestResult:
+        return _result(r, self.sim.cfg)
+
+    def arrive(self, now: float, r: _Req) -> None:
+        if self.mode in (modes.COLOCATED, modes.COLOCATED_CHUNKED):
+            self._route("colocated", now, r)
+        elif self.mode == "decode_only":
+            r.first_token_at = now
+            self.to_decode(now, r)
+        else:
+            self._route("prefill", now, r)
+
+    def to_decode(self, now: float, r: _Req) -> None:
+        if r.tokens_left <= 0 or self.mode == "prefill_only":   # done at its first token (or no decode phase)
             if r.kv_holder is not None:
                 r.kv_holder.release(now, r)
+            self._finished(now, r)
             return
-        max(decodes, key=_Decode.room).add(now, r)
+        self._route("decode", now, r)
 
-    if mode == "decode_only":
-        def arrive(now: float, r: _Req) -> None:
-            r.first_token_at = now
-            to_decode(now, r)
-        return arrive
-    pool = _need(prefill, "prefill", mode)
-    prefills = [_Prefill(sim, pool, to_decode) for _ in range(pool.num_instances)]
-    return lambda now, r: min(prefills, key=lambda p: (p.queued_tokens, len(p.waiting))).add(now, r)
+    def _route(self, role: str, now: float, r: _Req) -> None:
+        insts = self.instances[role]
+        if not insts:
+            self.pending[role].append(r)
+        elif role == "prefill":
+            min(insts, key=lambda p: (p.queued_tokens, len(p.waiting))).add(now, r)
+        elif role == "decode":
+            max(insts, key=_Decode.room).add(now, r)
+        else:
+            min(insts, key=_Colocated.load).add(now, r)
+
+    def _move(self, now: float, r: _Req) -> None:
+        """The real router's migration (router/core.py `_migrate`): a new attempt prefills the
+        prompt and every token already streamed on a prefill instance, then decodes the rest."""
+        origin, left = r.origin, r.tokens_left      # left >= 1: a request with none left has finished
+        spec = origin.spec
+        attempt = _Req(RequestSpec(now, spec.prompt_tokens + spec.output_tokens - left, left))
+        attempt.origin = origin
+        self.num_moved += 1
+        self.arrive(now, attempt)
+
+    def _finished(self, now: float, r: _Req) -> None:
+        r.finished_at = r.origin.finished_at = now
+        if self.on_finish is not None:
+            self.on_finish(now, r.origin)
 
 
 def _need(pool: PoolSpec | None, name: str, mode: str) -> PoolSpec:

@@ -138,3 +138,26 @@ def test_no_arrivals_shrinks_to_the_minimum(a100):
     d = _slo(a100).decide(Observation(now=0, window_s=30, arrivals=0, pools={
         "prefill": PoolObservation(5), "decode": PoolObservation(4)})).desired
     assert d == {"prefill": 1, "decode": 1}
+
+
+def test_a_rate_step_does_not_make_the_profile_look_faster(a100):
+    """Just after the rate triples, the requests finished in the window were served at the old
+    rate (calm latencies), while the current pools simulated at the new rate queue without end.
+    That gap is the step, not the profile's speed: the correction must leave the factors alone
+    (it made both x0.5 within three windows, so the policy asked for too few instances)."""
+    prompts, outputs = [300] * 50, [100] * 50
+    p = _slo(a100)
+    calm = dict(ttft_p90_s=0.06, tpot_p90_s=0.03)
+    for t in (-60, -30, 0):   # the old rate, which the pools serve
+        p.decide(_window(t, 8, prompts, outputs, current=(1, 1), **calm))
+    before = dict(p.slo.factors)
+    for t in (10, 20, 30):    # three windows into the step, the pools not grown yet
+        d = p.decide(_window(t, 30, prompts, outputs, current=(1, 1), **calm)).desired
+    assert p.slo.factors == before
+    assert d["prefill"] > 1 and d["decode"] > 1
+    # once the rate is steady again the correction runs: a factor grown too large (a backlog
+    # once made the live p90 high) comes back down when the pools serve the rate calmly
+    p.slo.factors = {"prefill": 4.0, "decode": 4.0}
+    for t in range(60, 120, 10):
+        p.decide(_window(t, 30, prompts, outputs, current=(d["prefill"], d["decode"]), **calm))
+    assert p.slo.factors["prefill"] < 2.0 and p.slo.factors["decode"] < 2.0
