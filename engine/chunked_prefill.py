@@ -115,7 +115,7 @@ def execute_mixed(runner, plan) -> StepResult:
         lens = torch.tensor([s.context_len for s in decodes], dtype=torch.int32)
     meta = MixedAttentionMetadata(StepKind.MIXED, torch.cat(slots), [], tables, lens, num_decodes=nd,
                                   chunks=tuple(chunks))
-    with matmul_backend(len(ids), runner.dtype):
+    with matmul_backend(len(ids), runner.model.gemm_plan):
         hidden = runner.model(torch.tensor(ids), torch.cat(pos), runner.kv_layers, meta)   # [tokens, hidden]
         rows = [i for i, ok in enumerate(plan.samples) if ok]
         if not rows:

@@ -6,38 +6,39 @@ import math
 import torch
 from torch import nn
 
+from engine.gemm import DEFAULT, GemmPlan, pack, packed_linear, plain_linear
+
 
 def empty_param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
     """A parameter without random init: the weight loader fills it."""
     return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
 
 
-# bf16 on CPU, 2-32 rows (decode steps, short prefills): oneDNN computes the
-# product with the weight as the left operand, (W @ x^T)^T, 1.2-1.9x faster than
-# F.linear's x @ W^T, and bit-identical to it on this machine's CPU (checked for
-# 1-64 rows on every weight shape of the default model; from 33 rows the two
-# differ, and F.linear is the faster one from ~64 rows). A decode step at batch
-# 2-16 gets 1.1-1.5x faster; see docs/benchmarks.md. One row keeps ATen's GEMV
-# (engine/cpu_tuning.py), and a bias keeps F.linear's fused add.
-SMALL_MATMUL_MAX_ROWS = 32
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight^T (+ bias) for x [rows, in], by the faster CPU path for few bf16 rows."""
-    if (bias is None and 2 <= x.shape[0] <= SMALL_MATMUL_MAX_ROWS and x.dim() == 2
-            and x.dtype == torch.bfloat16 and x.device.type == "cpu"):
-        return torch.mm(weight, x.t()).t()
-    return nn.functional.linear(x, weight, bias)
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           plan: GemmPlan = DEFAULT) -> torch.Tensor:
+    """x @ weight^T (+ bias) for x [rows, in], by the plan's path for that many rows (engine/gemm.py)."""
+    return plain_linear(x, weight, bias, plan.path(x.shape[0]) if x.dim() == 2 else "linear")
 
 
 class Linear(nn.Module):
+    """y = x @ Wᵀ (+ b). `pack_weight` swaps the plain weight for oneDNN's packed copy of it."""
+
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> None:
         super().__init__()
         self.weight = empty_param(out_features, in_features, dtype=dtype)
         self.bias = empty_param(out_features, dtype=dtype) if bias else None
+        self.packed: torch.Tensor | None = None
+        self.plan = DEFAULT
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        if self.packed is not None:
+            return packed_linear(x, self.packed, self.bias)
+        return linear(x, self.weight, self.bias, self.plan)
+
+    def pack_weight(self) -> None:
+        """From now on multiply by the packed copy; the plain weight is dropped (it is not kept twice)."""
+        self.packed = pack(self.weight)
+        self.weight = None
 
 
 class RMSNorm(nn.Module):

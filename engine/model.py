@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from engine.attention import AttentionMetadata, paged_attention
+from engine.gemm import DEFAULT, GemmPlan, pack, packed_linear
 from engine.layers import Linear, RMSNorm, RotaryEmbedding, empty_param, linear
 from engine.model_config import ModelConfig
 from engine.parallel import ParallelContext
@@ -61,7 +62,7 @@ class MLP(nn.Module):
     def forward(self, x):
         # x: [tokens, hidden]. Long prompts run gate and up as two GEMMs on the
         # halves of the fused weight: oneDNN is faster on the narrower outputs there.
-        if x.shape[0] >= _SPLIT_GATE_UP_TOKENS:
+        if x.shape[0] >= _SPLIT_GATE_UP_TOKENS and self.gate_up_proj.packed is None:
             w = self.gate_up_proj.weight
             gate = nn.functional.linear(x, w[:self.inter])
             up = nn.functional.linear(x, w[self.inter:])
@@ -106,6 +107,8 @@ class CausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype) if par.is_last_stage else None
         self.lm_head = (empty_param(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
                         if par.is_last_stage and not cfg.tie_word_embeddings else None)
+        self.gemm_plan = DEFAULT
+        self.logits_packed: torch.Tensor | None = None   # the LM head packed (engine/gemm.py)
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 kv_caches: list[KVLayer] | None, meta: AttentionMetadata,
@@ -131,5 +134,33 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [rows, hidden] -> [rows, vocab] in fp32
-        weight = self.lm_head if self.lm_head is not None else self.embed_tokens
-        return linear(hidden, weight).float()
+        if self.logits_packed is not None:
+            return packed_linear(hidden, self.logits_packed).float()
+        return linear(hidden, self._logits_weight(), plan=self.gemm_plan).float()
+
+    def _logits_weight(self) -> torch.Tensor | None:
+        if not self.par.is_last_stage:
+            return None
+        return self.lm_head if self.lm_head is not None else self.embed_tokens
+
+    def linear_weights(self) -> list[torch.Tensor]:
+        """The weights a step multiplies by, in the order it does (what engine.gemm measures)."""
+        weights = [m.weight for m in self.modules() if isinstance(m, Linear) and m.weight is not None]
+        logits = self._logits_weight()
+        return weights + ([logits] if logits is not None else [])
+
+    def use_gemm_plan(self, plan: GemmPlan) -> None:
+        """Multiply by `plan` from now on; a packed plan packs every linear weight and the LM head."""
+        self.gemm_plan = plan
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.plan = plan
+                if plan.packed and m.packed is None:
+                    m.pack_weight()
+        logits = self._logits_weight()
+        if plan.packed and logits is not None:
+            # a tied head stays the embedding too: packed, it is a second copy (the embedding's lookups
+            # need the plain one); an untied one is only ever multiplied by
+            self.logits_packed = pack(logits)
+            if self.lm_head is not None:
+                self.lm_head = None

@@ -16,6 +16,7 @@ from engine.chunked_prefill import execute_mixed
 from engine.cpu_tuning import keep_freed_memory, matmul_backend
 from engine.dtypes import DTYPE_ALIASES, DTYPE_NAMES
 from engine.errors import ConfigError
+from engine.gemm import choose_plan
 from engine.kv_cache import KVCache
 from engine.model import CausalLM
 from engine.model_config import ModelConfig
@@ -48,6 +49,7 @@ class ModelRunner:
         self.model = CausalLM(cfg, self.par, dtype, max_positions=max_model_len)
         load_weights(self.model, cfg.path)
         self.model.eval()
+        self.model.use_gemm_plan(choose_plan(self.model.linear_weights(), dtype))
         local_kv_heads = self.par.split(cfg.num_kv_heads, "num_key_value_heads")
         self.kv_cache = KVCache(len(self.model.layer_range), num_blocks, block_size,
                                 local_kv_heads, cfg.head_dim, dtype, allocate_kv)
@@ -99,7 +101,7 @@ class ModelRunner:
         meta = AttentionMetadata(StepKind.DECODE, slots, [], tables,
                                  torch.tensor([s.context_len for s in seqs], dtype=torch.int32))
         ids = torch.tensor([s.token_ids[0] for s in seqs])
-        with matmul_backend(len(seqs), self.dtype):
+        with matmul_backend(len(seqs), self.model.gemm_plan):
             hidden = self.model(ids, positions, self.kv_layers, meta)
             return self._sample(hidden, seqs)
 

@@ -1,0 +1,101 @@
+"""One engine change before and after, side by side: prefill of 512 tokens and decode steps at
+batch 1, 8 and 32, two ModelRunners in one process (one per variant), alternating call by call.
+
+    .venv/bin/python benchmarks/experiments/engine_ab.py EXPERIMENT [--repeats N]
+
+EXPERIMENT names a change (see EXPERIMENTS below); its `before` and `after` set up one runner
+each, after it is built. The default model, bf16, one thread. Decode contexts are 160 tokens
+(the middle of `bench engine`'s 128-token prompts + 64 new tokens), in consecutive blocks.
+Reported: each variant's thread CPU time per call (less disturbed by the shared machine's other
+load than wall time), medians over the repeats, and after/before speed-up.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the repository root
+
+BATCHES = (1, 8, 32)
+CONTEXT = 160
+PREFILL = 512
+
+
+def _old_gemm(runner) -> None:
+    # the engine before measured GEMM plans: ATen's GEMV for 1 row, (W @ xᵀ)ᵀ for 2-32 rows
+    from engine.gemm import GemmPlan
+    runner.model.use_gemm_plan(GemmPlan(plain=((1, "gemv"), (32, "weight_left"))))
+
+
+def _measured_gemm(runner) -> None:
+    import os
+
+    from engine.gemm import choose_plan
+    os.environ["PDCLUSTER_AUTOTUNE"] = "1"
+    try:
+        runner.model.use_gemm_plan(choose_plan(runner.model.linear_weights(), runner.dtype))
+    finally:
+        os.environ["PDCLUSTER_AUTOTUNE"] = "0"
+
+
+def _prefill_attention(name: str):
+    def use(runner) -> None:
+        from engine import attention
+        attention.use_prefill_attention(name)
+    return use
+
+
+def _nothing(runner) -> None:
+    pass
+
+
+EXPERIMENTS = {
+    "gemm": (_old_gemm, _measured_gemm),
+    "prefill-attention": (_prefill_attention("sdpa"), _prefill_attention("blocked")),
+    "noise": (_nothing, _nothing),   # the same engine twice: how far apart two equal variants land
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("experiment", choices=sorted(EXPERIMENTS))
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    import os
+
+    import torch
+    torch.set_num_threads(1)
+    os.environ["PDCLUSTER_AUTOTUNE"] = "0"   # built with the plain paths; each variant then sets its own
+    from cluster.bench.steps import seq_works
+    from engine.instance import build_engine
+    setups = dict(zip(("before", "after"), EXPERIMENTS[args.experiment]))
+    runners = {}
+    for name, setup in setups.items():
+        runners[name] = build_engine(None, "bfloat16", 16, 1.0, None, 1, 0).runner
+        setup(runners[name])
+    vocab = runners["before"].cfg.vocab_size
+    block_size = runners["before"].block_size
+    cases = {f"prefill {PREFILL}": (seq_works([PREFILL], block_size, vocab), "prefill")}
+    for b in BATCHES:
+        cases[f"decode batch {b}"] = (seq_works([CONTEXT] * b, block_size, vocab, decode=True), "decode_step")
+    print(f"{args.experiment}: thread CPU ms per call, median of {args.repeats}, 1 thread, bf16")
+    for label, (works, method) in cases.items():
+        times = {name: [] for name in runners}
+        for rep in range(args.repeats + 1):
+            for name, runner in runners.items():
+                if args.experiment == "prefill-attention":
+                    setups[name](runner)   # a process-wide switch: set before each call
+                t0 = time.thread_time()
+                getattr(runner, method)(works)
+                if rep:   # the first round warms up
+                    times[name].append(time.thread_time() - t0)
+        med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        print(f"{label:>16}: before {med['before']:.1f}  after {med['after']:.1f}  "
+              f"speed-up {med['before'] / med['after']:.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
