@@ -16,7 +16,9 @@ from engine.chunked_prefill import execute_mixed
 from engine.cpu_tuning import keep_freed_memory, matmul_backend
 from engine.dtypes import DTYPE_ALIASES, DTYPE_NAMES
 from engine.errors import ConfigError
-from engine.gemm import choose_plan
+from engine.gemm import choose_plan as choose_gemm_plan
+from engine.prefill_attention import DEFAULT as PREFILL_DEFAULT
+from engine.prefill_attention import choose_plan as choose_prefill_plan
 from engine.kv_cache import KVCache
 from engine.model import CausalLM
 from engine.model_config import ModelConfig
@@ -49,7 +51,10 @@ class ModelRunner:
         self.model = CausalLM(cfg, self.par, dtype, max_positions=max_model_len)
         load_weights(self.model, cfg.path)
         self.model.eval()
-        self.model.use_gemm_plan(choose_plan(self.model.linear_weights(), dtype))
+        self.model.use_gemm_plan(choose_gemm_plan(self.model.linear_weights(), dtype))
+        attn = self.model.layers[0].self_attn if len(self.model.layers) else None
+        self.prefill_plan = (choose_prefill_plan(attn.num_heads, attn.num_kv_heads, attn.head_dim, dtype)
+                             if attn is not None else PREFILL_DEFAULT)
         local_kv_heads = self.par.split(cfg.num_kv_heads, "num_key_value_heads")
         self.kv_cache = KVCache(len(self.model.layer_range), num_blocks, block_size,
                                 local_kv_heads, cfg.head_dim, dtype, allocate_kv)
@@ -82,7 +87,7 @@ class ModelRunner:
             slots.append(self._slots(s.block_ids, positions))
             bounds.append((start, start + n))
             start += n
-        meta = AttentionMetadata(StepKind.PREFILL, torch.cat(slots), bounds, None, None)
+        meta = AttentionMetadata(StepKind.PREFILL, torch.cat(slots), bounds, None, None, self.prefill_plan)
         last_rows = [end - 1 for _, end in bounds]
         hidden = self.model(torch.tensor(ids), torch.cat(pos), self.kv_layers, meta,
                             last_rows=last_rows, on_layer=on_layer)   # [seqs, hidden]

@@ -12,6 +12,8 @@ load than wall time), medians over the repeats, and after/before speed-up.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
 import sys
 import time
@@ -31,21 +33,31 @@ def _old_gemm(runner) -> None:
 
 
 def _measured_gemm(runner) -> None:
-    import os
-
     from engine.gemm import choose_plan
+    with _autotune():
+        runner.model.use_gemm_plan(choose_plan(runner.model.linear_weights(), runner.dtype))
+
+
+@contextlib.contextmanager
+def _autotune():
+    # the runners are built with the plain paths (PDCLUSTER_AUTOTUNE=0); an `after` measures its own
     os.environ["PDCLUSTER_AUTOTUNE"] = "1"
     try:
-        runner.model.use_gemm_plan(choose_plan(runner.model.linear_weights(), runner.dtype))
+        yield
     finally:
         os.environ["PDCLUSTER_AUTOTUNE"] = "0"
 
 
-def _prefill_attention(name: str):
-    def use(runner) -> None:
-        from engine import attention
-        attention.use_prefill_attention(name)
-    return use
+def _sdpa_prefill(runner) -> None:
+    from engine.prefill_attention import DEFAULT
+    runner.prefill_plan = DEFAULT
+
+
+def _measured_prefill(runner) -> None:
+    from engine.prefill_attention import choose_plan
+    attn = runner.model.layers[0].self_attn
+    with _autotune():
+        runner.prefill_plan = choose_plan(attn.num_heads, attn.num_kv_heads, attn.head_dim, runner.dtype)
 
 
 def _nothing(runner) -> None:
@@ -54,7 +66,7 @@ def _nothing(runner) -> None:
 
 EXPERIMENTS = {
     "gemm": (_old_gemm, _measured_gemm),
-    "prefill-attention": (_prefill_attention("sdpa"), _prefill_attention("blocked")),
+    "prefill-attention": (_sdpa_prefill, _measured_prefill),
     "noise": (_nothing, _nothing),   # the same engine twice: how far apart two equal variants land
 }
 
@@ -64,17 +76,18 @@ def main() -> None:
     parser.add_argument("experiment", choices=sorted(EXPERIMENTS))
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
-    import os
-
     import torch
     torch.set_num_threads(1)
     os.environ["PDCLUSTER_AUTOTUNE"] = "0"   # built with the plain paths; each variant then sets its own
+    # (both get the measured GEMM plan, unless the experiment is about it)
     from cluster.bench.steps import seq_works
     from engine.instance import build_engine
     setups = dict(zip(("before", "after"), EXPERIMENTS[args.experiment]))
     runners = {}
     for name, setup in setups.items():
         runners[name] = build_engine(None, "bfloat16", 16, 1.0, None, 1, 0).runner
+        if args.experiment != "gemm":
+            _measured_gemm(runners[name])
         setup(runners[name])
     vocab = runners["before"].cfg.vocab_size
     block_size = runners["before"].block_size
@@ -86,8 +99,6 @@ def main() -> None:
         times = {name: [] for name in runners}
         for rep in range(args.repeats + 1):
             for name, runner in runners.items():
-                if args.experiment == "prefill-attention":
-                    setups[name](runner)   # a process-wide switch: set before each call
                 t0 = time.thread_time()
                 getattr(runner, method)(works)
                 if rep:   # the first round warms up
