@@ -84,11 +84,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MLP(cfg, par, dtype)
 
-    def forward(self, positions, h, kv_cache, meta, last_rows=None):
-        """With `last_rows` (prefill, last layer) only those rows go past attention."""
-        a = self.self_attn(positions, self.input_layernorm(h), kv_cache, meta, last_rows is not None)
-        h = (h if last_rows is None else h[last_rows]) + a
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, positions, h, kv_cache, meta, last_rows=None, delta=None):
+        """The hidden state coming in is h + delta (delta: the previous layer's MLP output, still to
+        be added: the add is fused into this layer's first norm); returns (h, delta) the same way.
+        With `last_rows` (prefill, last layer) only those rows go past attention."""
+        h, x = self.input_layernorm.add_and_norm(h, delta)
+        a = self.self_attn(positions, x, kv_cache, meta, last_rows is not None)
+        h, x = self.post_attention_layernorm.add_and_norm(h if last_rows is None else h[last_rows], a)
+        return h, self.mlp(x)
 
 
 class CausalLM(nn.Module):
@@ -123,14 +126,17 @@ class CausalLM(nn.Module):
         KV streaming sends it while the later layers compute).
         """
         h = nn.functional.embedding(input_ids, self.embed_tokens) if self.par.is_first_stage else hidden
+        delta = None
         last = len(self.layers) - 1
         trim = last_rows if self.par.is_last_stage and meta.is_prefill else None
         for i, layer in enumerate(self.layers):
             kv = kv_caches[i] if kv_caches is not None else None
-            h = layer(positions, h, kv, meta, trim if i == last else None)
+            h, delta = layer(positions, h, kv, meta, trim if i == last else None, delta)
             if on_layer is not None:
                 on_layer(i)
-        return self.norm(h) if self.norm is not None else h
+        if self.norm is not None:
+            return self.norm.add_and_norm(h, delta)[1]
+        return h if delta is None else h + delta
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [rows, hidden] -> [rows, vocab] in fp32

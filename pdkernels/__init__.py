@@ -2,14 +2,15 @@
 
 The public functions below dispatch on where the tensors live: CUDA tensors go to
 the Triton kernel when Triton imports, everything else (CPU, or no Triton) to
-the torch reference. Decode attention on CPU has a C kernel (cpu_native.py), built
-on first use; the reference stands in for it where it cannot be built. Triton is
+the torch reference. On CPU, decode attention and the KV store have C kernels
+(cpu_native.py, cpu_fused.py), built on first use; the references stand in for
+them where they cannot be built. Triton is
 optional here: importing `pdkernels` never needs it or a GPU. Tests call the
 `*_triton` functions directly on CPU tensors under TRITON_INTERPRET=1 (set before
 this package is imported) and compare them with the references.
 """
 from pdkernels._triton import HAS_TRITON
-from pdkernels import cpu_native
+from pdkernels import cpu_fused, cpu_native
 from pdkernels.block_copy import gather_blocks_ref, gather_blocks_triton, scatter_blocks_ref, scatter_blocks_triton
 from pdkernels.paged_attention import paged_decode_attention_ref, paged_decode_attention_triton
 from pdkernels.store_kv import store_kv_ref, store_kv_triton
@@ -23,8 +24,10 @@ def _on_triton(tensor):
 
 def store_kv(key, value, k_cache, v_cache, slot_mapping):
     # key, value: [num_tokens, kv_heads, head_dim] -> k_cache, v_cache: [num_blocks, block_size, kv_heads, head_dim]
-    fn = store_kv_triton if _on_triton(k_cache) else store_kv_ref
-    fn(key, value, k_cache, v_cache, slot_mapping)
+    if _on_triton(k_cache):
+        store_kv_triton(key, value, k_cache, v_cache, slot_mapping)
+    elif not cpu_fused.store_kv(key, value, k_cache, v_cache, slot_mapping):
+        store_kv_ref(key, value, k_cache, v_cache, slot_mapping)
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale):

@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the repository root
 
 BATCHES = (1, 8, 32)
+SWITCHES = ("fused",)   # experiments whose variants are process-wide: set before each call
 CONTEXT = 160
 PREFILL = 512
 
@@ -64,9 +65,17 @@ def _nothing(runner) -> None:
     pass
 
 
+def _fused(on: bool):
+    def use(runner) -> None:
+        from pdkernels import cpu_fused
+        cpu_fused.ENABLED = on
+    return use
+
+
 EXPERIMENTS = {
     "gemm": (_old_gemm, _measured_gemm),
     "prefill-attention": (_sdpa_prefill, _measured_prefill),
+    "fused": (_fused(False), _fused(True)),   # a process-wide switch: set before every call
     "noise": (_nothing, _nothing),   # the same engine twice: how far apart two equal variants land
 }
 
@@ -99,6 +108,8 @@ def main() -> None:
         times = {name: [] for name in runners}
         for rep in range(args.repeats + 1):
             for name, runner in runners.items():
+                if args.experiment in SWITCHES:
+                    setups[name](runner)
                 t0 = time.thread_time()
                 getattr(runner, method)(works)
                 if rep:   # the first round warms up
