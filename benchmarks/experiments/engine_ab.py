@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the repository root
 
 BATCHES = (1, 8, 32)
-SWITCHES = ("fused",)   # experiments whose variants are process-wide: set before each call
+SWITCHES = ("fused", "decode-attention")   # experiments whose variants are process-wide: set before each call
 CONTEXT = 160
 PREFILL = 512
 
@@ -72,10 +72,26 @@ def _fused(on: bool):
     return use
 
 
+def _decode_kernel(name: str):
+    # the C library's bf16 entry point: the AVX512-BF16 kernel, or the generic loop it falls back to
+    def use(runner) -> None:
+        import ctypes
+
+        import torch
+
+        from pdkernels import cpu_native
+        fn = getattr(cpu_native.load(), name)
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 7 + [ctypes.c_float]
+        cpu_native._FUNCTIONS[torch.bfloat16] = name
+    return use
+
+
 EXPERIMENTS = {
     "gemm": (_old_gemm, _measured_gemm),
     "prefill-attention": (_sdpa_prefill, _measured_prefill),
     "fused": (_fused(False), _fused(True)),   # a process-wide switch: set before every call
+    "decode-attention": (_decode_kernel("decode_attention_bf16_generic"), _decode_kernel("paged_decode_attention_bf16")),
     "noise": (_nothing, _nothing),   # the same engine twice: how far apart two equal variants land
 }
 
