@@ -1,7 +1,7 @@
 """Attention over the paged KV cache, for a packed prefill or a decode step."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,6 +25,9 @@ class AttentionMetadata:
     block_tables: torch.Tensor | None     # decode: [batch, max_blocks] int32
     context_lens: torch.Tensor | None     # decode: [batch] int32, the new token included
     prefill_plan: PrefillPlan = DEFAULT_PREFILL   # prefill: the causal kernel per prompt length
+    # decode: the kernel, picked at the first layer (every layer's tensors are alike; its checks
+    # cost more than a small batch's attention arithmetic)
+    decode_fn: object = field(default=None, repr=False, compare=False)
 
     @property
     def is_prefill(self) -> bool:
@@ -40,8 +43,10 @@ class AttentionMetadata:
             return _packed_causal_attention(q, k, v, self.seq_bounds, scale, self.prefill_plan)
         if kv_cache is None:
             raise ValueError("a decode step needs the KV cache")
-        return pdkernels.paged_decode_attention(q, kv_cache[0], kv_cache[1], self.block_tables,
-                                                self.context_lens, scale)
+        if self.decode_fn is None:
+            self.decode_fn = pdkernels.decode_attention_fn(q, kv_cache[0], kv_cache[1], self.block_tables,
+                                                           self.context_lens)
+        return self.decode_fn(q, kv_cache[0], kv_cache[1], self.block_tables, self.context_lens, scale)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

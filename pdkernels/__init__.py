@@ -15,7 +15,8 @@ from pdkernels.block_copy import gather_blocks_ref, gather_blocks_triton, scatte
 from pdkernels.paged_attention import paged_decode_attention_ref, paged_decode_attention_triton
 from pdkernels.store_kv import store_kv_ref, store_kv_triton
 
-__all__ = ["HAS_TRITON", "gather_blocks", "paged_decode_attention", "scatter_blocks", "store_kv"]
+__all__ = ["HAS_TRITON", "decode_attention_fn", "gather_blocks", "paged_decode_attention", "scatter_blocks",
+           "store_kv"]
 
 
 def _on_triton(tensor):
@@ -32,13 +33,18 @@ def store_kv(key, value, k_cache, v_cache, slot_mapping):
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale):
     # q: [batch, heads, head_dim] -> [batch, heads, head_dim]
-    if _on_triton(q):
-        fn = paged_decode_attention_triton
-    elif cpu_native.supports(q, k_cache, v_cache, block_tables, context_lens):
-        fn = cpu_native.paged_decode_attention_cpu
-    else:
-        fn = paged_decode_attention_ref
+    fn = decode_attention_fn(q, k_cache, v_cache, block_tables, context_lens)
     return fn(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+def decode_attention_fn(q, k_cache, v_cache, block_tables, context_lens):
+    """The decode-attention function `paged_decode_attention` picks for tensors like these. Every
+    layer of a step has the same kinds of tensors: a caller may pick once per step."""
+    if _on_triton(q):
+        return paged_decode_attention_triton
+    if cpu_native.supports(q, k_cache, v_cache, block_tables, context_lens):
+        return cpu_native.paged_decode_attention_cpu
+    return paged_decode_attention_ref
 
 
 def gather_blocks(cache, block_ids, out=None):
