@@ -54,6 +54,14 @@ def machine_fingerprint() -> str:
     return "\n".join(lines)
 
 
+def source_hash(*paths: str) -> str:
+    """A short hash of source files: a choice between kernels is remeasured when their code changes."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(Path(p).read_bytes())
+    return h.hexdigest()[:12]
+
+
 def cache_path(what: str, detail: str) -> Path:
     key = hashlib.sha256(f"{machine_fingerprint()}\n{what}\n{detail}".encode()).hexdigest()[:16]
     return _cache_dir() / f"{what}-{key}.json"

@@ -80,7 +80,7 @@ def choose_plan(weights: list[torch.Tensor], dtype: torch.dtype) -> GemmPlan:
     if not weights or dtype not in TUNED_DTYPES or weights[0].device.type != "cpu" or not autotune.enabled():
         return DEFAULT
     shapes = sorted({tuple(w.shape) for w in weights})
-    detail = f"{dtype} threads={torch.get_num_threads()} shapes={shapes} buckets={BUCKETS}"
+    detail = f"{dtype} threads={torch.get_num_threads()} shapes={shapes} buckets={BUCKETS} code={autotune.source_hash(__file__)}"
     result = autotune.cached_choice("gemm", detail, lambda: _measure(_sample(weights), dtype))
     return GemmPlan(packed=result["packed"], plain=tuple((int(r), p) for r, p in result["plain"]))
 

@@ -7,8 +7,10 @@ Kernels, for one sequence (q: [n, heads, head_dim]; k, v: [n, kv_heads, head_dim
                batched GEMMs per block over every query head of a kv head at once (GQA
                without repeating K/V) and one softmax. The GEMMs are oneDNN's: on the EPYC,
                a 512-token prompt's attention takes ~2.4 ms per layer against SDPA's ~7.2.
-               Scores are rounded to the model dtype before the (fp32) softmax, as in
-               transformers' eager attention; SDPA keeps them in fp32.
+               The causal mask and the softmax are one pass of a C kernel on CPU
+               (pdkernels/cpu_causal_softmax.c). Scores are rounded to the model dtype
+               before the (fp32) softmax, as in transformers' eager attention; SDPA keeps
+               them in fp32.
 Which one is fastest depends on the processor and the prompt's length, so each length bucket
 gets the kernel that measured fastest on this machine (engine/autotune.py, cached).
 """
@@ -20,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import autotune
+from pdkernels import cpu_native
 
 KERNELS = ("sdpa", "blocked-64", "blocked-128", "blocked-256")
 LENGTHS = (128, 512, 2048)   # measured buckets: a prompt takes the first bucket it fits, else the last
@@ -73,9 +76,12 @@ def blocked_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
         qb = qg[:, start:end].reshape(kv_heads, rows * group, d)
         # scores: [kv_heads, rows * group, end], only the keys up to this block's end
         scores = torch.baddbmm(zero, qb, kt[:, :, :end], beta=0, alpha=scale)
-        diagonal = scores.view(kv_heads, rows, group, end)[..., start:end]
-        diagonal.masked_fill_(above[:rows, :rows][None, :, None, :], float("-inf"))
-        probs = torch.softmax(scores, dim=-1)                # fp32 inside, model dtype out
+        if cpu_native.causal_softmax_(scores, kv_heads, rows, group, start):   # mask + softmax, one pass
+            probs = scores
+        else:
+            diagonal = scores.view(kv_heads, rows, group, end)[..., start:end]
+            diagonal.masked_fill_(above[:rows, :rows][None, :, None, :], float("-inf"))
+            probs = torch.softmax(scores, dim=-1)            # fp32 inside, model dtype out
         out[start:end] = torch.bmm(probs, vh[:, :end]).view(kv_heads, rows, group, d).transpose(0, 1)
     return out.view(n, heads, d)
 
@@ -85,7 +91,8 @@ def choose_plan(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.d
     """The kernel per length bucket for this attention shape (measured once per machine, cached)."""
     if torch.device(device).type != "cpu" or not autotune.enabled():
         return DEFAULT
-    detail = f"{num_heads}/{num_kv_heads}x{head_dim} {dtype} threads={torch.get_num_threads()} lengths={LENGTHS}"
+    detail = (f"{num_heads}/{num_kv_heads}x{head_dim} {dtype} threads={torch.get_num_threads()} lengths={LENGTHS} "
+              f"code={autotune.source_hash(__file__, cpu_native.SOFTMAX_SOURCE)}")
     result = autotune.cached_choice("prefill-attention", detail,
                                     lambda: _measure(num_heads, num_kv_heads, head_dim, dtype))
     return PrefillPlan(tuple((int(n), kernel) for n, kernel in result["by_length"]))

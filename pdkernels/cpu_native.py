@@ -1,5 +1,6 @@
-"""The CPU kernels in C, built here on first use: decode attention (cpu_decode_attention.c) and
-the small fused ops of a layer (cpu_fused.c: RMSNorm with the residual add, rotary, KV store).
+"""The CPU kernels in C, built here on first use: decode attention (cpu_decode_attention.c), the
+causal softmax of prefill attention (cpu_causal_softmax.c) and the small fused ops of a layer
+(cpu_fused.c: RMSNorm with the residual add, rotary, KV store).
 
 Built with the system C compiler (`$CC`, else `cc`) for this CPU (`-march=native`), about a
 second, into `$PDCLUSTER_CACHE_DIR/native` (default ~/.cache/pdcluster/native) under a name
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_decode_attention.c")
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fPIC", "-shared")
+SOFTMAX_SOURCE = Path(__file__).with_name("cpu_causal_softmax.c")
 # The fused ops reproduce torch's rounding step by step: no reassociation, no FMA contraction.
 FUSED_SOURCE = Path(__file__).with_name("cpu_fused.c")
 FUSED_FLAGS = ("-O3", "-march=native", "-fno-fast-math", "-ffp-contract=off", "-fPIC", "-shared")
@@ -113,6 +115,33 @@ def load_fused():
     lib.store_kv.restype = ctypes.c_int
     lib.store_kv.argtypes = [p, i64, p, i64, p, p, p, i64, i64, i64, i64]
     return lib
+
+
+@functools.lru_cache(maxsize=None)
+def load_softmax():
+    """The causal-softmax library (cpu_causal_softmax.c), or None as for `load()`."""
+    lib = _load_library(SOFTMAX_SOURCE, FLAGS, "CPU causal-softmax kernel")
+    if lib is None:
+        return None
+    for suffix in ("bf16", "f32"):
+        fn = getattr(lib, f"causal_softmax_{suffix}")
+        fn.restype, fn.argtypes = ctypes.c_int, [ctypes.c_void_p] + [ctypes.c_int64] * 4
+    return lib
+
+
+_SOFTMAX = {torch.bfloat16: "causal_softmax_bf16", torch.float32: "causal_softmax_f32"}
+
+
+def causal_softmax_(scores: torch.Tensor, kv_heads: int, rows: int, group: int, start: int) -> bool:
+    """In place: scores [kv_heads, rows * group, start + rows] of a block of queries from `start` ->
+    each row's causal softmax (zeros past its query's position). False where the C code does not
+    apply (nothing done)."""
+    lib = load_softmax() if scores.is_cpu and scores.dtype in _SOFTMAX and scores.is_contiguous() else None
+    if lib is None or scores.shape != (kv_heads, rows * group, start + rows):
+        return False
+    if getattr(lib, _SOFTMAX[scores.dtype])(scores.data_ptr(), kv_heads, rows, group, start) != 0:
+        raise MemoryError("the CPU causal-softmax kernel could not allocate its scratch memory")
+    return True
 
 
 def supports(q, k_cache, v_cache, block_tables, context_lens) -> bool:

@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the repository root
 
 BATCHES = (1, 8, 32)
-SWITCHES = ("fused", "decode-attention")   # experiments whose variants are process-wide: set before each call
+SWITCHES = ("fused", "decode-attention", "causal-softmax")   # experiments whose variants are process-wide: set before each call
 CONTEXT = 160
 PREFILL = 512
 
@@ -87,11 +87,21 @@ def _decode_kernel(name: str):
     return use
 
 
+def _causal_softmax(on: bool):
+    def use(runner) -> None:
+        from pdkernels import cpu_native
+        if not hasattr(cpu_native, "_causal_softmax_c"):
+            cpu_native._causal_softmax_c = cpu_native.causal_softmax_
+        cpu_native.causal_softmax_ = cpu_native._causal_softmax_c if on else (lambda *a: False)
+    return use
+
+
 EXPERIMENTS = {
     "gemm": (_old_gemm, _measured_gemm),
     "prefill-attention": (_sdpa_prefill, _measured_prefill),
     "fused": (_fused(False), _fused(True)),   # a process-wide switch: set before every call
     "decode-attention": (_decode_kernel("decode_attention_bf16_generic"), _decode_kernel("paged_decode_attention_bf16")),
+    "causal-softmax": (_causal_softmax(False), _causal_softmax(True)),   # the blocked prefill's mask + softmax
     "noise": (_nothing, _nothing),   # the same engine twice: how far apart two equal variants land
 }
 
@@ -104,15 +114,17 @@ def main() -> None:
     import torch
     torch.set_num_threads(1)
     os.environ["PDCLUSTER_AUTOTUNE"] = "0"   # built with the plain paths; each variant then sets its own
-    # (both get the measured GEMM plan, unless the experiment is about it)
+    # (both get the measured GEMM and prefill-attention plans, unless the experiment is about one)
     from cluster.bench.steps import seq_works
     from engine.instance import build_engine
     setups = dict(zip(("before", "after"), EXPERIMENTS[args.experiment]))
     runners = {}
     for name, setup in setups.items():
         runners[name] = build_engine(None, "bfloat16", 16, 1.0, None, 1, 0).runner
-        if args.experiment != "gemm":
+        if args.experiment != "gemm":   # today's engine around the change: the measured plans
             _measured_gemm(runners[name])
+        if args.experiment != "prefill-attention":
+            _measured_prefill(runners[name])
         setup(runners[name])
     vocab = runners["before"].cfg.vocab_size
     block_size = runners["before"].block_size

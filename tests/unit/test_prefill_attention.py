@@ -9,6 +9,7 @@ import torch
 
 from engine import prefill_attention
 from engine.prefill_attention import PrefillPlan, blocked_causal, causal_attention, sdpa
+from pdkernels import cpu_native
 
 
 def _qkv(n, heads, kv_heads, d, dtype, seed=0):
@@ -27,10 +28,20 @@ def _exact(q, k, v, scale):
     return torch.einsum("hqk,khd->qhd", s.softmax(-1), v)
 
 
+@pytest.fixture(params=["C softmax", "torch softmax"])
+def softmax(request, monkeypatch):
+    """The blocked kernel's mask + softmax: the C pass (pdkernels/cpu_causal_softmax.c) or torch's."""
+    if request.param == "torch softmax":
+        monkeypatch.setattr(cpu_native, "causal_softmax_", lambda *a: False)
+    elif cpu_native.load_softmax() is None:
+        pytest.skip("no C compiler: the torch softmax serves")
+    return request.param
+
+
 @pytest.mark.parametrize("n", [1, 5, 63, 64, 65, 200, 512])
 @pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4), (8, 1)])
 @pytest.mark.parametrize("block", [64, 128])
-def test_blocked_matches_exact_attention(n, heads, kv_heads, block):
+def test_blocked_matches_exact_attention(n, heads, kv_heads, block, softmax):
     d = 32
     q, k, v = _qkv(n, heads, kv_heads, d, torch.float32)
     want = _exact(q, k, v, d ** -0.5)
@@ -43,7 +54,7 @@ def test_blocked_matches_exact_attention(n, heads, kv_heads, block):
     assert err <= 4 * max(sdpa_err, 2 ** -8), (err, sdpa_err)
 
 
-def test_strided_inputs_as_the_model_passes_them():
+def test_strided_inputs_as_the_model_passes_them(softmax):
     # q, k, v are column slices of one qkv projection: views, not contiguous tensors
     n, d = 100, 16
     qkv = torch.randn(n, (6 + 2 * 2) * d)
