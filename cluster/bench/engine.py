@@ -30,10 +30,11 @@ PEAK_GBPS = 11.0
 PEERS = ("vllm",)
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
+def _timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 class _Ours:
@@ -43,7 +44,7 @@ class _Ours:
         from engine import SamplingParams
         self.llm, self.params = llm, SamplingParams
 
-    def seconds(self, prompts, new_tokens) -> float:
+    def seconds(self, prompts, new_tokens) -> tuple[float, float]:
         params = self.params(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
         return _timed(lambda: self.llm.generate(prompts, params))
 
@@ -54,7 +55,7 @@ class _Transformers:
     def __init__(self, model) -> None:
         self.model = model
 
-    def seconds(self, prompts, new_tokens) -> float:
+    def seconds(self, prompts, new_tokens) -> tuple[float, float]:
         ids = torch.tensor(prompts)
 
         def run():
@@ -68,8 +69,9 @@ class _Peer:
     def __init__(self, peer) -> None:
         self.peer, self.name = peer, "vllm"
 
-    def seconds(self, prompts, new_tokens) -> float:
-        return self.peer.generate(prompts, new_tokens)[0]
+    def seconds(self, prompts, new_tokens) -> tuple[float, float]:
+        wall, cpu, _ = self.peer.generate(prompts, new_tokens)
+        return wall, cpu
 
 
 def _decode_cost(cfg, batch: int, context: int, element: int) -> tuple[float, float]:
@@ -123,29 +125,34 @@ def run(repeats: int = 3, batches=(1, 8, 32), prompt_len: int = 128, new_tokens:
 
 
 def _measure(engines, cfg, repeats, batches, prompt_len, new_tokens, prefill_len) -> dict:
+    """Wall time is the figure; each process's CPU time is kept beside it: on a shared machine
+    another job's load lengthens an engine's wall time while it waits, its CPU time much less."""
     g = torch.Generator().manual_seed(0)
     vocab = cfg.vocab_size
-    results: dict = {"prefill": {}, "decode": {}}
+    results: dict = {"prefill": {}, "decode": {}, "load_average_start": os.getloadavg()[0]}
     prompt = [torch.randint(100, vocab, (prefill_len,), generator=g).tolist()]
     for e in engines:
         e.seconds(prompt, 1)   # warm-up
-    runs = {e.name: [] for e in engines}
+    walls, cpus = {e.name: [] for e in engines}, {e.name: [] for e in engines}
     for _ in range(repeats):   # interleaved: each engine once per repeat
         for e in engines:
-            runs[e.name].append(e.seconds(prompt, 1))
-    results["prefill"] = _row(runs, "s", lower_is_better=True) | {"tokens": prefill_len}
-    _print_row(f"prefill {prefill_len} tokens", results["prefill"], "ms", 1e3)
+            wall, cpu = e.seconds(prompt, 1)
+            walls[e.name].append(wall)
+            cpus[e.name].append(cpu)
+    results["prefill"] = _row(walls, "s", True) | _row(cpus, "cpu_s", True) | {"tokens": prefill_len}
+    _print_row(f"prefill {prefill_len} tokens", results["prefill"], "s", "ms", 1e3)
 
     for batch in batches:
         prompts = [torch.randint(100, vocab, (prompt_len,), generator=g).tolist() for _ in range(batch)]
         for e in engines:
             e.seconds(prompts, 2)   # warm-up at this batch
-        runs = {e.name: [] for e in engines}
+        walls, cpus = {e.name: [] for e in engines}, {e.name: [] for e in engines}
         for _ in range(repeats):
             for e in engines:
-                t_full, t_first = e.seconds(prompts, new_tokens), e.seconds(prompts, 1)
-                runs[e.name].append(batch * (new_tokens - 1) / (t_full - t_first))
-        row = _row(runs, "tok_s", lower_is_better=False)
+                (full, full_cpu), (first, first_cpu) = e.seconds(prompts, new_tokens), e.seconds(prompts, 1)
+                walls[e.name].append(batch * (new_tokens - 1) / (full - first))
+                cpus[e.name].append(batch * (new_tokens - 1) / (full_cpu - first_cpu))
+        row = _row(walls, "tok_s", False) | _row(cpus, "cpu_tok_s", False)
         step_s = batch / row["ours_tok_s"]
         flops, nbytes = _decode_cost(cfg, batch, prompt_len + new_tokens // 2, 2)
         row.update({"ours_step_ms": step_s * 1e3, "ours_gflops": flops / step_s / 1e9,
@@ -153,29 +160,36 @@ def _measure(engines, cfg, repeats, batches, prompt_len, new_tokens, prefill_len
         row["fraction_of_peak_flops"] = row["ours_gflops"] / PEAK_GFLOPS
         row["fraction_of_peak_bandwidth"] = row["ours_gbps"] / PEAK_GBPS
         results["decode"][str(batch)] = row
-        _print_row(f"decode batch {batch:>2}", row, "tok/s", 1.0)
+        _print_row(f"decode batch {batch:>2}", row, "tok_s", "tok/s", 1.0)
+    results["load_average_end"] = os.getloadavg()[0]
+    _print(f"load average (1 min) at start {results['load_average_start']:.1f}, at end {results['load_average_end']:.1f}")
     return results
 
 
-def _row(runs: dict[str, list[float]], unit: str, lower_is_better: bool) -> dict:
-    """Medians per engine, and per repeat how many times faster ours was than each other engine."""
-    row: dict = {f"{name}_{unit}": statistics.median(v) for name, v in runs.items()}
-    row.update({f"{name}_{unit}_runs": v for name, v in runs.items()})
+def _row(runs: dict[str, list[float]], key: str, lower_is_better: bool) -> dict:
+    """Medians per engine (`<engine>_<key>`), and per repeat how many times faster ours was than each
+    other engine (`<key>_vs_<engine>`)."""
+    row: dict = {f"{name}_{key}": statistics.median(v) for name, v in runs.items()}
+    row.update({f"{name}_{key}_runs": v for name, v in runs.items()})
     for name, v in runs.items():
         if name == "ours":
             continue
         ratios = [(b / a if lower_is_better else a / b) for a, b in zip(runs["ours"], v)]
-        row[f"vs_{name}_runs"] = ratios
-        row[f"vs_{name}"] = statistics.median(ratios)
+        row[f"{key}_vs_{name}_runs"] = ratios
+        row[f"{key}_vs_{name}"] = statistics.median(ratios)
     return row
 
 
-def _print_row(label: str, row: dict, unit: str, scale: float) -> None:
-    key = "s" if unit == "ms" else "tok_s"
-    names = [k[:-len(key) - 1] for k in row if k.endswith(f"_{key}") and not k.startswith("vs_")]
+def _print_row(label: str, row: dict, key: str, unit: str, scale: float) -> None:
+    names = [k[:-len(key) - 1] for k in row if k.endswith(f"_{key}") and "_vs_" not in k
+             and not k.endswith(f"_cpu_{key}")]
     parts = [f"{n} {row[f'{n}_{key}'] * scale:.1f} {unit}" for n in names]
-    parts += [f"ours/{n} {row[f'vs_{n}']:.2f}x (runs " + ", ".join(f"{r:.2f}" for r in row[f"vs_{n}_runs"]) + ")"
-              for n in names if n != "ours"]
+    for n in names:
+        if n == "ours":
+            continue
+        runs = ", ".join(f"{r:.2f}" for r in row[f"{key}_vs_{n}_runs"])
+        cpu_key = "cpu_s" if key == "s" else "cpu_tok_s"
+        parts.append(f"ours/{n} {row[f'{key}_vs_{n}']:.2f}x (runs {runs}; CPU time {row[f'{cpu_key}_vs_{n}']:.2f}x)")
     _print(f"{label}: " + "; ".join(parts))
 
 

@@ -65,12 +65,12 @@ class VllmPeer:
         threading.Thread(target=self._drain, daemon=True, name="vllm-peer-stderr").start()
         self._reply(timeout_s=START_TIMEOUT_S)
 
-    def generate(self, prompts: list[list[int]], max_tokens: int) -> tuple[float, list[list[int]]]:
-        """Greedy, EOS ignored: (seconds inside the peer, token ids per prompt)."""
+    def generate(self, prompts: list[list[int]], max_tokens: int) -> tuple[float, float, list[list[int]]]:
+        """Greedy, EOS ignored: (wall seconds and CPU seconds inside the peer, token ids per prompt)."""
         self.proc.stdin.write(json.dumps({"prompts": prompts, "max_tokens": max_tokens}) + "\n")
         self.proc.stdin.flush()
         reply = self._reply(timeout_s=None)
-        return reply["seconds"], reply["token_ids"]
+        return reply["seconds"], reply["cpu_seconds"], reply["token_ids"]
 
     def close(self) -> None:
         if self.proc.poll() is None:

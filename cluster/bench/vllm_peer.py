@@ -4,11 +4,12 @@ It runs in vLLM's CPU venv (../shared/peers/setup-vllm-cpu.sh), so it imports no
 of ours, only the standard library and vLLM. The parent (cluster/bench/engine_peer.py)
 starts it once, then sends one JSON request per line on stdin:
 
-    {"prompts": [[token ids], ...], "max_tokens": N}    -> {"seconds": s, "token_ids": [[...], ...]}
+    {"prompts": [[token ids], ...], "max_tokens": N}    -> {"seconds": s, "cpu_seconds": c, "token_ids": [[...], ...]}
     {"quit": true}                                      -> exits
 
-Each request is timed here, around `LLM.generate` alone, so that the pipe and JSON
-cost of the exchange stay out of the peer's figure as they stay out of ours. Replies
+Each request is timed here (wall and this process's CPU time), around `LLM.generate`
+alone, so that the pipe and JSON cost of the exchange stay out of the peer's figure as
+they stay out of ours. Replies
 go on a private copy of stdout: vLLM logs to stdout, and that is sent to stderr.
 """
 from __future__ import annotations
@@ -36,11 +37,11 @@ def main() -> int:
             break
         prompts = [TokensPrompt(prompt_token_ids=ids) for ids in request["prompts"]]
         params = SamplingParams(max_tokens=request["max_tokens"], temperature=0.0, ignore_eos=True)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         outs = llm.generate(prompts, params, use_tqdm=False)
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
         token_ids = [list(o.outputs[0].token_ids) for o in outs]
-        replies.write(json.dumps({"seconds": seconds, "token_ids": token_ids}) + "\n")
+        replies.write(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "token_ids": token_ids}) + "\n")
         replies.flush()
     return 0
 
