@@ -91,17 +91,18 @@ def run(repeats: int = 3, batches=(1, 8, 32), prompt_len: int = 128, new_tokens:
         cpu: int | None = None, transformers: bool = True) -> dict:
     from engine import LLM
     from engine.default_model import default_model_path
+    if peer is not None and peer not in PEERS:
+        from cluster.bench.serve_metrics import BenchError
+        raise BenchError(f"--peer {peer!r}: the peers are {list(PEERS)}")
+    if peer == "vllm":   # first: a missing venv fails before anything loads or is pinned
+        from cluster.bench.engine_peer import VllmPeer, peer_python
+        peer_python(vllm_venv)
     cpu = _pin(cpu)
     model_dir = default_model_path()
     peer_proc = None
-    if peer == "vllm":   # first: a missing venv fails before anything loads
-        from cluster.bench.engine_peer import VllmPeer, peer_python
-        peer_python(vllm_venv)
+    if peer == "vllm":
         _print(f"starting the vLLM peer on core {cpu} (its first start compiles the model, ~90 s) ...")
         peer_proc = VllmPeer(vllm_venv, model_dir, "bfloat16", cpu, max_num_seqs=max(64, max(batches)))
-    elif peer is not None:
-        from cluster.bench.serve_metrics import BenchError
-        raise BenchError(f"--peer {peer!r}: the peers are {list(PEERS)}")
     try:
         llm = LLM(model=model_dir, dtype="bfloat16", kv_cache_memory_gb=1.0)
         engines = [_Ours(llm)]
