@@ -10,9 +10,10 @@ drift of the shared machine's speed lands on all of them. Measured:
   * decode throughput at batch 1, 8, 32: 128-token prompts, 64 new tokens
     (EOS ignored), decode tokens/s = batch * 63 / (t(64 tokens) - t(1 token)),
     so that the prefill and the first token are subtracted out.
-Medians over the repeats, and each repeat's ratio ours / peer. Also decode at
-batch 32 as a fraction of one core's limits (~200 GFLOP/s bf16, ~11 GB/s memory),
-from the FLOPs and bytes a decode step must do.
+Medians over the repeats, and each repeat's ratio ours / peer. Also each decode
+step's GFLOP/s and GB/s, from the FLOPs and bytes it must do, as a fraction of this
+core's bf16 GEMM rate and read bandwidth measured at the start of the run (the
+machine changes from day to day: no constant holds).
 """
 from __future__ import annotations
 
@@ -25,8 +26,6 @@ from pathlib import Path
 
 import torch
 
-PEAK_GFLOPS = 200.0
-PEAK_GBPS = 11.0
 PEERS = ("vllm",)
 
 
@@ -130,7 +129,9 @@ def _measure(engines, cfg, repeats, batches, prompt_len, new_tokens, prefill_len
     another job's load lengthens an engine's wall time while it waits, its CPU time much less."""
     g = torch.Generator().manual_seed(0)
     vocab = cfg.vocab_size
-    results: dict = {"prefill": {}, "decode": {}, "load_average_start": os.getloadavg()[0]}
+    limits = core_limits()
+    results: dict = {"prefill": {}, "decode": {}, "load_average_start": os.getloadavg()[0], "core": limits}
+    _print(f"this core: {limits['gemm_gflops']:.0f} GFLOP/s bf16 GEMM, {limits['read_gbps']:.1f} GB/s read")
     prompt = [torch.randint(100, vocab, (prefill_len,), generator=g).tolist()]
     for e in engines:
         e.seconds(prompt, 1)   # warm-up
@@ -158,13 +159,23 @@ def _measure(engines, cfg, repeats, batches, prompt_len, new_tokens, prefill_len
         flops, nbytes = _decode_cost(cfg, batch, prompt_len + new_tokens // 2, 2)
         row.update({"ours_step_ms": step_s * 1e3, "ours_gflops": flops / step_s / 1e9,
                     "ours_gbps": nbytes / step_s / 1e9})
-        row["fraction_of_peak_flops"] = row["ours_gflops"] / PEAK_GFLOPS
-        row["fraction_of_peak_bandwidth"] = row["ours_gbps"] / PEAK_GBPS
+        row["fraction_of_peak_flops"] = row["ours_gflops"] / limits["gemm_gflops"]
+        row["fraction_of_peak_bandwidth"] = row["ours_gbps"] / limits["read_gbps"]
         results["decode"][str(batch)] = row
         _print_row(f"decode batch {batch:>2}", row, "tok_s", "tok/s", 1.0)
     results["load_average_end"] = os.getloadavg()[0]
     _print(f"load average (1 min) at start {results['load_average_start']:.1f}, at end {results['load_average_end']:.1f}")
     return results
+
+
+def core_limits() -> dict:
+    """This core's bf16 GEMM rate (a 512 x 1536 x 1536 product, the best of 5) and its read bandwidth
+    (an fp32 sum over 512 MB, the best of 3): what a decode step's rates are fractions of."""
+    a, b = torch.randn(512, 1536).bfloat16(), torch.randn(1536, 1536).bfloat16()
+    big = torch.ones(128 << 20, dtype=torch.float32)
+    gemm = min(_timed(lambda: torch.mm(a, b))[0] for _ in range(5))
+    read = min(_timed(big.sum)[0] for _ in range(3))
+    return {"gemm_gflops": 2 * 512 * 1536 * 1536 / gemm / 1e9, "read_gbps": big.numel() * 4 / read / 1e9}
 
 
 def _row(runs: dict[str, list[float]], key: str, lower_is_better: bool) -> dict:
