@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.pdcluster-installed
 
-.PHONY: demo test install bench bench-fidelity bench-engine clean
+.PHONY: demo test install bench bench-fidelity bench-engine gpu-check clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,13 @@ bench-fidelity: install
 # Our engine against transformers' generate (cluster/bench/engine.py), into bench-results/engine.json.
 bench-engine: install
 	$(VENV)/bin/pdcluster bench engine
+
+# The checks that need a CUDA GPU (README, "On a GPU"): tests/gpu with Triton compiling its kernels
+# for the device (TRITON_INTERPRET=0), then a short serving run of a 1P1D cluster with model.device
+# cuda (tests/gpu/serve_check.py). Without a GPU the tests skip, naming why, and the run exits 2.
+gpu-check: install
+	TRITON_INTERPRET=0 $(PY) -m pytest -q -ra tests/gpu
+	TRITON_INTERPRET=0 $(PY) tests/gpu/serve_check.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

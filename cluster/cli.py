@@ -43,6 +43,9 @@ def _bench_step(args: argparse.Namespace) -> int:
     """engine, transfer, stream, overhead: one `run` each, results in a JSON file."""
     bench = import_module(f"cluster.bench.{args.what}")   # light start-up: engine, transfer, stream import torch
     options = {"variants": args.variants.split(",") if args.variants else None} if args.what == "transfer" else {}
+    if args.what == "engine":
+        options = {"peer": args.peer, "vllm_venv": args.vllm_venv, "cpu": args.cpu,
+                   "transformers": not args.no_transformers}
     bench.run(repeats=args.repeats, out=args.out, **options)
     return 0
 
@@ -139,6 +142,15 @@ def _add_bench_parsers(bench: argparse.ArgumentParser) -> None:
         if name == "transfer":
             p.add_argument("--variants", default=None,
                            help="comma-separated variants (shm,shm+crc,zmq,zmq+crc,torch_dist,...)")
+        if name == "engine":
+            p.add_argument("--peer", choices=["vllm"], default=None,
+                           help="also run this peer engine, side by side (vllm: vLLM's CPU build, from its own venv)")
+            p.add_argument("--vllm-venv", default=None,
+                           help="the peer's venv (default: $PDCLUSTER_VLLM_VENV, else ../vllm-cpu-venv beside "
+                                "the checkout; ../shared/peers/setup-vllm-cpu.sh builds one)")
+            p.add_argument("--cpu", type=int, default=None,
+                           help="the one core every engine runs on (default: the last one allowed)")
+            p.add_argument("--no-transformers", action="store_true", help="leave transformers' row out")
         p.set_defaults(fn=_bench_step)
     # the serving benchmarks: each module brings its options and its main(args)
     for name, module, help_text in (

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from engine.device import check_available as check_device
 from engine.dtypes import DTYPE_NAMES
 from engine.errors import ConfigError
 from kv_transfer.backends import BACKENDS, ON_FAILURE
@@ -32,9 +33,11 @@ class ModelSection:
     path: str | None = None            # a local HF model directory; None = the default model
     dtype: str = "bfloat16"
     max_model_len: int | None = None   # None = the model's own context
+    device: str = "cpu"                # cpu, cuda or cuda:N: weights, KV cache and sampling (engine/device.py)
 
     def check(self, key: str) -> None:
         _one_of(self.dtype, DTYPE_NAMES, f"{key}.dtype")
+        check_device(self.device, f"{key}.device")   # cuda without a usable GPU: an error here, at start
         if self.path is not None and not os.path.isdir(self.path):
             raise ConfigError(f"{key}.path: model directory {self.path!r} does not exist")
         if self.max_model_len is not None:

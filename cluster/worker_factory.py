@@ -56,16 +56,17 @@ def build_worker(role: str, name: str, cfg: ClusterConfig, model_path: str, host
         shared.append(SharedKVCache(shape, dtype))
         return shared[-1].tensor
 
-    use_shared = role == "prefill" and t.zero_copy   # decode reads the prefill cache in place
+    # decode reads the prefill cache in place; a cache on a GPU is sent through host memory or NCCL instead
+    use_shared = role == "prefill" and t.zero_copy and cfg.model.device == "cpu"
     allocate_kv = allocate_shared if use_shared else torch.zeros
     if rank_spec is None:
         parts = build_engine(model_path, cfg.model.dtype, pool.block_size, pool.kv_cache_memory_gb,
                              cfg.model.max_model_len, pool.num_threads, allocate_kv=allocate_kv,
-                             enable_prefix_caching=pool.enable_prefix_caching)
+                             enable_prefix_caching=pool.enable_prefix_caching, device=cfg.model.device)
         release: Callable[[], None] = parts.runner.release_kv_cache
     else:
         args = EngineArgs(model_path, cfg.model.dtype, pool.block_size, pool.kv_cache_memory_gb,
-                          cfg.model.max_model_len, pool.num_threads)
+                          cfg.model.max_model_len, pool.num_threads, device=cfg.model.device)
         built = build_rank_engine(RankSpec(**rank_spec), args, allocate_kv)
         if isinstance(built, RankServer):
             return built

@@ -1,12 +1,13 @@
 """Attention over the paged KV cache, for a packed prefill or a decode step."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 import pdkernels
+from engine.prefill_attention import DEFAULT as DEFAULT_PREFILL
+from engine.prefill_attention import PrefillPlan, causal_attention, sdpa
 from engine.sequence import StepKind
 
 
@@ -23,6 +24,10 @@ class AttentionMetadata:
     seq_bounds: list[tuple[int, int]]     # prefill: each sequence's [start, end) in the packed batch
     block_tables: torch.Tensor | None     # decode: [batch, max_blocks] int32
     context_lens: torch.Tensor | None     # decode: [batch] int32, the new token included
+    prefill_plan: PrefillPlan = DEFAULT_PREFILL   # prefill: the causal kernel per prompt length
+    # decode: the kernel, picked at the first layer (every layer's tensors are alike; its checks
+    # cost more than a small batch's attention arithmetic)
+    decode_fn: object = field(default=None, repr=False, compare=False)
 
     @property
     def is_prefill(self) -> bool:
@@ -35,11 +40,13 @@ class AttentionMetadata:
         if self.is_prefill:
             if last_only:
                 return _last_token_attention(q, k, v, self.seq_bounds, scale)
-            return _packed_causal_attention(q, k, v, self.seq_bounds, scale)
+            return _packed_causal_attention(q, k, v, self.seq_bounds, scale, self.prefill_plan)
         if kv_cache is None:
             raise ValueError("a decode step needs the KV cache")
-        return pdkernels.paged_decode_attention(q, kv_cache[0], kv_cache[1], self.block_tables,
-                                                self.context_lens, scale)
+        if self.decode_fn is None:
+            self.decode_fn = pdkernels.decode_attention_fn(q, kv_cache[0], kv_cache[1], self.block_tables,
+                                                           self.context_lens)
+        return self.decode_fn(q, kv_cache[0], kv_cache[1], self.block_tables, self.context_lens, scale)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -57,33 +64,17 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return meta.attend(q, k, v, kv_cache, scale, last_only)
 
 
-def _packed_causal_attention(q, k, v, seq_bounds, scale):
+def _packed_causal_attention(q, k, v, seq_bounds, scale, plan):
     """Causal attention of each prompt over its own tokens: packed, no padding."""
-    gqa = q.shape[1] != k.shape[1]
     if len(seq_bounds) == 1:
-        return _causal(q, k, v, scale, gqa)
+        return causal_attention(q, k, v, scale, plan)
     out = torch.empty_like(q)
     for start, end in seq_bounds:
-        out[start:end] = _causal(q[start:end], k[start:end], v[start:end], scale, gqa)
+        out[start:end] = causal_attention(q[start:end], k[start:end], v[start:end], scale, plan)
     return out
 
 
 def _last_token_attention(q, k, v, seq_bounds, scale):
     """Each sequence's last query over all its keys (the causal row of that token)."""
-    gqa = q.shape[1] != k.shape[1]
-    rows = [_sdpa(q[end - 1:end], k[start:end], v[start:end], scale, gqa, causal=False)
-            for start, end in seq_bounds]
+    rows = [sdpa(q[end - 1:end], k[start:end], v[start:end], scale, causal=False) for start, end in seq_bounds]
     return torch.cat(rows)
-
-
-def _causal(q, k, v, scale, gqa):
-    return _sdpa(q, k, v, scale, gqa, causal=True)
-
-
-def _sdpa(q, k, v, scale, gqa, causal):
-    # [len, heads, dim] -> [1, heads, len, dim] for SDPA and back. The batch axis
-    # matters: with 3-D inputs CPU SDPA takes its unfused math path, 3x slower.
-    o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
-                                       v.transpose(0, 1)[None], is_causal=causal, scale=scale,
-                                       enable_gqa=gqa)
-    return o[0].transpose(0, 1)

@@ -113,10 +113,12 @@ def execute_mixed(runner, plan, on_layer=None) -> StepResult:
         for i, s in enumerate(decodes):
             tables[i, :len(s.block_ids)] = torch.tensor(s.block_ids, dtype=torch.int32)
         lens = torch.tensor([s.context_len for s in decodes], dtype=torch.int32)
-    meta = MixedAttentionMetadata(StepKind.MIXED, torch.cat(slots), [], tables, lens, num_decodes=nd,
-                                  chunks=tuple(chunks))
-    with matmul_backend(len(ids), runner.dtype):
-        hidden = runner.model(torch.tensor(ids), torch.cat(pos), runner.kv_layers, meta,
+    dev = runner.device   # built on the CPU, then moved (a no-op there)
+    meta = MixedAttentionMetadata(StepKind.MIXED, torch.cat(slots).to(dev), [],
+                                  None if tables is None else tables.to(dev), None if lens is None else lens.to(dev),
+                                  num_decodes=nd, chunks=tuple(chunks))
+    with matmul_backend(len(ids), runner.model.gemm_plan):
+        hidden = runner.model(torch.tensor(ids).to(dev), torch.cat(pos).to(dev), runner.kv_layers, meta,
                               on_layer=on_layer)   # [tokens, hidden]
         rows = [i for i, ok in enumerate(plan.samples) if ok]
         if not rows:

@@ -3,11 +3,10 @@
 * glibc returns freed allocations above its mmap threshold to the OS, so every
   step's multi-MB temporaries were page-faulted in again (2-4x the cost of the
   math in decode attention). Raising the mmap and trim thresholds keeps them.
-* oneDNN's bf16 matmul is slow for one row (a GEMV: ~7 GB/s against ~14 GB/s
-  for ATen's own kernel). The model runner turns oneDNN off around one-row
-  steps. From two rows up oneDNN is faster, computed as (W @ x^T)^T
-  (engine.layers.linear); ATen's kernel is linear in the rows (2 rows: 1.4x
-  slower per step than oneDNN that way, measured 2026-12-04).
+* oneDNN's bf16 matmul on a plain weight can be slow for one row (a GEMV: ~7 GB/s
+  against ~14 GB/s for ATen's own kernel on the AMX Xeon). Where the model's
+  measured plan (engine/gemm.py) says so, the model runner turns oneDNN off
+  around one-row steps.
 """
 from __future__ import annotations
 
@@ -17,11 +16,12 @@ import sys
 
 import torch
 
+from engine.gemm import GemmPlan
+
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _applied = False
 
-SMALL_BATCH_ROWS = 1
 
 
 def keep_freed_memory(threshold_bytes: int = 1 << 30) -> None:
@@ -39,9 +39,9 @@ def keep_freed_memory(threshold_bytes: int = 1 << 30) -> None:
 
 
 @contextlib.contextmanager
-def matmul_backend(num_rows: int, dtype: torch.dtype):
-    """A context that picks the faster bf16 matmul path for `num_rows` rows."""
-    if dtype != torch.bfloat16 or num_rows > SMALL_BATCH_ROWS:
+def matmul_backend(num_rows: int, plan: GemmPlan):
+    """A step of `num_rows` rows runs in this: oneDNN off where the plan's path for them is ATen's GEMV."""
+    if plan.path(num_rows) != "gemv":
         yield
         return
     # The `enabled` property alone: mkldnn.flags() also resets TF32 and warns.

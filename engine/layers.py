@@ -6,38 +6,47 @@ import math
 import torch
 from torch import nn
 
+from engine.gemm import DEFAULT, GemmPlan, pack, packed_linear, plain_linear
+from pdkernels import cpu_fused
+
+
+# MODULE_CALL: the modules a decode step calls per layer (linears, rotary, attention, MLP, the layer)
+# are called straight through `forward`: nn.Module.__call__'s hook and tracing checks cost ~0.8 us
+# a call, 8 calls a layer, ~2% of a one-sequence decode step. The model uses no hooks.
+
 
 def empty_param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
     """A parameter without random init: the weight loader fills it."""
     return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
 
 
-# bf16 on CPU, 2-32 rows (decode steps, short prefills): oneDNN computes the
-# product with the weight as the left operand, (W @ x^T)^T, 1.2-1.9x faster than
-# F.linear's x @ W^T, and bit-identical to it on this machine's CPU (checked for
-# 1-64 rows on every weight shape of the default model; from 33 rows the two
-# differ, and F.linear is the faster one from ~64 rows). A decode step at batch
-# 2-16 gets 1.1-1.5x faster; see docs/benchmarks.md. One row keeps ATen's GEMV
-# (engine/cpu_tuning.py), and a bias keeps F.linear's fused add.
-SMALL_MATMUL_MAX_ROWS = 32
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight^T (+ bias) for x [rows, in], by the faster CPU path for few bf16 rows."""
-    if (bias is None and 2 <= x.shape[0] <= SMALL_MATMUL_MAX_ROWS and x.dim() == 2
-            and x.dtype == torch.bfloat16 and x.device.type == "cpu"):
-        return torch.mm(weight, x.t()).t()
-    return nn.functional.linear(x, weight, bias)
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           plan: GemmPlan = DEFAULT) -> torch.Tensor:
+    """x @ weight^T (+ bias) for x [rows, in], by the plan's path for that many rows (engine/gemm.py)."""
+    return plain_linear(x, weight, bias, plan.path(x.shape[0]) if x.dim() == 2 else "linear")
 
 
 class Linear(nn.Module):
+    """y = x @ Wᵀ (+ b). `pack_weight` swaps the plain weight for oneDNN's packed copy of it."""
+
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> None:
         super().__init__()
         self.weight = empty_param(out_features, in_features, dtype=dtype)
         self.bias = empty_param(out_features, dtype=dtype) if bias else None
+        self.packed: torch.Tensor | None = None
+        self.plan = DEFAULT
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        if self.packed is not None:
+            return packed_linear(x, self.packed, self.bias)
+        return linear(x, self.weight, self.bias, self.plan)
+
+    def pack_weight(self) -> None:
+        """From now on multiply by the packed copy; the plain weight is dropped (it is not kept twice)."""
+        self.packed = pack(self.weight)
+        self.weight = None
+
+    __call__ = forward   # no nn.Module call machinery per call (see MODULE_CALL)
 
 
 class RMSNorm(nn.Module):
@@ -50,9 +59,20 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [tokens, dim]
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return self.add_and_norm(x, None)[1]
+
+    def add_and_norm(self, h: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s, norm(s)) for s = h + delta (the residual add, rounded to the model dtype), or s = h.
+
+        One call of the fused C op on CPU (pdkernels/cpu_fused.c): at decode batch sizes the
+        eight torch ops it replaces cost 10-50x its arithmetic in dispatch."""
+        fused = cpu_fused.add_rmsnorm(h, delta, self.weight, self.eps)
+        if fused is not None:
+            return fused
+        s = h if delta is None else h + delta
+        x = s.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return s, self.weight * x.to(s.dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -69,8 +89,12 @@ class RotaryEmbedding(nn.Module):
         self._cast: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        # positions: [tokens]; q: [tokens, heads, head_dim]; k: [tokens, kv_heads, head_dim]
+        # positions: [tokens]; q: [tokens, heads, head_dim]; k: [tokens, kv_heads, head_dim].
+        # The fused C op rotates q and k in place (they are views of a fresh projection output),
+        # with the torch code's rounding: the same bits.
         cos_table, sin_table = self._tables(q.dtype)
+        if cpu_fused.rope_(q, positions, cos_table, sin_table) and cpu_fused.rope_(k, positions, cos_table, sin_table):
+            return q, k
         cos = cos_table[positions].unsqueeze(1)
         sin = sin_table[positions].unsqueeze(1)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
@@ -79,6 +103,8 @@ class RotaryEmbedding(nn.Module):
         if dtype not in self._cast:
             self._cast[dtype] = (self.cos.to(dtype), self.sin.to(dtype))
         return self._cast[dtype]
+
+    __call__ = forward   # no nn.Module call machinery per call (see MODULE_CALL)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

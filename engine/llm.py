@@ -1,7 +1,7 @@
 """The in-process engine API, shaped like vLLM's:
 
     from engine import LLM, SamplingParams
-    llm = LLM()                                   # the default model, bf16
+    llm = LLM()                                   # the default model, bf16, on the CPU (device="cuda": a GPU)
     outs = llm.generate(["Hello"], SamplingParams(max_tokens=32, temperature=0))
     print(outs[0].text, outs[0].token_ids)
 
@@ -34,12 +34,13 @@ class LLM:
                  block_size: int = 16, kv_cache_memory_gb: float = 1.0, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 4096, max_model_len: int | None = None,
                  num_threads: int | None = None, seed: int = 0, enable_chunked_prefill: bool = False,
-                 enable_prefix_caching: bool = False) -> None:
+                 enable_prefix_caching: bool = False, device: str = "cpu") -> None:
         """`enable_chunked_prefill`: prompts run in chunks that share each step's
         `max_num_batched_tokens` with the running decodes (Sarathi-Serve).
-        `enable_prefix_caching`: a prompt whose prefix another request computed reuses its KV."""
+        `enable_prefix_caching`: a prompt whose prefix another request computed reuses its KV.
+        `device`: cpu, cuda or cuda:N, where the weights, the KV cache and sampling live (engine/device.py)."""
         parts = build_engine(model, dtype, block_size, kv_cache_memory_gb, max_model_len, num_threads, seed,
-                             enable_prefix_caching=enable_prefix_caching)
+                             enable_prefix_caching=enable_prefix_caching, device=device)
         self.model_config = cfg = parts.model_config
         self.runner, self.block_manager = parts.runner, parts.blocks
         self.dtype, self.max_model_len = parts.runner.dtype, parts.max_model_len

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from engine.attention import AttentionMetadata, paged_attention
+from engine.gemm import DEFAULT, GemmPlan, pack, packed_linear
 from engine.layers import Linear, RMSNorm, RotaryEmbedding, empty_param, linear
 from engine.model_config import ModelConfig
 from engine.parallel import ParallelContext
@@ -48,6 +49,8 @@ class Attention(nn.Module):
         o = paged_attention(q, k, v, kv_cache, meta, self.scale, last_only)  # [rows, heads, head_dim]
         return self.par.all_reduce(self.o_proj(o.reshape(o.shape[0], self.q_size)))
 
+    __call__ = forward   # no nn.Module call machinery (engine/layers.py, MODULE_CALL)
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, par: ParallelContext, dtype: torch.dtype) -> None:
@@ -61,7 +64,7 @@ class MLP(nn.Module):
     def forward(self, x):
         # x: [tokens, hidden]. Long prompts run gate and up as two GEMMs on the
         # halves of the fused weight: oneDNN is faster on the narrower outputs there.
-        if x.shape[0] >= _SPLIT_GATE_UP_TOKENS:
+        if x.shape[0] >= _SPLIT_GATE_UP_TOKENS and self.gate_up_proj.packed is None:
             w = self.gate_up_proj.weight
             gate = nn.functional.linear(x, w[:self.inter])
             up = nn.functional.linear(x, w[self.inter:])
@@ -70,6 +73,8 @@ class MLP(nn.Module):
         # silu() makes a fresh contiguous tensor; multiplying into it in place is
         # ~3x faster on CPU than `silu(gate) * up` over two strided halves.
         return self.par.all_reduce(self.down_proj(nn.functional.silu(gate).mul_(up)))
+
+    __call__ = forward   # no nn.Module call machinery (engine/layers.py, MODULE_CALL)
 
 
 _SPLIT_GATE_UP_TOKENS = 128
@@ -83,11 +88,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MLP(cfg, par, dtype)
 
-    def forward(self, positions, h, kv_cache, meta, last_rows=None):
-        """With `last_rows` (prefill, last layer) only those rows go past attention."""
-        a = self.self_attn(positions, self.input_layernorm(h), kv_cache, meta, last_rows is not None)
-        h = (h if last_rows is None else h[last_rows]) + a
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, positions, h, kv_cache, meta, last_rows=None, delta=None):
+        """The hidden state coming in is h + delta (delta: the previous layer's MLP output, still to
+        be added: the add is fused into this layer's first norm); returns (h, delta) the same way.
+        With `last_rows` (prefill, last layer) only those rows go past attention."""
+        h, x = self.input_layernorm.add_and_norm(h, delta)
+        a = self.self_attn(positions, x, kv_cache, meta, last_rows is not None)
+        h, x = self.post_attention_layernorm.add_and_norm(h if last_rows is None else h[last_rows], a)
+        return h, self.mlp(x)
+
+    __call__ = forward   # no nn.Module call machinery (engine/layers.py, MODULE_CALL)
 
 
 class CausalLM(nn.Module):
@@ -106,6 +116,8 @@ class CausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype) if par.is_last_stage else None
         self.lm_head = (empty_param(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
                         if par.is_last_stage and not cfg.tie_word_embeddings else None)
+        self.gemm_plan = DEFAULT
+        self.logits_packed: torch.Tensor | None = None   # the LM head packed (engine/gemm.py)
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 kv_caches: list[KVLayer] | None, meta: AttentionMetadata,
@@ -120,16 +132,47 @@ class CausalLM(nn.Module):
         KV streaming sends it while the later layers compute).
         """
         h = nn.functional.embedding(input_ids, self.embed_tokens) if self.par.is_first_stage else hidden
+        delta = None
         last = len(self.layers) - 1
         trim = last_rows if self.par.is_last_stage and meta.is_prefill else None
         for i, layer in enumerate(self.layers):
             kv = kv_caches[i] if kv_caches is not None else None
-            h = layer(positions, h, kv, meta, trim if i == last else None)
+            h, delta = layer(positions, h, kv, meta, trim if i == last else None, delta)
             if on_layer is not None:
                 on_layer(i)
-        return self.norm(h) if self.norm is not None else h
+        if self.norm is not None:
+            return self.norm.add_and_norm(h, delta)[1]
+        return h if delta is None else h + delta
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [rows, hidden] -> [rows, vocab] in fp32
-        weight = self.lm_head if self.lm_head is not None else self.embed_tokens
-        return linear(hidden, weight).float()
+        if self.logits_packed is not None:
+            return packed_linear(hidden, self.logits_packed).float()
+        return linear(hidden, self._logits_weight(), plan=self.gemm_plan).float()
+
+    def _logits_weight(self) -> torch.Tensor | None:
+        if not self.par.is_last_stage:
+            return None
+        return self.lm_head if self.lm_head is not None else self.embed_tokens
+
+    def linear_weights(self) -> list[torch.Tensor]:
+        """The weights a step multiplies by, in the order it does (what engine.gemm measures)."""
+        weights = [m.weight for m in self.modules() if isinstance(m, Linear) and m.weight is not None]
+        logits = self._logits_weight()
+        return weights + ([logits] if logits is not None else [])
+
+    def use_gemm_plan(self, plan: GemmPlan) -> None:
+        """Multiply by `plan` from now on; a packed plan packs every linear weight and the LM head."""
+        self.gemm_plan = plan
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.plan = plan
+                if plan.packed and m.packed is None:
+                    m.pack_weight()
+        logits = self._logits_weight()
+        if plan.packed and logits is not None:
+            # a tied head stays the embedding too: packed, it is a second copy (the embedding's lookups
+            # need the plain one); an untied one is only ever multiplied by
+            self.logits_packed = pack(logits)
+            if self.lm_head is not None:
+                self.lm_head = None

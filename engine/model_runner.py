@@ -7,6 +7,7 @@ block by block (see `KVCache.slabs` and `pdkernels.gather_blocks`).
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -17,6 +18,9 @@ from engine.chunked_scheduler import MixedStepPlan
 from engine.cpu_tuning import keep_freed_memory, matmul_backend
 from engine.dtypes import DTYPE_ALIASES, DTYPE_NAMES
 from engine.errors import ConfigError
+from engine.gemm import choose_plan as choose_gemm_plan
+from engine.prefill_attention import DEFAULT as PREFILL_DEFAULT
+from engine.prefill_attention import choose_plan as choose_prefill_plan
 from engine.kv_cache import KVCache
 from engine.model import CausalLM
 from engine.model_config import ModelConfig
@@ -24,6 +28,17 @@ from engine.parallel import ParallelContext
 from engine.sampler import sample
 from engine.sequence import SeqWork, StepKind, StepPlan, StepResult
 from engine.weights import load_weights
+
+
+def kv_allocator(allocate_kv, device: torch.device):
+    """`allocate_kv(shape, dtype=)` making its tensor on `device`. A custom allocator (a cache in shared
+    memory, for zero-copy transfer) is CPU memory: on another device that is a ConfigError."""
+    if device.type == "cpu":
+        return allocate_kv
+    if allocate_kv is not torch.zeros:
+        raise ConfigError(f"a KV cache in shared memory (zero-copy transfer) needs model.device 'cpu', not "
+                          f"{str(device)!r}: set transfer.backend to torch_dist (NCCL), or checksum: true")
+    return functools.partial(torch.zeros, device=device)
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -40,20 +55,29 @@ class ModelRunner:
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, block_size: int, num_blocks: int,
                  max_model_len: int, par: ParallelContext | None = None, seed: int = 0,
-                 allocate_kv=torch.zeros) -> None:
+                 allocate_kv=torch.zeros, device: torch.device | str = "cpu") -> None:
+        """`device` (engine/device.py): weights, KV cache, step inputs and sampling live there."""
         keep_freed_memory()
         self.cfg = cfg
         self.par = par or ParallelContext()
         self.dtype = dtype
         self.block_size = block_size
-        self.model = CausalLM(cfg, self.par, dtype, max_positions=max_model_len)
+        self.device = torch.device(device)
+        with self.device:   # parameters and buffers are made where they live: no CPU copy first
+            self.model = CausalLM(cfg, self.par, dtype, max_positions=max_model_len)
         load_weights(self.model, cfg.path)
         self.model.eval()
+        # measured CPU paths (packed weights, blocked attention); elsewhere the defaults
+        self.model.use_gemm_plan(choose_gemm_plan(self.model.linear_weights(), dtype))
+        attn = self.model.layers[0].self_attn if len(self.model.layers) else None
+        self.prefill_plan = (choose_prefill_plan(attn.num_heads, attn.num_kv_heads, attn.head_dim, dtype,
+                                                 self.device) if attn is not None else PREFILL_DEFAULT)
         local_kv_heads = self.par.split(cfg.num_kv_heads, "num_key_value_heads")
         self.kv_cache = KVCache(len(self.model.layer_range), num_blocks, block_size,
-                                local_kv_heads, cfg.head_dim, dtype, allocate_kv)
+                                local_kv_heads, cfg.head_dim, dtype, kv_allocator(allocate_kv, self.device))
         self.kv_layers = self.kv_cache.layers()   # per layer (k, v) views of the cache
-        self.generator = torch.Generator().manual_seed(seed)
+        # ("meta": a placement dry run, never sampled; torch has no generator there)
+        self.generator = torch.Generator(self.device if self.device.type != "meta" else "cpu").manual_seed(seed)
 
     def release_kv_cache(self) -> None:
         """Drop every reference to the cache's memory (a shared segment can be unmapped then)."""
@@ -83,9 +107,10 @@ class ModelRunner:
             slots.append(self._slots(s.block_ids, positions))
             bounds.append((start, start + n))
             start += n
-        meta = AttentionMetadata(StepKind.PREFILL, torch.cat(slots), bounds, None, None)
+        dev = self.device   # inputs are built on the CPU, then moved (a no-op there)
+        meta = AttentionMetadata(StepKind.PREFILL, torch.cat(slots).to(dev), bounds, None, None, self.prefill_plan)
         last_rows = [end - 1 for _, end in bounds]
-        hidden = self.model(torch.tensor(ids), torch.cat(pos), self.kv_layers, meta,
+        hidden = self.model(torch.tensor(ids).to(dev), torch.cat(pos).to(dev), self.kv_layers, meta,
                             last_rows=last_rows, on_layer=on_layer)   # [seqs, hidden]
         return self._sample(hidden, seqs)
 
@@ -99,10 +124,11 @@ class ModelRunner:
         for i, s in enumerate(seqs):
             tables[i, :len(s.block_ids)] = torch.tensor(s.block_ids, dtype=torch.int32)
         slots = tables.gather(1, (positions // bs).unsqueeze(1)).squeeze(1).long() * bs + positions % bs
-        meta = AttentionMetadata(StepKind.DECODE, slots, [], tables,
-                                 torch.tensor([s.context_len for s in seqs], dtype=torch.int32))
-        ids = torch.tensor([s.token_ids[0] for s in seqs])
-        with matmul_backend(len(seqs), self.dtype):
+        dev = self.device   # inputs are built on the CPU, then moved (a no-op there)
+        meta = AttentionMetadata(StepKind.DECODE, slots.to(dev), [], tables.to(dev),
+                                 torch.tensor([s.context_len for s in seqs], dtype=torch.int32).to(dev))
+        ids, positions = torch.tensor([s.token_ids[0] for s in seqs]).to(dev), positions.to(dev)
+        with matmul_backend(len(seqs), self.model.gemm_plan):
             hidden = self.model(ids, positions, self.kv_layers, meta)
             return self._sample(hidden, seqs)
 

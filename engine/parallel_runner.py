@@ -29,6 +29,7 @@ gloo on CPU, NCCL on GPU (the same code, `backend=`); commands always over gloo.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import os
@@ -41,7 +42,9 @@ import torch.distributed as dist
 from engine.errors import ConfigError
 from engine.kv_cache import KVCache
 from engine.model_config import ModelConfig, load_model_config
-from engine.model_runner import ModelRunner, parse_dtype
+from engine.device import dist_backend
+from engine.device import resolve as resolve_device
+from engine.model_runner import ModelRunner, kv_allocator, parse_dtype
 from engine.parallel import ParallelContext
 from engine.sequence import SeqWork, StepPlan, StepResult
 
@@ -95,6 +98,7 @@ class EngineArgs:
     max_model_len: int | None = None
     num_threads: int | None = None
     seed: int = 0
+    device: str = "cpu"                  # every rank's (engine/device.py); CUDA ranks talk over NCCL
 
 
 def join_group(spec: RankSpec) -> tuple[ParallelContext, object]:
@@ -139,7 +143,8 @@ class _PipelineStage:
     def __call__(self, input_ids, positions, kv_caches, meta, hidden=None, **kwargs):
         if self._prev is not None:
             # hidden: [tokens, hidden] of every token of the step (the trim is the last stage's)
-            hidden = torch.empty(positions.shape[0], self.model.cfg.hidden_size, dtype=self.model.dtype)
+            hidden = torch.empty(positions.shape[0], self.model.cfg.hidden_size, dtype=self.model.dtype,
+                                 device=positions.device)
             dist.recv(hidden, src=self._prev)
         h = self.model(input_ids, positions, kv_caches, meta, hidden=hidden, **kwargs)
         if self._next is not None:
@@ -156,7 +161,7 @@ class ShardRunner(ModelRunner):
     def __init__(self, cfg: ModelConfig, args: EngineArgs, spec: RankSpec, par: ParallelContext,
                  max_model_len: int) -> None:
         super().__init__(cfg, parse_dtype(args.dtype), args.block_size, instance_num_blocks(cfg, args),
-                         max_model_len, par=par, seed=args.seed)
+                         max_model_len, par=par, seed=args.seed, device=args.device)
         self.spec = spec
         self.model = _PipelineStage(self.model, spec)
         self.kv_heads = par.kv_heads(cfg.num_kv_heads)
@@ -168,21 +173,21 @@ class ShardRunner(ModelRunner):
         if self.par.is_last_stage:
             result = super()._sample(hidden, seqs)
             if rank == self._sampler_rank and rank != 0:
-                dist.send(torch.tensor(result.token_ids, dtype=torch.int64), dst=0)
+                dist.send(torch.tensor(result.token_ids, dtype=torch.int64, device=self.device), dst=0)
             return result
         if rank == 0:
-            tokens = torch.empty(len(seqs), dtype=torch.int64)
+            tokens = torch.empty(len(seqs), dtype=torch.int64, device=self.device)   # NCCL: on the GPU
             dist.recv(tokens, src=self._sampler_rank)
             return StepResult(tuple(tokens.tolist()))
         return StepResult(())
 
     # -- KV blocks to and from rank 0's canonical cache -----------------------------------------
     def send_blocks(self, ids: torch.Tensor) -> None:
-        dist.send(self.kv_cache.data.index_select(2, ids), dst=0)
+        dist.send(self.kv_cache.data.index_select(2, ids.to(self.device)), dst=0)
 
     def recv_blocks(self, ids: torch.Tensor) -> None:
-        data = self.kv_cache.data
-        part = torch.empty(data.shape[:2] + (len(ids),) + data.shape[3:], dtype=data.dtype)
+        data, ids = self.kv_cache.data, ids.to(self.device)
+        part = torch.empty(data.shape[:2] + (len(ids),) + data.shape[3:], dtype=data.dtype, device=data.device)
         dist.recv(part, src=0)
         data.index_copy_(2, ids, part)
 
@@ -222,7 +227,7 @@ class ParallelRunner:
         self.spec = shard.spec
         # The canonical cache the transfer layer reads and writes: every layer and KV head.
         self.kv_cache = KVCache(cfg.num_layers, shard.kv_cache.num_blocks, shard.block_size, cfg.num_kv_heads,
-                                cfg.head_dim, shard.dtype, allocate_kv)
+                                cfg.head_dim, shard.dtype, kv_allocator(allocate_kv, shard.device))
         self._closed = False
 
     def _command(self, kind: str, arg=None) -> None:
@@ -238,12 +243,13 @@ class ParallelRunner:
         """Copy every rank's share of these blocks into the canonical cache (before they are offered)."""
         ids = torch.tensor(list(block_ids), dtype=torch.int64)
         self._command("gather", ids.tolist())
+        ids = ids.to(self.shard.device)
         for rank in range(self.spec.world_size):
             view = self._share_of(rank)
             if rank == 0:
                 part = self.shard.kv_cache.data.index_select(2, ids)
             else:
-                part = torch.empty(view.shape[:2] + (len(ids),) + view.shape[3:], dtype=view.dtype)
+                part = torch.empty(view.shape[:2] + (len(ids),) + view.shape[3:], dtype=view.dtype, device=view.device)
                 dist.recv(part, src=rank)
             view.index_copy_(2, ids, part)
 
@@ -251,6 +257,7 @@ class ParallelRunner:
         """Copy these blocks of the canonical cache out to every rank's share (after they landed)."""
         ids = torch.tensor(list(block_ids), dtype=torch.int64)
         self._command("scatter", ids.tolist())
+        ids = ids.to(self.shard.device)
         for rank in range(self.spec.world_size):
             part = self._share_of(rank).index_select(2, ids)
             if rank == 0:
@@ -281,6 +288,13 @@ def build_rank(spec: RankSpec, args: EngineArgs, allocate_kv=torch.zeros):
         raise ConfigError(f"model directory {args.model_path!r} does not exist")
     cfg = load_model_config(args.model_path)
     max_len = min(args.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+    device = resolve_device(args.device)
+    if device.type == "cuda":   # NCCL for the data (all-reduce, hidden states, KV blocks); commands stay on gloo
+        if device.index is None:   # each rank its own GPU (under Ray, the one it was given: cuda:0)
+            device = torch.device("cuda", spec.rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        spec = dataclasses.replace(spec, backend=dist_backend(device))
+        args = dataclasses.replace(args, device=str(device))
     par, control = join_group(spec)
     shard = ShardRunner(cfg, args, spec, par, max_len)
     if spec.rank == 0:

@@ -30,8 +30,9 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def byte_view(t: torch.Tensor) -> np.ndarray:
-    """The raw bytes of a contiguous CPU tensor, without a copy (bf16 has no numpy dtype)."""
-    return t.contiguous().view(torch.uint8).reshape(-1).numpy()
+    """The raw bytes of a tensor, without a copy for a CPU one (bf16 has no numpy dtype). A GPU
+    tensor is copied to host memory first: the zmq, shm and ray paths carry host bytes."""
+    return t.detach().cpu().contiguous().view(torch.uint8).reshape(-1).numpy()
 
 
 def describe(tensors: list[torch.Tensor]) -> list[dict]:

@@ -65,16 +65,17 @@ def kv_round_trip(runner, prompt: list[int], num_decode: int, move) -> tuple[lis
     return tokens, kv
 
 
-def reference(model_path: str, prompts, max_tokens: int, num_blocks: int = 64, block_size: int = 16):
+def reference(model_path: str, prompts, max_tokens: int, num_blocks: int = 64, block_size: int = 16,
+              device: str = "cpu"):
     """The same steps on one rank (t = p = 1)."""
     from engine.model_runner import ModelRunner
     from engine.model_config import load_model_config
-    runner = ModelRunner(load_model_config(model_path), torch.float32, block_size, num_blocks, 1024)
+    runner = ModelRunner(load_model_config(model_path), torch.float32, block_size, num_blocks, 1024, device=device)
 
     def move(x, y):
         data = runner.kv_cache.data
         data[:, :, y] = data[:, :, x]
-        return data[:, :, x].clone()
+        return data[:, :, x].clone().cpu()
 
     tokens = generate(runner, num_blocks, block_size, prompts, max_tokens)
     trip = kv_round_trip(runner, prompts[0], max_tokens - 1, move)
@@ -99,7 +100,7 @@ def _rank_main(spec, args, prompts, max_tokens, results) -> None:
                 data[:, :, y] = kv
                 data[:, :, x] = 0   # nothing but the scatter may bring the KV to the ranks' blocks y
                 runner.scatter_blocks(y)
-                return kv
+                return kv.cpu()   # (a GPU tensor would not survive this process in the queue)
 
             tokens = generate(runner, num_blocks, args.block_size, prompts, max_tokens)
             trip = kv_round_trip(runner, prompts[0], max_tokens - 1, move)
@@ -113,15 +114,16 @@ def _rank_main(spec, args, prompts, max_tokens, results) -> None:
 
 
 def run_instance(model_path: str, tp_size: int, pp_size: int, prompts, max_tokens: int,
-                 block_size: int = 16, timeout_s: float = 240.0):
-    """Rank 0's (tokens, (round-trip tokens, KV)) from a tp x pp instance in spawned processes."""
+                 block_size: int = 16, timeout_s: float = 240.0, device: str = "cpu"):
+    """Rank 0's (tokens, (round-trip tokens, KV)) from a tp x pp instance in spawned processes
+    (`device` "cuda": each rank on its own GPU, NCCL between them)."""
     from engine.parallel_runner import EngineArgs, RankSpec
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
     # kv_cache_memory_gb sized for 64 blocks of the whole model at most: small and the same on every rank
     args = EngineArgs(model_path, dtype="float32", block_size=block_size, kv_cache_memory_gb=0.05,
-                      max_model_len=1024, num_threads=1)
+                      max_model_len=1024, num_threads=1, device=device)
     procs = [ctx.Process(target=_rank_main, args=(RankSpec(r, tp_size, pp_size, "127.0.0.1", port), args,
                                                   prompts, max_tokens, results), daemon=True)
              for r in range(tp_size * pp_size)]

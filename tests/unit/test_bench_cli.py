@@ -110,3 +110,27 @@ def test_overlap_splits_tpot_by_how_much_of_the_decode_window_a_prefill_covered(
                                                "window: 50 ms (n=1); >= 50%: 80 ms (n=1)")
     assert main(["bench", "overlap", str(tmp_path / "none.json")]) == 2
     assert "cannot read the modes" in capsys.readouterr().err
+
+
+def test_bench_engine_takes_a_peer_and_its_venv(tmp_path, monkeypatch):
+    parse = build_parser().parse_args
+    a = parse(["bench", "engine", "--peer", "vllm", "--vllm-venv", "/opt/v", "--cpu", "0", "--no-transformers"])
+    assert (a.what, a.peer, a.vllm_venv, a.cpu, a.no_transformers) == ("engine", "vllm", "/opt/v", 0, True)
+    a = parse(["bench", "engine"])
+    assert (a.peer, a.vllm_venv, a.cpu, a.no_transformers) == (None, None, None, False)
+    with pytest.raises(SystemExit):
+        parse(["bench", "engine", "--peer", "sglang"])
+
+
+def test_a_missing_peer_venv_is_a_clear_error_before_anything_loads(tmp_path, monkeypatch, capsys):
+    from cluster.bench import engine_peer
+    monkeypatch.delenv(engine_peer.VENV_ENV, raising=False)
+    assert engine_peer.default_vllm_venv() == ROOT.parent / "vllm-cpu-venv"
+    monkeypatch.setenv(engine_peer.VENV_ENV, str(tmp_path / "env-venv"))
+    assert engine_peer.default_vllm_venv() == tmp_path / "env-venv"
+    missing = tmp_path / "no-venv"
+    assert main(["bench", "engine", "--peer", "vllm", "--vllm-venv", str(missing), "--out", str(tmp_path / "e.json")]) == 2
+    err = capsys.readouterr().err
+    assert f"no vLLM venv at {missing}" in err and "setup-vllm-cpu.sh" in err and "--vllm-venv" in err
+    assert "torch" not in err   # failed at the check, before any engine was built
+    assert not (tmp_path / "e.json").exists()

@@ -17,7 +17,8 @@ from pdkernels import cpu_native
 from pdkernels.cpu_native import paged_decode_attention_cpu
 
 CONTEXT_LENS = [1, 15, 16, 17, 33, 100]  # one token, block edges, partial last blocks
-HEAD_CONFIGS = [(9, 3, 64), (4, 4, 32), (8, 2, 20)]  # (heads, kv_heads, head_dim): default model, MHA, GQA + odd dim
+HEAD_CONFIGS = [(9, 3, 64), (4, 4, 32), (8, 2, 20), (16, 1, 64)]  # (heads, kv_heads, head_dim): default model, MHA,
+# GQA + odd dim, a group too wide for the AVX512-BF16 kernel's registers (its generic fallback)
 
 
 # --- naive versions, written without the references' tricks ---------------------
