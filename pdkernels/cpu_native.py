@@ -26,11 +26,15 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_decode_attention.c")
-FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fPIC", "-shared")
+FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fPIC")
 SOFTMAX_SOURCE = Path(__file__).with_name("cpu_causal_softmax.c")
 # The fused ops reproduce torch's rounding step by step: no reassociation, no FMA contraction.
 FUSED_SOURCE = Path(__file__).with_name("cpu_fused.c")
-FUSED_FLAGS = ("-O3", "-march=native", "-fno-fast-math", "-ffp-contract=off", "-fPIC", "-shared")
+FUSED_FLAGS = ("-O3", "-march=native", "-fno-fast-math", "-ffp-contract=off", "-fPIC")
+# Linked apart from compiling, without the flags above: gcc links crtfastmath.o into anything linked
+# with -ffast-math, whose constructor sets flush-to-zero and denormals-are-zero for the whole process
+# as the library loads (every later float op in Python, torch and numpy would lose subnormals).
+LINK_FLAGS = ("-shared", "-fPIC")
 COMPILE_TIMEOUT_S = 120
 _FUNCTIONS = {torch.bfloat16: "paged_decode_attention_bf16", torch.float32: "paged_decode_attention_f32"}
 
@@ -51,7 +55,7 @@ def _cpu_model() -> str:
 
 
 def library_path(compiler: str, source: Path = SOURCE, flags: tuple[str, ...] = FLAGS) -> Path:
-    key = hashlib.sha256("\n".join([source.read_text(), compiler, *flags, _cpu_model(), platform.machine()])
+    key = hashlib.sha256("\n".join([source.read_text(), compiler, *flags, *LINK_FLAGS, _cpu_model(), platform.machine()])
                          .encode()).hexdigest()[:16]
     return _cache_dir() / f"{source.stem}-{key}.so"
 
@@ -61,13 +65,16 @@ def _build(compiler: str, path: Path, source: Path = SOURCE, flags: tuple[str, .
     # built beside its final name, then renamed: processes that build at once never load half a file
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
+    obj = tmp[:-3] + ".o"
     try:
-        subprocess.run([compiler, *flags, str(source), "-o", tmp, "-lm"], check=True, capture_output=True,
-                       text=True, timeout=COMPILE_TIMEOUT_S)
+        for cmd in ([compiler, *flags, "-c", str(source), "-o", obj],
+                    [compiler, *LINK_FLAGS, obj, "-o", tmp, "-lm"]):
+            subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for leftover in (tmp, obj):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
 
 
 def _load_library(source: Path, flags: tuple[str, ...], what: str):

@@ -304,6 +304,26 @@ def test_c_kernel_builds_once_when_processes_race(tmp_path):
     assert len(built) == 1 and built[0].startswith("cpu_decode_attention-") and built[0].endswith(".so")
 
 
+def test_loading_the_c_kernels_keeps_subnormal_floats(tmp_path):
+    # gcc links crtfastmath.o into a library linked with -ffast-math; its constructor sets
+    # flush-to-zero / denormals-are-zero for the whole process, and every float after that (numpy,
+    # torch, Python's own, hypothesis's strategies) loses its subnormals
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.skip("no C compiler on this machine")
+    code = ("import torch\n"
+            "from pdkernels import cpu_native\n"
+            "tiny = 5e-324\n"
+            "assert tiny * 1.0 > 0 and torch.tensor([1e-40]).mul(1.0).item() > 0\n"
+            "libs = [cpu_native.load(), cpu_native.load_fused(), cpu_native.load_softmax()]\n"
+            "assert all(lib is not None for lib in libs), libs\n"
+            "assert tiny * 1.0 > 0, 'a C kernel set flush-to-zero for the process'\n"
+            "assert torch.tensor([1e-40]).mul(1.0).item() > 0, 'a C kernel set denormals-are-zero'\n")
+    env = {**os.environ, "PDCLUSTER_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=pdkernels.__path__[0] + "/..", env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+
+
 # --- block copy ---------------------------------------------------------------------
 
 BLOCK_SHAPES = [(4, 16 * 3 * 64), (1, 40)]  # (slabs, block_numel): several chunks; one masked chunk
