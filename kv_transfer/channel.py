@@ -21,6 +21,10 @@ generations cannot change while the lease is held), so attempt 1 sends no
 PULL: the receiver's next `poll` copies and ACKs, and the sender ends the
 lease from OFFERED on that ACK. A failed direct copy (no mapping, generations
 changed because the lease ended) is retried the old way: PULL attempt 2.
+Backend `auto` serves both ways at once: an offer names the node whose shared
+memory holds the sender's cache (`TransferOffer.node`); a receiver on that
+node copies zero copy as above, any other receiver's PULL says `inline` and
+gets the bytes in zmq frames (as backend `zmq`). The choice is the pair's.
 With a deferred data path (`torch_dist`, `ray`) DATA only announces the
 bytes, which travel on the path's own connection; the receiver lands them
 once the path reports them arrived. Every message is parsed defensively: a
@@ -37,7 +41,9 @@ import torch
 import zmq
 
 from kv_transfer import codec, layout as kvl
+from kv_transfer.backends import this_machine
 from kv_transfer.base import KVSender, TransferError, TransferOffer
+from kv_transfer.curve import CurveGuard, ZmqKeys
 from kv_transfer.data_paths import make_data_path
 from kv_transfer.faults import FaultInjector, FaultSpec
 from kv_transfer.lease import LeaseEnd, LeaseState, LeaseTable
@@ -56,30 +62,39 @@ class ChannelSender(KVSender):
     def __init__(self, cache_data: torch.Tensor, layout: kvl.KVLayout, backend: str = "zmq",
                  host: str = "127.0.0.1", lease_ttl_s: float = 30.0, checksum: bool = True,
                  compress: str | None = None, faults: FaultSpec | None = None,
-                 shared_cache: SharedKVCache | None = None) -> None:
+                 shared_cache: SharedKVCache | None = None, keys: ZmqKeys | None = None,
+                 node: str | None = None) -> None:
         """`shared_cache`: the `SharedKVCache` whose tensor is `cache_data`. Backend `shm`
-        then runs zero copy: receivers copy leased blocks out of it. It needs checksum
-        off, no compression and no faults: nothing crosses a wire to check or corrupt."""
+        (or `auto`, for receivers on this node) then runs zero copy: receivers copy leased
+        blocks out of it. It needs checksum off, no compression and no faults: nothing
+        crosses a wire to check or corrupt. `node`: the node this process runs on (a Ray
+        node id; default: this machine), which `auto` receivers compare with their own.
+        `keys`: the cluster's CURVE keys; only receivers holding them can talk to this
+        sender (`kv_transfer.curve`); None: plain zmq."""
         if compress not in COMPRESSIONS:
             raise TransferError(f"compress must be one of {COMPRESSIONS}, got {compress!r}")
-        if shared_cache is not None and (backend != "shm" or checksum or compress or faults):
-            raise TransferError("shared_cache (zero copy) needs backend 'shm', checksum=False, "
+        if shared_cache is not None and (backend not in ("shm", "auto") or checksum or compress or faults):
+            raise TransferError("shared_cache (zero copy) needs backend 'shm' or 'auto', checksum=False, "
                                 "no compression and no faults: nothing crosses a wire to check")
         self.cache_data, self.layout, self.backend = cache_data, layout, backend
         self.checksum, self.compress = checksum, compress
         self.zero_copy, self._shared = shared_cache is not None, shared_cache
+        self.node = node or this_machine()
         self.leases = LeaseTable(lease_ttl_s)
         self._num_tokens: dict[str, int] = {}
         self._staging = StagingPool()
         self._ctx = zmq.Context()
+        self._guard = CurveGuard(self._ctx, keys)
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        self._guard.serve(self._sock)
         port = self._sock.bind_to_random_port(f"tcp://{host}")
         self._endpoint = f"tcp://{host}:{port}"
         try:
             self._path = make_data_path(backend, f"pdkv-{os.getpid()}-{port}", host=host)
         except BaseException:   # e.g. backend ray without a Ray connection: leave no socket behind
             self._sock.close(0)
+            self._guard.close()
             self._ctx.term()
             raise
         self._faults = FaultInjector(faults) if faults else None
@@ -94,22 +109,23 @@ class ChannelSender(KVSender):
     @property
     def supports_streaming(self) -> bool:
         # bytes that ride in the DATA message (zmq frames) or are named by it (zero copy)
-        return self.backend == "zmq" or self.zero_copy
+        return self.backend in ("zmq", "auto") or self.zero_copy
 
     def offer(self, req_id: str, block_ids: Sequence[int], num_tokens: int, now: float,
               ttl_s: float | None = None, stream: bool = False) -> TransferOffer:
         if stream and not self.supports_streaming:
-            raise TransferError(f"backend {self.backend!r} cannot stream layers (zmq, or shm zero copy)")
+            raise TransferError(f"backend {self.backend!r} cannot stream layers (zmq, auto, or shm zero copy)")
         tid = f"{req_id}-{uuid.uuid4().hex[:12]}"
         self.leases.offer(tid, req_id, tuple(block_ids), now, ttl_s)
         self._num_tokens[tid] = num_tokens
-        if stream or self.backend == "zmq":
+        if stream or self.backend in ("zmq", "auto"):
             self._streams[tid] = LayerStream(self.layout.local_layers)
             if not stream:   # a whole transfer over zmq: every layer is ready, sent in chunks
                 self._streams[tid].mark_ready(None)
         # zero copy after prefill: the offer carries the head a PULL would get (direct copy)
         head = self._zero_copy_head(self.leases.get(tid)) if self.zero_copy and not stream else None
-        return TransferOffer(tid, req_id, num_tokens, self.layout, self._endpoint, self.backend, stream, head)
+        return TransferOffer(tid, req_id, num_tokens, self.layout, self._endpoint, self.backend, stream, head,
+                             node=self.node if self.zero_copy else "")
 
     def layers_ready(self, transfer_ids: Sequence[str], num_layers: int | None, now: float) -> None:
         """Called from the model's per-layer hook: takes in pulls that came meanwhile and
@@ -185,13 +201,16 @@ class ChannelSender(KVSender):
     def close(self) -> None:
         self._path.close()
         self._sock.close(0)
+        self._guard.close()
         self._ctx.term()
 
     # -- internals ------------------------------------------------------------
     def _handle(self, identity, kind: bytes, head: dict, now: float) -> LeaseEnd | None:
         tid = head["transfer_id"]
         if kind == b"PULL":
-            self._serve(identity, tid, int(head.get("attempt", 1)), now)
+            # a receiver on another node (backend auto) takes the bytes inline, never zero copy
+            inline = not self.zero_copy or (self.backend == "auto" and head.get("inline") is not False)
+            self._serve(identity, tid, int(head.get("attempt", 1)), now, inline)
             return None
         if kind == b"ACK":   # from OFFERED too: a direct zero copy sends no PULL
             if not head.get("ok"):
@@ -201,7 +220,7 @@ class ChannelSender(KVSender):
             return self.leases.abort(tid, now, "aborted by receiver")
         return None
 
-    def _serve(self, identity, tid: str, attempt: int, now: float) -> None:
+    def _serve(self, identity, tid: str, attempt: int, now: float, inline: bool = True) -> None:
         lease = self.leases.get(tid)
         # A retry (a lost or corrupted reply) re-serves an in-flight lease.
         retry = lease is not None and lease.state is LeaseState.IN_FLIGHT and now < lease.deadline
@@ -211,7 +230,7 @@ class ChannelSender(KVSender):
             return
         stream = self._streams.get(tid)
         if stream is not None:
-            stream.serve(identity, attempt)
+            stream.serve(identity, attempt, inline)
             self._push(tid, stream, now)
             return
         head = {"transfer_id": tid, "attempt": attempt}
@@ -247,7 +266,7 @@ class ChannelSender(KVSender):
         lease = self.leases.get(tid)
         if lease is None or stream.sent >= stream.ready:
             return
-        if self.zero_copy:   # one message names every newly ready layer; the receiver copies them
+        if self.zero_copy and not stream.inline:   # one message names every newly ready layer; the receiver copies them
             head = {"transfer_id": tid, "attempt": stream.attempt, "layers": [stream.sent, stream.ready],
                     "zero_copy": self._zero_copy_head(lease)}
             _send(self._sock, [stream.peer, b"DATA", _message(head)])

@@ -12,7 +12,9 @@ import zmq
 
 from engine.block_manager import blocks_needed
 from kv_transfer import codec, layout as kvl
+from kv_transfer.backends import this_machine
 from kv_transfer.base import KVReceiver, TransferError, TransferOffer, TransferResult, TransferStatus
+from kv_transfer.curve import ZmqKeys, connect_securely
 from kv_transfer.data_paths import make_data_path
 from kv_transfer.messages import CLOSE_LINGER_MS, header as _message, parse as _parse, send as _send
 from kv_transfer.shared_cache import AttachedCaches, copy_block_runs
@@ -26,6 +28,7 @@ class _Pull:
     attempts: int = 1
     sent_at: float = 0.0
     layers: LayerProgress | None = None   # a layer by layer delivery (streamed offers)
+    inline: bool = True                   # backend auto: the bytes come in zmq frames (not zero copy)
 
 
 # how many dead senders a receiver remembers, to refuse their offers that are still on the way
@@ -35,17 +38,22 @@ MAX_LOST_ENDPOINTS = 1024
 class ChannelReceiver(KVReceiver):
     def __init__(self, cache_data: torch.Tensor, layout: kvl.KVLayout, backend: str = "zmq",
                  max_attempts: int = 3, timeout_s: float = 10.0, clock=time.monotonic,
-                 max_endpoints: int = 64, lost_ttl_s: float = 60.0) -> None:
+                 max_endpoints: int = 64, lost_ttl_s: float = 60.0, keys: ZmqKeys | None = None,
+                 node: str | None = None) -> None:
         """`max_endpoints`: senders whose socket (and shared cache mapping) are kept; past it
         the least recently used idle one is closed (it is reopened if that sender comes back).
         `lost_ttl_s`: how long a sender declared dead (`fail_endpoint`) has its offers refused:
         longer than any lease lives, short enough that a new sender that happens to bind the
-        same port later is not taken for the dead one."""
+        same port later is not taken for the dead one. `keys`: the cluster's CURVE keys, which
+        the senders demand (`kv_transfer.curve`); None: plain zmq. `node`: the node this
+        process runs on (a Ray node id; default: this machine): backend `auto` copies zero copy
+        from senders on this node and takes the bytes over zmq from any other."""
         if max_endpoints < 1:
             raise TransferError(f"max_endpoints must be >= 1, got {max_endpoints}")
         self.cache_data, self.layout, self.backend = cache_data, layout, backend
         self.max_attempts, self.timeout_s, self._clock = max_attempts, timeout_s, clock
-        self.max_endpoints, self.lost_ttl_s = max_endpoints, lost_ttl_s
+        self.max_endpoints, self.lost_ttl_s, self._keys = max_endpoints, lost_ttl_s, keys
+        self.node = node or this_machine()
         self._path = make_data_path(backend, f"pdkv-{os.getpid()}-recv", device=cache_data.device)
         self._ctx = zmq.Context()
         self._socks: OrderedDict[str, zmq.Socket] = OrderedDict()   # least recently used first
@@ -73,9 +81,10 @@ class ChannelReceiver(KVReceiver):
         if lost is not None:
             raise TransferError(f"sender {offer.endpoint} is gone: {lost}")
         self._socket(offer.endpoint)   # a bad endpoint fails here, before anything is pending
-        pull = _Pull(offer, ids)
+        local = self.backend == "shm" or (self.backend == "auto" and offer.node == self.node and offer.node != "")
+        pull = _Pull(offer, ids, inline=not local)
         self._pending[offer.transfer_id] = pull
-        if offer.zero_copy is not None and not offer.streamed and self.backend == "shm":
+        if offer.zero_copy is not None and not offer.streamed and local:
             pull.sent_at = self._clock()
             self._direct.append(offer.transfer_id)
         else:
@@ -189,6 +198,7 @@ class ChannelReceiver(KVReceiver):
             self._evict_sockets(1)
             sock = self._ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
+            connect_securely(sock, self._keys)
             try:
                 sock.connect(endpoint)
             except zmq.ZMQError as e:
@@ -214,8 +224,10 @@ class ChannelReceiver(KVReceiver):
     def _request(self, pull: _Pull) -> None:
         pull.sent_at = self._clock()
         pull.layers = None   # a new attempt gets every layer again
-        self._control(pull.offer.endpoint, b"PULL",
-                      {"transfer_id": pull.offer.transfer_id, "attempt": pull.attempts})
+        head = {"transfer_id": pull.offer.transfer_id, "attempt": pull.attempts}
+        if self.backend == "auto":
+            head["inline"] = pull.inline
+        self._control(pull.offer.endpoint, b"PULL", head)
 
     def _handle(self, kind: bytes, head: dict, frames: list) -> TransferResult | None:
         tid = head["transfer_id"]
@@ -355,7 +367,8 @@ class ChannelReceiver(KVReceiver):
         if nbytes is None:
             nbytes = pull.offer.num_tokens * pull.offer.layout.bytes_per_token if ok else 0
         status = TransferStatus.DONE if ok else TransferStatus.FAILED
-        return TransferResult(tid, pull.offer.req_id, status, error, nbytes, pull.attempts)
+        via = self.backend if self.backend != "auto" else ("zmq" if pull.inline else "shm")
+        return TransferResult(tid, pull.offer.req_id, status, error, nbytes, pull.attempts, via)
 
     def _timeouts(self) -> list[TransferResult]:
         now = self._clock()
