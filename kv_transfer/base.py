@@ -55,6 +55,8 @@ class TransferOffer:
     # backend auto: the node whose shared memory holds the sender's cache ("" when it is not
     # shared): a receiver on that node copies zero copy, any other takes the bytes over zmq
     node: str = ""
+    # with the cluster's keys: where inline bytes come from (kv_transfer.curve); "": the control socket
+    data_endpoint: str = ""
 
 
 class TransferStatus(enum.Enum):

@@ -19,9 +19,22 @@ nothing, and what it sends is dropped by zmq before any of our code sees it.
 Every message after the handshake is encrypted and authenticated
 (XSalsa20-Poly1305, libsodium). `keys=None` turns all of this off (plain
 zmq: the transfer tests and benchmarks that measure the bare channel).
+
+KV bytes. Encrypting them costs more CPU than the wire they cross (0.7 GB/s
+for CURVE against 2.8 GB/s for a plain TCP stream between two test hosts:
+docs/benchmarks.md), so by default a prefill worker sends them on a second
+socket (`serve_data`), in the clear but closed to strangers all the same: its
+ZAP check admits a PLAIN handshake only with a password derived from the
+cluster's secret key (`ZmqKeys.data_password`), the bytes go only to the
+receiver that asked for them over the CURVE channel (a random routing id it
+named there), and nothing that arrives on it is ever read as a message. What
+this does not hide is the KV from someone who can read the wire between two
+nodes: `security.encrypt_kv` sends it through CURVE as well.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import threading
 from dataclasses import dataclass
 
@@ -30,6 +43,8 @@ from zmq.utils import z85
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"   # fixed by the ZAP spec (RFC 27), one per context
 DOMAIN = b"pdcluster"
+DATA_DOMAIN = b"pdcluster-kv-data"
+DATA_USER = b"pdcluster"
 
 
 @dataclass(frozen=True)
@@ -47,6 +62,17 @@ class ZmqKeys:
 
     def __repr__(self) -> str:   # never print the secret into a log
         return f"ZmqKeys(public={self.public!r}, secret=...)"
+
+    @property
+    def data_password(self) -> bytes:
+        """What a member presents on a KV data socket: derived from the secret key, never the key."""
+        return hashlib.blake2b(self.secret.encode(), key=DATA_DOMAIN, digest_size=32).hexdigest().encode()
+
+
+def connect_data(sock: zmq.Socket, keys: ZmqKeys) -> None:
+    """Make `sock` a member's client of a KV data socket (`CurveGuard.serve_data`)."""
+    sock.plain_username = DATA_USER
+    sock.plain_password = keys.data_password
 
 
 def connect_securely(sock: zmq.Socket, keys: ZmqKeys | None) -> None:
@@ -67,6 +93,7 @@ class CurveGuard:
         if keys is None:
             return
         self._allowed = z85.decode(keys.public.encode())
+        self._data_password = keys.data_password
         # sync sockets even on an asyncio context: they are used on this guard's own thread
         self._zap = ctx.socket(zmq.REP, socket_class=zmq.Socket)
         self._zap.linger = 0
@@ -90,6 +117,11 @@ class CurveGuard:
         sock.curve_publickey = self.keys.public.encode()
         sock.zap_domain = DOMAIN
 
+    def serve_data(self, sock: zmq.Socket) -> None:
+        """Make `sock` a KV data server: PLAIN, admitting members only (see the module's doc)."""
+        sock.plain_server = True
+        sock.zap_domain = DATA_DOMAIN
+
     def _run(self) -> None:
         poller = zmq.Poller()
         poller.register(self._zap, zmq.POLLIN)
@@ -108,9 +140,14 @@ class CurveGuard:
     def _answer(self, request: list[bytes]) -> list[bytes]:
         """RFC 27: version, request id, domain, address, identity, mechanism, credentials..."""
         request_id = request[1] if len(request) > 1 else b""
+        domain = request[2] if len(request) > 2 else b""
         mechanism = request[5] if len(request) > 5 else b""
         credentials = request[6:]
-        ok = mechanism == b"CURVE" and len(credentials) == 1 and credentials[0] == self._allowed
+        if domain == DATA_DOMAIN:
+            ok = (mechanism == b"PLAIN" and len(credentials) == 2 and credentials[0] == DATA_USER
+                  and hmac.compare_digest(credentials[1], self._data_password))
+        else:
+            ok = mechanism == b"CURVE" and len(credentials) == 1 and hmac.compare_digest(credentials[0], self._allowed)
         if not ok:
             self.num_denied += 1
         status, text = (b"200", b"OK") if ok else (b"400", b"not a member of this cluster")
