@@ -28,6 +28,11 @@ def _bench_step(args: argparse.Namespace) -> int:
     """engine, transfer, stream, overhead: one `run` each, results in a JSON file."""
     bench = import_module(f"cluster.bench.{args.what}")   # light start-up: engine, transfer, stream import torch
     options = {"variants": args.variants.split(",") if args.variants else None} if args.what == "transfer" else {}
+    if args.what == "transfer" and args.hosts:   # between two test hosts (namespaces; root), next to raw TCP
+        bench = import_module("cluster.bench.transfer_hosts")
+        options["rates"] = tuple(r for r in args.rates.split(",") if r)
+        if args.out == "bench-results/transfer.json":
+            args.out = "bench-results/transfer-hosts.json"
     bench.run(repeats=args.repeats, out=args.out, **options)
     return 0
 
@@ -119,7 +124,13 @@ def _add_bench_parsers(bench: argparse.ArgumentParser) -> None:
         p.add_argument("--out", default=f"bench-results/{name}.json", help="JSON results file (default: %(default)s)")
         if name == "transfer":
             p.add_argument("--variants", default=None,
-                           help="comma-separated variants (shm,shm+crc,zmq,zmq+crc,torch_dist,...)")
+                           help="comma-separated variants (shm,shm+crc,zmq,zmq+crc,torch_dist,...; with --hosts: "
+                                "auto,auto+encrypt,zmq-nokeys,torch_dist,ray)")
+            p.add_argument("--hosts", action="store_true",
+                           help="between two test hosts (network namespaces, needs root), next to a raw TCP stream "
+                                "on the same link (cluster/bench/transfer_hosts.py)")
+            p.add_argument("--rates", default="unshaped,1gbit",
+                           help="with --hosts: the link as it is and/or capped (tc tbf rates, e.g. 1gbit)")
         p.set_defaults(fn=_bench_step)
     # the serving benchmarks: each module brings its options and its main(args)
     for name, module, help_text in (

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from cluster import placement
@@ -103,6 +103,10 @@ def _store_address() -> tuple[str, int]:
 def stop_all(insts: list[Instance]) -> dict[str, dict]:
     """Graceful stop (rank 0 first: closing its worker releases the other ranks), then kill.
     Returns how each rank > 0 ended."""
+    unplaced = [i for i in insts if not _placed(i)]   # their actors never started: nothing to stop gracefully
+    for inst in unplaced:
+        kill(inst)
+    insts = [i for i in insts if i not in unplaced]
     if not insts:
         return {}
     refs = [i.rank0.stop.remote() for i in insts]
@@ -116,6 +120,15 @@ def stop_all(insts: list[Instance]) -> dict[str, dict]:
     for inst in insts:
         kill(inst)
     return reports
+
+
+def _placed(inst: Instance) -> bool:
+    if inst.group is None:   # a unit's slot: its group was placed before the instance launched
+        return True
+    try:
+        return placement_group_table(inst.group).get("state") == "CREATED"
+    except Exception:   # its cluster is gone
+        return False
 
 
 def wait_placed(insts: list[Instance], timeout_s: float) -> None:

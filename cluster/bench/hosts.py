@@ -109,6 +109,9 @@ class TestHosts:
         _ip("netns", "del", probe, check=False)
         if made.returncode != 0:
             raise HostsUnavailable(f"cannot make a network namespace here: {made.stderr.strip()}")
+        uts = subprocess.run(["unshare", "--uts", "true"], capture_output=True, text=True, timeout=30)
+        if uts.returncode != 0:
+            raise HostsUnavailable(f"cannot give a test host its own host name (unshare --uts): {uts.stderr.strip()}")
 
     def _namespaces(self) -> list[str]:
         out = _ip("netns", "list", check=False).stdout
@@ -158,6 +161,8 @@ class TestHosts:
                 for pid in self._ns_pids(ns):
                     _kill(pid, signal.SIGKILL)
                 _ip("netns", "del", ns, check=False)
+            for name in self.names:   # the Ray nodes' temp dirs (their logs stay in TEMP_ROOT/logs)
+                shutil.rmtree(f"{TEMP_ROOT}/{name}", ignore_errors=True)
         finally:
             if self._lock is not None:
                 self._lock.close()
@@ -167,7 +172,7 @@ class TestHosts:
     def command(self, name: str, argv: list[str], hostname: bool = False) -> list[str]:
         """`argv` as run inside host `name` (with `hostname`: in its own UTS namespace named `name`)."""
         if hostname:
-            argv = ["unshare", "--uts", "sh", "-c", f'hostname "$0" && exec "$@"', name, *argv]
+            argv = ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', name, *argv]
         return ["ip", "netns", "exec", self.ns(name), *argv]
 
     def run(self, name: str, argv: list[str], check: bool = True, timeout: float = 60, **kwargs):

@@ -5,7 +5,8 @@ shares a node (`node=` on both sides): one node copies zero copy out of the
 sender's shared cache, two nodes take the bytes inline over zmq. With keys,
 a process that lacks them reaches nothing: a plain zmq client and a CURVE
 client with its own key pair (even one that knows the server's public key)
-send a PULL for a live offer, and the lease never starts.
+send a PULL for a live offer, and the lease never starts; the KV data socket
+completes no handshake without the password derived from the cluster key.
 """
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ import time
 import pytest
 import torch
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
-from kv_transfer.curve import CurveGuard, ZmqKeys, connect_securely
+from kv_transfer.curve import CurveGuard, ZmqKeys, connect_data, connect_securely
 from kv_transfer.lease import LeaseState
 from kv_transfer.messages import header
 from tests.contract.harness import AUTO_ONE_NODE, AUTO_TWO_NODES, CURVE, make_layout, ok, variant_kwargs
@@ -73,6 +75,40 @@ def test_a_process_without_the_key_can_neither_pull_nor_start_a_lease():
         assert ok(pair.results[offer.transfer_id]) and pair.ends[offer.transfer_id].outcome is LeaseState.DONE
         assert torch.equal(pair.received(offer, dst_ids), pair.sent(offer, src_ids))
         pair.finish_request(offer, dst_ids)
+
+
+def _handshake(endpoint: str, setup) -> bool:
+    """Whether a DEALER set up by `setup` completes its handshake with `endpoint` within 2 s."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    monitor = sock.get_monitor_socket()
+    setup(sock)
+    sock.connect(endpoint)
+    ok, deadline = False, time.monotonic() + 2.0
+    while not ok and time.monotonic() < deadline:
+        if monitor.poll(50):
+            ok = recv_monitor_message(monitor)["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED
+    sock.disable_monitor()
+    monitor.close(0)
+    sock.close(0)
+    return ok
+
+
+def test_the_kv_data_socket_admits_members_only():
+    layout = make_layout(num_layers=2)
+    keys = variant_kwargs(CURVE)[1]["keys"]
+    with running(CURVE, layout) as pair:
+        offer, _ = pair.offer("r", 9)
+        assert offer.data_endpoint and offer.data_endpoint != offer.endpoint
+
+        def guessed(sock):
+            sock.plain_username, sock.plain_password = b"pdcluster", b"guessed"
+        assert not _handshake(offer.data_endpoint, lambda s: None)                # plain zmq
+        assert not _handshake(offer.data_endpoint, guessed)                       # a guessed password
+        assert not _handshake(offer.endpoint, lambda s: connect_data(s, keys))   # the password opens no CURVE socket
+        assert _handshake(offer.data_endpoint, lambda s: connect_data(s, keys))  # a member
+        pair.sender.abort(offer.transfer_id)
+        pair.drive(lambda: offer.transfer_id in pair.ends)
 
 
 def test_the_guard_admits_members_only_and_counts_the_others():

@@ -1,7 +1,7 @@
 """A cluster driver on test host A: `Cluster` joined to the test hosts' Ray, driven by JSON lines.
 
     {"op": "start", "config": {...}}       -> address, infos, rank infos, keys, reply endpoint
-    {"op": "complete", "prompts": [...], "max_tokens": n}   -> completions (greedy)
+    {"op": "complete", "prompts": [...], "max_tokens": n, "concurrent": false}   -> completions (greedy)
     {"op": "stats"}                        -> every worker's stats
     {"op": "stop"}                         -> the cluster stopped (Ray stays: it is the hosts')
 
@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 
 
 def main() -> None:
@@ -36,14 +37,16 @@ def main() -> None:
                 "reply_endpoint": cluster.reply_endpoint,
                 "keys": dataclasses.asdict(keys) if keys is not None else None}
 
-    def complete(prompts: list[str], max_tokens: int) -> dict:
-        out = []
-        for p in prompts:
+    def complete(prompts: list[str], max_tokens: int, concurrent: bool = False) -> dict:
+        def one(p: str) -> dict:
             r = state["client"].complete(p, max_tokens=max_tokens, temperature=0.0)
-            out.append({"token_ids": list(r.token_ids), "text": r.text, "finish_reason": r.finish_reason,
-                        "prompt_tokens": r.prompt_tokens, "prefill_instance": r.prefill_instance,
-                        "decode_instance": r.decode_instance})
-        return {"completions": out}
+            return {"token_ids": list(r.token_ids), "text": r.text, "finish_reason": r.finish_reason,
+                    "prompt_tokens": r.prompt_tokens, "prefill_instance": r.prefill_instance,
+                    "decode_instance": r.decode_instance}
+        if not concurrent:
+            return {"completions": [one(p) for p in prompts]}
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            return {"completions": list(pool.map(one, prompts))}
 
     def stop() -> dict:
         client, cluster = state.pop("client", None), state.pop("cluster", None)
