@@ -293,43 +293,57 @@ class RayHosts:
         self.stop()
 
     def start(self, timeout_s: float = 120.0) -> RayHosts:
-        lines = launcher_commands()
-        self.log_dir.mkdir(parents=True, exist_ok=True)
         try:
-            order = [self.head, *[n for n in self.hosts.names if n != self.head]]
-            for name in order:
-                head = name == self.head
-                line = node_command(lines["head" if head else "worker"], self.hosts.address(self.head),
-                                    f"{TEMP_ROOT}/{name}", self.num_cpus.get(name, 2), self.object_store_bytes, head)
-                log = open(self.log_dir / f"ray-{name}.log", "w")
-                self.procs[name] = self.hosts.popen(name, ["bash", "-c", line], hostname=True, env=self.env(),
-                                                    stdout=log, stderr=subprocess.STDOUT)
-                if name == self.head:
-                    self._wait_nodes(1, timeout_s)
-            self._wait_nodes(len(order), timeout_s)
+            for name in [self.head, *[n for n in self.hosts.names if n != self.head]]:
+                self.start_node(name, timeout_s)
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _wait_nodes(self, count: int, timeout_s: float) -> None:
-        """Until `count` nodes are alive (asked from the head's host with Ray's own CLI)."""
+    def start_node(self, name: str, timeout_s: float = 120.0) -> None:
+        """(Re)start host `name`'s Ray node with the launcher file's command; waits until it is alive."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        head = name == self.head
+        line = node_command(launcher_commands()["head" if head else "worker"], self.hosts.address(self.head),
+                            f"{TEMP_ROOT}/{name}", self.num_cpus.get(name, 2), self.object_store_bytes, head)
+        log = open(self.log_dir / f"ray-{name}.log", "a")
+        before = self._active_nodes() if self.procs else set()
+        self.procs[name] = self.hosts.popen(name, ["bash", "-c", line], hostname=True, env=self.env(),
+                                            stdout=log, stderr=subprocess.STDOUT)
+        self._wait_nodes(len(self.procs), timeout_s, new_than=before)
+
+    def kill_node(self, name: str) -> None:
+        """Host `name` loses its Ray node at once: SIGKILL to the node's processes and every process
+        in the host (its Ray workers), as a machine that loses power."""
+        proc = self.procs.pop(name)
+        for pid in [*self.hosts.pids(name), proc.pid]:
+            _kill(pid, signal.SIGKILL)
+        stop(proc, timeout_s=0)
+
+    def _active_nodes(self) -> set[str]:
+        """The node ids Ray's own CLI lists as active (asked from the head's host)."""
+        r = subprocess.run(self.hosts.command(self.head, [str(Path(sys.executable).parent / "ray"), "status",
+                                                          "--address", self.address]),
+                           capture_output=True, text=True, env=self.env(), timeout=60)
+        active = re.search(r"Active:\s*\n((?:\s+\d+ \S+\n)+)", r.stdout)
+        return set(re.findall(r"^\s+\d+ (\S+)", active.group(1), re.M)) if active else set()
+
+    def _wait_nodes(self, count: int, timeout_s: float, new_than: set[str] = frozenset()) -> None:
+        """Until `count` nodes are alive, one of them not in `new_than` if that is given (a node that
+        came back: the one it replaces may still be listed until Ray declares it dead)."""
         deadline = time.monotonic() + timeout_s
-        status = ""
+        nodes: set[str] = set()
         while time.monotonic() < deadline:
             for name, proc in self.procs.items():
                 if proc.poll() is not None:
                     raise RuntimeError(f"the Ray node on host {name} exited ({proc.returncode}); see "
                                        f"{self.log_dir}/ray-{name}.log")
-            r = subprocess.run(self.hosts.command(self.head, [str(Path(sys.executable).parent / "ray"), "status",
-                                                              "--address", self.address]),
-                               capture_output=True, text=True, env=self.env(), timeout=60)
-            status = r.stdout
-            active = re.search(r"Active:\s*\n((?:\s+\d+ \S+\n)+)", status)
-            if active and sum(int(x) for x in re.findall(r"^\s+(\d+) ", active.group(1), re.M)) >= count:
+            nodes = self._active_nodes()
+            if len(nodes) >= count and (not new_than or nodes - new_than):
                 return
             time.sleep(1.0)
-        raise RuntimeError(f"{count} Ray node(s) not alive after {timeout_s:.0f}s; last status:\n{status[-2000:]}")
+        raise RuntimeError(f"{count} Ray node(s) not alive after {timeout_s:.0f}s; active: {sorted(nodes)}")
 
     def stop(self) -> None:
         """Each node by its own process group, then whatever is left in its host (Ray's workers)."""

@@ -3,6 +3,7 @@
     {"op": "start", "config": {...}}       -> address, infos, rank infos, keys, reply endpoint
     {"op": "complete", "prompts": [...], "max_tokens": n, "concurrent": false}   -> completions (greedy)
     {"op": "stats"}                        -> every worker's stats
+    {"op": "deaths"}                       -> the instances the pool manager saw die
     {"op": "stop"}                         -> the cluster stopped (Ray stays: it is the hosts')
 
 One reply line per request on stdout ({"ok": true, ...} or {"ok": false, "error": ...});
@@ -56,8 +57,12 @@ def main() -> None:
             cluster.stop()
         return {}
 
+    def deaths() -> dict:
+        return {"deaths": [{"name": d.name, "reason": d.reason, "replaced_by": d.replaced_by}
+                           for d in state["cluster"].pools.deaths]}
+
     ops = {"start": start, "complete": complete, "stats": lambda: {"stats": state["cluster"].worker_stats()},
-           "stop": stop}
+           "deaths": deaths, "stop": stop}
     for line in sys.stdin:
         req = json.loads(line)
         op = req.pop("op")

@@ -78,9 +78,16 @@ class Driver:
             self._lines.put(line)
         self._lines.put(None)
 
-    def request(self, op: str, timeout_s: float = 300.0, **args) -> dict:
+    def send(self, op: str, **args) -> None:
         self.proc.stdin.write(json.dumps({"op": op, **args}) + "\n")
         self.proc.stdin.flush()
+
+    def request(self, op: str, timeout_s: float = 300.0, **args) -> dict:
+        self.send(op, **args)
+        return self.answer(op, timeout_s)
+
+    def answer(self, op: str, timeout_s: float = 300.0) -> dict:
+        """The reply to the request sent last (`send`), bounded."""
         try:
             line = self._lines.get(timeout=timeout_s)
         except queue.Empty:

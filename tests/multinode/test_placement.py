@@ -2,7 +2,8 @@
 
   - 2 prefill instances (one on B, one on C: per-instance placement) + 1 decode
     on C (a node label): backend auto copies zero copy from the prefill beside
-    it and takes the other's KV over zmq, per pair;
+    it and takes the other's KV over zmq, per pair; then host B loses its Ray
+    node while requests run, and they finish on C;
   - a tp2 decode instance whose two ranks sit on B and C (STRICT_SPREAD), its
     TCPStore on rank 0's node address;
   - a plan with low node affinity served with `pdcluster serve --plan --address`
@@ -55,8 +56,27 @@ def test_two_prefill_hosts_one_decode_each_pair_takes_its_own_way(driver, ray_ho
         by_way = {"shm": sum(g["prefill_instance"] == "prefill-1" for g in got),
                   "zmq": sum(g["prefill_instance"] == "prefill-0" for g in got)}
         assert {way: received.get(way, [0])[0] for way in by_way} == by_way, received
+        _lose_host_b_while_serving(driver, ray_hosts, llm)
     finally:
-        driver.call("stop", timeout_s=120)
+        try:
+            driver.call("stop", timeout_s=120)
+        finally:
+            if "b" not in ray_hosts.procs:   # host B's node is back for the tests after this one
+                ray_hosts.start_node("b")
+
+
+def _lose_host_b_while_serving(driver, ray_hosts, llm) -> None:
+    """Host B's Ray node dies (every process on B killed) with requests in flight: prefill-0 is
+    marked dead and every request finishes on the instances left, token for token."""
+    prompts = [f"Request {i}: " + PROMPTS[-1] for i in range(8)]
+    driver.send("complete", prompts=prompts, max_tokens=MAX_NEW, concurrent=True)
+    time.sleep(1.0)   # long prompts: both prefill instances are busy now
+    ray_hosts.kill_node("b")
+    reply = driver.answer("complete", timeout_s=300)
+    assert reply["ok"], reply
+    assert [g["token_ids"] for g in reply["completions"]] == _greedy(llm, prompts)
+    deaths = driver.call("deaths")["deaths"]
+    assert [d["name"] for d in deaths] == ["prefill-0"], deaths
 
 
 def test_a_tp2_decode_instance_with_one_rank_on_each_host(driver, ray_hosts, hosts, llm):
