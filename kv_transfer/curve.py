@@ -20,16 +20,17 @@ Every message after the handshake is encrypted and authenticated
 (XSalsa20-Poly1305, libsodium). `keys=None` turns all of this off (plain
 zmq: the transfer tests and benchmarks that measure the bare channel).
 
-KV bytes. Encrypting them costs more CPU than the wire they cross (0.7 GB/s
-for CURVE against 2.8 GB/s for a plain TCP stream between two test hosts:
+KV bytes. Encrypting them costs more CPU than the wire they cross (4 MB zmq
+frames between two test hosts: 0.7 GB/s through CURVE, 3.1 GB/s without;
 docs/benchmarks.md), so by default a prefill worker sends them on a second
 socket (`serve_data`), in the clear but closed to strangers all the same: its
 ZAP check admits a PLAIN handshake only with a password derived from the
 cluster's secret key (`ZmqKeys.data_password`), the bytes go only to the
 receiver that asked for them over the CURVE channel (a random routing id it
-named there), and nothing that arrives on it is ever read as a message. What
-this does not hide is the KV from someone who can read the wire between two
-nodes: `security.encrypt_kv` sends it through CURVE as well.
+named there), and what arrives on it only tells the sender that a member's
+connection is up (zmq's probe), never a message it acts on. What this does
+not hide is the KV (nor the password) from someone who can read the wire
+between two nodes: `security.encrypt_kv` sends the bytes through CURVE too.
 """
 from __future__ import annotations
 
