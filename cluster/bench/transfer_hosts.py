@@ -14,7 +14,9 @@ through one 4 MB buffer that stays in the CPU cache is measured beside it
 variant and the streams stay open side
 by side and are measured in turn, round after round, the order rotating
 each round (medians): ratios taken
-so hold on a shared machine whose speed drifts. Both are measured on the
+so hold on a shared machine whose speed drifts. Each end also reports the
+CPU time it used (every thread) for each transfer: CPU seconds per GB moved.
+Both are measured on the
 link as it is, and capped with `tc tbf` on B's link (both ways).
 
 The planner's transfer-time model (router/planner/simulator.py: prompt
@@ -73,6 +75,11 @@ def _stdin_lines() -> queue.Queue:
     return q
 
 
+def _cpu() -> float:
+    """CPU seconds this process used so far, every thread (zmq's I/O threads too)."""
+    return time.process_time()
+
+
 def _say(**msg) -> None:
     sys.stdout.write(json.dumps(msg) + "\n")
     sys.stdout.flush()
@@ -111,6 +118,7 @@ def kv_sender(args: dict) -> None:
                          node="sender", encrypt_data=args["encrypt"])
     _say(endpoint=sender.endpoint)
     cmds = _stdin_lines()
+    cpu_at_offer, cpu_used = None, 0.0   # the CPU of the last transfer, offer to lease end
     try:
         while True:
             try:
@@ -119,15 +127,23 @@ def kv_sender(args: dict) -> None:
                 cmd = ""
             if cmd is None or cmd.strip() == "stop":
                 break
-            if cmd:
+            if cmd.strip() == "cpu":
+                while sender.leases.live():   # the last ACK may still be on its way
+                    sender.poll(time.monotonic())
+                    sender.wait(0.001)
+                _say(cpu=cpu_used)
+            elif cmd:
                 req_id, num_tokens = json.loads(cmd)
                 while sender.leases.live():   # the last ACK may still be on its way: its blocks are reused
                     sender.poll(time.monotonic())
                     sender.wait(0.001)
                 ids = list(range(blocks_needed(num_tokens, layout.block_size)))
+                cpu_at_offer = _cpu()
                 offer = sender.offer(req_id, ids, num_tokens, time.monotonic())
                 _say(offer=base64.b64encode(pickle.dumps(offer)).decode())
             sender.poll(time.monotonic())
+            if cpu_at_offer is not None and not sender.leases.live():
+                cpu_used, cpu_at_offer = _cpu() - cpu_at_offer, None
             sender.wait(0.001)
     finally:
         sender.close()
@@ -151,7 +167,7 @@ def kv_receiver(args: dict) -> None:
             if line.strip() == "stop":
                 break
             offer = pickle.loads(base64.b64decode(json.loads(line)["offer"]))
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), _cpu()
             receiver.pull(offer, list(range(blocks_needed(offer.num_tokens, layout.block_size))))
             result = None
             while result is None:
@@ -159,9 +175,9 @@ def kv_receiver(args: dict) -> None:
                 result = done[0] if done else None
                 if result is None:
                     receiver.wait(0.001)
-            seconds = time.perf_counter() - start
-            _say(seconds=seconds, ok=result.status is TransferStatus.DONE, error=result.error, via=result.via,
-                 nbytes=result.nbytes)
+            seconds, cpu = time.perf_counter() - start, _cpu() - cpu
+            _say(seconds=seconds, cpu=cpu, ok=result.status is TransferStatus.DONE, error=result.error,
+                 via=result.via, nbytes=result.nbytes)
     finally:
         receiver.close()
 
@@ -179,7 +195,7 @@ def tcp_receiver(args: dict) -> None:
     for line in sys.stdin:
         if line.strip() == "stop":
             break
-        want, got = int(line), 0
+        want, got, cpu = int(line), 0, _cpu()
         if args["full"]:
             buf = buffers.setdefault(want, memoryview(bytearray(want)))
         else:
@@ -191,6 +207,7 @@ def tcp_receiver(args: dict) -> None:
                 return
             got += n
         conn.sendall(b"k")
+        _say(cpu=_cpu() - cpu)
     conn.close()
     srv.close()
 
@@ -207,14 +224,14 @@ def tcp_sender(args: dict) -> None:
             data = buffers.setdefault(nbytes, memoryview(os.urandom(nbytes)))
         else:
             data = buffers.setdefault(0, memoryview(os.urandom(CHUNK)))
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), _cpu()
         sent = 0
         while sent < nbytes:
             n = min(CHUNK, nbytes - sent)
             conn.sendall(data[sent:sent + n] if args["full"] else data[:n])
             sent += n
         conn.recv(1)
-        _say(seconds=time.perf_counter() - start)
+        _say(seconds=time.perf_counter() - start, cpu=_cpu() - cpu)
     conn.close()
 
 
@@ -271,10 +288,12 @@ class _TcpPair:
                         env, log)
         self.tx.read()
 
-    def measure(self, label: str, nbytes: int) -> float:
+    def measure(self, label: str, nbytes: int) -> tuple[float, float]:
+        """(seconds, CPU seconds of both ends)."""
         self.rx.send(str(nbytes))
         self.tx.send(str(nbytes))
-        return self.tx.read()["seconds"]
+        sent = self.tx.read()
+        return sent["seconds"], sent["cpu"] + self.rx.read()["cpu"]
 
     def close(self) -> None:
         for p in (self.tx, self.rx):
@@ -297,14 +316,16 @@ class _KVPair:
         self.rx.read(300)
         self.via = ""
 
-    def measure(self, label: str, nbytes: int) -> float:
+    def measure(self, label: str, nbytes: int) -> tuple[float, float]:
+        """(seconds, CPU seconds of both ends)."""
         self.tx.send([label, nbytes // _layout().bytes_per_token])
         self.rx.send({"offer": self.tx.read()["offer"]})
         r = self.rx.read()
         if not r["ok"]:
             raise RuntimeError(f"{label} transfer failed: {r['error']}")
         self.via = r["via"]
-        return r["seconds"]
+        self.tx.send("cpu")
+        return r["seconds"], r["cpu"] + self.tx.read()["cpu"]
 
     def close(self) -> None:
         for p in (self.rx, self.tx):
@@ -333,21 +354,23 @@ def _measure_rate(hosts, env: dict, chosen, sizes_mb, repeats: int, keys, ray_ad
         for v in chosen:
             pairs[v[0]] = _KVPair(hosts, env, v, num_blocks, keys, ray_address, log)
         times: dict = {label: {mb: [] for mb in sizes_mb} for label in pairs}
+        cpus: dict = {label: {mb: [] for mb in sizes_mb} for label in pairs}
         for mb in sizes_mb:
             nbytes = _num_tokens(mb) * _layout().bytes_per_token
             for i in range(repeats + 1):   # the first round is a warm-up
                 turn = list(pairs.items())
                 for label, pair in turn[i % len(turn):] + turn[:i % len(turn)]:   # each in every position
-                    t = pair.measure(f"{label}-{mb}-{i}", nbytes)
+                    t, cpu = pair.measure(f"{label}-{mb}-{i}", nbytes)
                     if i:
                         times[label][mb].append(t)
-        entry = {label: {str(mb): _row(_num_tokens(mb) * _layout().bytes_per_token, times[label][mb])
-                         for mb in sizes_mb} for label in ("tcp", "tcp-hot")}
-        entry["backends"] = {}
-        for v in chosen:
-            entry["backends"][v[0]] = {str(mb): {**_row(_num_tokens(mb) * _layout().bytes_per_token,
-                                                        times[v[0]][mb]), "via": pairs[v[0]].via}
-                                       for mb in sizes_mb}
+                        cpus[label][mb].append(cpu)
+        def row(label: str, mb: int) -> dict:
+            nbytes = _num_tokens(mb) * _layout().bytes_per_token
+            return {**_row(nbytes, times[label][mb]),
+                    "cpu_s_per_gb": statistics.median(cpus[label][mb]) / (nbytes / 1e9)}
+        entry = {label: {str(mb): row(label, mb) for mb in sizes_mb} for label in ("tcp", "tcp-hot")}
+        entry["backends"] = {v[0]: {str(mb): {**row(v[0], mb), "via": pairs[v[0]].via} for mb in sizes_mb}
+                             for v in chosen}
         return entry
     finally:
         for pair in pairs.values():
@@ -415,10 +438,11 @@ def _compare(entry: dict, profile_gb_s: float) -> None:
 def _print(rate: str, entry: dict, sizes_mb, labels) -> None:
     for mb in sizes_mb:
         tcp = entry["tcp"][str(mb)]
-        line = f"[{rate}] {mb:>4} MB: tcp {tcp['gbps']:5.2f} GB/s (hot buffer {entry['tcp-hot'][str(mb)]['gbps']:5.2f})"
+        line = (f"[{rate}] {mb:>4} MB: tcp {tcp['gbps']:5.2f} GB/s {tcp['cpu_s_per_gb']:.2f} cpu-s/GB "
+                f"(hot buffer {entry['tcp-hot'][str(mb)]['gbps']:5.2f})")
         for label in labels:
             row = entry["backends"][label][str(mb)]
-            line += f" | {label} {row['gbps']:5.2f} ({row['fraction_of_tcp']:.0%})"
+            line += f" | {label} {row['gbps']:5.2f} ({row['fraction_of_tcp']:.0%}) {row['cpu_s_per_gb']:.2f}"
         print(line, flush=True)
 
 
