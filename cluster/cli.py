@@ -46,6 +46,11 @@ def _bench_step(args: argparse.Namespace) -> int:
     if args.what == "engine":
         options = {"peer": args.peer, "vllm_venv": args.vllm_venv, "cpu": args.cpu,
                    "transformers": not args.no_transformers}
+    if args.what == "transfer" and args.hosts:   # between two test hosts (namespaces; root), next to raw TCP
+        bench = import_module("cluster.bench.transfer_hosts")
+        options["rates"] = tuple(r for r in args.rates.split(",") if r)
+        if args.out == "bench-results/transfer.json":
+            args.out = "bench-results/transfer-hosts.json"
     bench.run(repeats=args.repeats, out=args.out, **options)
     return 0
 
@@ -151,6 +156,13 @@ def _add_bench_parsers(bench: argparse.ArgumentParser) -> None:
             p.add_argument("--cpu", type=int, default=None,
                            help="the one core every engine runs on (default: the last one allowed)")
             p.add_argument("--no-transformers", action="store_true", help="leave transformers' row out")
+                           help="comma-separated variants (shm,shm+crc,zmq,zmq+crc,torch_dist,...; with --hosts: "
+                                "auto,auto+encrypt,zmq-nokeys,torch_dist,ray)")
+            p.add_argument("--hosts", action="store_true",
+                           help="between two test hosts (network namespaces, needs root), next to a raw TCP stream "
+                                "on the same link (cluster/bench/transfer_hosts.py)")
+            p.add_argument("--rates", default="unshaped,1gbit",
+                           help="with --hosts: the link as it is and/or capped (tc tbf rates, e.g. 1gbit)")
         p.set_defaults(fn=_bench_step)
     # the serving benchmarks: each module brings its options and its main(args)
     for name, module, help_text in (

@@ -44,6 +44,48 @@ class ModelSection:
             _positive(self.max_model_len, f"{key}.max_model_len")
 
 
+STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")   # Ray's placement group strategies
+
+
+@dataclass(frozen=True)
+class PlacementConfig:
+    """Where the ranks of a pool's instances may run (cluster/placement.py). Each rank's
+    bundle asks for `resources` besides its CPUs (custom resources a node was started with,
+    `ray start --resources '{"host_b": 100}'`) and lands on a node carrying every `labels`
+    pair (`ray start --labels host=b`; Ray's selector syntax, e.g. "in(b,c)", works too);
+    `strategy` spreads or packs an instance's ranks. `instances`: per instance, more of
+    the same (instance i of the pool takes entry i modulo their number), e.g. one prefill
+    instance on each of two hosts."""
+    strategy: str = "PACK"
+    resources: dict | None = None       # {name: amount per rank}
+    labels: dict | None = None          # {key: value}
+    instances: list | None = None       # [{resources: ..., labels: ...}, ...]
+
+    def check(self, key: str) -> None:
+        _one_of(self.strategy, STRATEGIES, f"{key}.strategy")
+        for name, value in (self.resources or {}).items():
+            if not isinstance(name, str) or name in ("CPU", "GPU", "memory"):
+                raise ConfigError(f"{key}.resources: {name!r} is not a custom resource name (CPU and GPU "
+                                  f"come from num_threads and num_gpus)")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ConfigError(f"{key}.resources.{name} must be a number > 0, got {value!r}")
+        for name, value in (self.labels or {}).items():
+            if not isinstance(name, str) or not isinstance(value, str):
+                raise ConfigError(f"{key}.labels must map strings to strings, got {name!r}: {value!r}")
+        for i, item in enumerate(self.instances or []):
+            if not isinstance(item, dict) or set(item) - {"resources", "labels"}:
+                raise ConfigError(f"{key}.instances[{i}] must be a mapping of resources and/or labels, got {item!r}")
+            _build(PlacementConfig, item, f"{key}.instances[{i}]").check(f"{key}.instances[{i}]")
+
+    def for_instance(self, slot: int) -> PlacementConfig:
+        """The placement of the pool's instance in `slot` (0, 1, ...): its `instances` entry over the pool's."""
+        if not self.instances:
+            return self
+        item = self.instances[slot % len(self.instances)]
+        return PlacementConfig(self.strategy, {**(self.resources or {}), **(item.get("resources") or {})},
+                               {**(self.labels or {}), **(item.get("labels") or {})})
+
+
 @dataclass(frozen=True)
 class PoolConfig:
     num_instances: int = 1
@@ -56,8 +98,10 @@ class PoolConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 4096
     enable_prefix_caching: bool = False   # keep computed prompt blocks: a prompt over a cached prefix computes the rest
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
 
     def check(self, key: str) -> None:
+        self.placement.check(f"{key}.placement")
         for name in ("num_instances", "num_threads", "tp_size", "pp_size", "block_size", "max_num_seqs",
                      "max_num_batched_tokens"):
             _positive(getattr(self, name), f"{key}.{name}")
@@ -97,7 +141,7 @@ class ColocatedPoolConfig(PoolConfig):
 
 @dataclass(frozen=True)
 class TransferConfig:
-    backend: str = "shm"
+    backend: str = "auto"               # auto: shm zero copy within a node, zmq across nodes (per pair)
     lease_ttl_s: float = 30.0
     checksum: bool = False              # shm with checksum off reads the prefill cache in place
     compress: str | None = None         # None or "int8"
@@ -109,17 +153,17 @@ class TransferConfig:
         _one_of(self.on_failure, ON_FAILURE, f"{key}.on_failure")
         if self.compress is not None:
             _one_of(self.compress, ("int8",), f"{key}.compress")
-        if self.stream_layers and not (self.backend == "zmq" or self.zero_copy):
-            raise ConfigError(f"{key}.stream_layers needs backend zmq, or shm with checksum false and no "
+        if self.stream_layers and not (self.backend in ("zmq", "auto") or self.zero_copy):
+            raise ConfigError(f"{key}.stream_layers needs backend zmq or auto, or shm with checksum false and no "
                               f"compress (zero copy); got backend {self.backend!r}")
         if not self.lease_ttl_s > 0 or not math.isfinite(self.lease_ttl_s):
             raise ConfigError(f"{key}.lease_ttl_s must be > 0, got {self.lease_ttl_s}")
 
     @property
     def zero_copy(self) -> bool:
-        """shm without checksum or compression: decode reads the prefill cache in place (one copy),
-        so a prefill instance keeps its cache in shared memory."""
-        return self.backend == "shm" and not self.checksum and self.compress is None
+        """shm (or auto) without checksum or compression: decode reads the prefill cache in place
+        (one copy) on the prefill's node, so a prefill instance keeps its cache in shared memory."""
+        return self.backend in ("shm", "auto") and not self.checksum and self.compress is None
 
 
 @dataclass(frozen=True)
@@ -308,14 +352,44 @@ class AutoscalingConfig:
 
 
 @dataclass(frozen=True)
+class SecurityConfig:
+    """CurveZMQ on every zmq socket of the cluster (kv_transfer/curve.py): a key pair made
+    at start and handed to the workers in their actor arguments; a process without it can
+    neither pull KV nor send a worker or the router a message. KV bytes cross on a socket of
+    their own, members only but not encrypted, unless `encrypt_kv` (about 4x slower)."""
+    curve: bool = True
+    encrypt_kv: bool = False
+
+    def check(self, key: str) -> None:
+        if self.encrypt_kv and not self.curve:
+            raise ConfigError(f"{key}.encrypt_kv needs {key}.curve (the keys it encrypts with)")
+
+
+@dataclass(frozen=True)
+class AffinityConfig:
+    """DistServe's node affinity, as `pdcluster plan` writes it. high: every instance is placed
+    on its own (KV crosses nodes). low: the pools are `num_units` units of equal parts; stage s
+    of every prefill and decode instance of a unit sits on one node, so KV never leaves it."""
+    regime: str = "high"
+    num_units: int = 1
+
+    def check(self, key: str) -> None:
+        _one_of(self.regime, ("high", "low"), f"{key}.regime")
+        _positive(self.num_units, f"{key}.num_units")
+
+
+@dataclass(frozen=True)
 class RayConfig:
     address: str | None = None          # None: start an embedded local Ray; else join this cluster
-    host: str = "127.0.0.1"             # the address Ray nodes and our sockets bind
+    host: str = "127.0.0.1"             # the address the embedded Ray and the router's sockets bind;
+                                        # auto: this node's (workers always bind their node's)
     num_cpus: int | None = None         # logical CPUs of the embedded Ray (None: what the pools need)
+    placement_timeout_s: float = 60.0   # a pool the cluster cannot place by then stops the start (ConfigError)
 
     def check(self, key: str) -> None:
         if self.num_cpus is not None:
             _positive(self.num_cpus, f"{key}.num_cpus")
+        _finite_at_least(self.placement_timeout_s, 0.1, f"{key}.placement_timeout_s")
 
 
 @dataclass(frozen=True)
@@ -329,6 +403,8 @@ class ClusterConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     conditional: ConditionalConfig = field(default_factory=ConditionalConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    affinity: AffinityConfig = field(default_factory=AffinityConfig)
     restart: RestartConfig = field(default_factory=RestartConfig)
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)   # tests only
@@ -349,12 +425,36 @@ class ClusterConfig:
         if self.local_prefills and self.decode.tp_size * self.decode.pp_size != 1:
             raise ConfigError(f"router.disaggregation {self.router.disaggregation}: a {self.decode.plan} decode "
                               f"instance cannot prefill locally yet (its chunked steps run on one rank); use 1 x 1")
+        self._check_affinity()
         return self
 
     @property
     def local_prefills(self) -> bool:
         """Decode instances prefill some requests themselves (router.disaggregation never/conditional)."""
         return not self.is_colocated and self.router.disaggregation != "always"
+
+    def _check_affinity(self) -> None:
+        """Low node affinity: whole units, stage by stage (cluster/placement.py)."""
+        a = self.affinity
+        if a.regime != "low":
+            return
+        if self.is_colocated:
+            raise ConfigError(f"affinity.regime low places prefill and decode instances together; mode {self.mode} "
+                              f"has no such pools")
+        if self.prefill.pp_size != self.decode.pp_size:
+            raise ConfigError(f"affinity.regime low needs prefill.pp_size == decode.pp_size (stage s of both on one "
+                              f"node), got {self.prefill.pp_size} and {self.decode.pp_size}")
+        for role, pool in self.pools().items():
+            if pool.num_instances % a.num_units:
+                raise ConfigError(f"{role}.num_instances ({pool.num_instances}) must be a multiple of "
+                                  f"affinity.num_units ({a.num_units})")
+        for role, pool in self.pools().items():
+            if pool.placement.instances or pool.placement.strategy != "PACK":
+                raise ConfigError(f"affinity.regime low places every instance in its unit: {role}.placement may "
+                                  f"set resources and labels only (no instances, no strategy)")
+        if self.autoscaling.policy != "none":
+            raise ConfigError("affinity.regime low keeps whole units in place: it does not autoscale yet "
+                              "(set autoscaling.policy none)")
 
     def _check_autoscaling(self) -> None:
         a = self.autoscaling
@@ -460,6 +560,8 @@ def _coerce(hint, value, key: str):
         value = float(value) if ok else value
     elif base is str:
         ok = isinstance(value, str)
+    elif base in (dict, list):
+        ok = isinstance(value, base)
     else:
         ok = True
     if not ok:

@@ -23,6 +23,7 @@ from cluster.ray_cluster import start_ray, stop_ray
 from engine.default_model import default_model_path
 from engine.model_config import load_model_config
 from engine.tokenizer import load_tokenizer
+from kv_transfer.curve import ZmqKeys
 from router.autoscale import make_policy
 from router.conditional import ConditionalPolicy
 from router.planner.profile import load_profile
@@ -68,6 +69,11 @@ class Cluster:
         return f"{self.config.router.host}:{self.router.port}"
 
     @property
+    def reply_endpoint(self) -> str | None:
+        """Where the workers' replies come in (the router's PULL socket)."""
+        return self._links.endpoint if self._links is not None else None
+
+    @property
     def infos(self) -> dict[str, dict]:
         """Rank 0's info of every ready, live instance, by name."""
         return {i.name: i.info for i in self.pools.ready_instances()} if self.pools else {}
@@ -106,16 +112,21 @@ class Cluster:
         need = sum((cfg.autoscaling.bounds(role).max_instances if scaling else p.num_instances)
                    * p.num_threads * p.tp_size * p.pp_size for role, p in pools.items())
         self._started_ray = start_ray(cfg.ray.address, cfg.ray.host, cfg.ray.num_cpus or max(need, os.cpu_count() or 1))
+        if cfg.router.host == "auto":   # the gRPC API on this node's own address, like every other socket
+            self.config = cfg = cfg.replace(router={"host": self._bind_host()})
         counts = " + ".join(f"{p.num_instances} {role}" for role, p in pools.items())
         self.log(f"ray ready in {time.monotonic() - t0:.1f}s; mode {cfg.mode}: starting {counts} "
                  f"instance(s) of {model_path}")
+        # one CURVE key pair per cluster: the workers get it in their actor arguments (Ray's channel
+        # is token-authenticated); every zmq socket of the cluster then demands it
+        keys = ZmqKeys.generate() if cfg.security.curve else None
         self._loop = _LoopThread()
-        self._links = links = self._loop.run(_make_links(self._bind_host()), timeout=30)
+        self._links = links = self._loop.run(_make_links(self._bind_host(), keys), timeout=30)
         # here, not at the top: Ray (which these import) reads its auth settings when it is
         # imported, and start_ray has just set them
         from cluster.pool_manager import PoolManager
         self.pools = PoolManager(cfg, model_path, links.endpoint, cfg.ray.host, self._instance_ready,
-                                 self._instance_dead, self.log)
+                                 self._instance_dead, self.log, keys=keys)
         started = self.pools.start_pools()
         self._start_router(model_path, links, [i.info for i in started])
         for inst in started:
@@ -134,7 +145,10 @@ class Cluster:
         self.autoscaler.start()
 
     def _bind_host(self) -> str:
-        if self.config.ray.host != "auto":
+        """Where this process's sockets listen: ray.host, or in a cluster joined at ray.address
+        (or with ray.host auto) the address Ray knows this node by, which the workers on
+        other nodes can reach."""
+        if self.config.ray.host != "auto" and not self.config.ray.address:
             return self.config.ray.host
         import ray
         return ray.util.get_node_ip_address()
@@ -201,5 +215,5 @@ class Cluster:
             self._started_ray = False
 
 
-async def _make_links(host: str) -> WorkerLinks:
-    return WorkerLinks(host)   # made on the router's loop: its zmq.asyncio sockets belong to that loop
+async def _make_links(host: str, keys: ZmqKeys | None) -> WorkerLinks:
+    return WorkerLinks(host, keys)   # made on the router's loop: its zmq.asyncio sockets belong to that loop

@@ -14,6 +14,13 @@ instance's `info()` (which resolves once its model is loaded):
   - an instance failed to start (or did not within START_TIMEOUT_S) -> it is
     cleaned up and retried under the same budget.
 
+Placement (cluster/placement.py): an instance reserves its own placement group,
+or under low node affinity takes a free slot of its unit's groups (the pool
+manager reserves those first, and gives a dead instance's slot to its
+replacement). A pool that cannot be placed stops the start with a ConfigError
+after ray.placement_timeout_s, and so does a transfer backend that cannot work
+between where the pools landed (shm across nodes).
+
 Liveness comes from Ray, not from heartbeats, so a worker busy in a long step is
 never taken for dead. The callbacks run on this thread: they must hand over to
 the router's loop themselves.
@@ -29,14 +36,16 @@ from dataclasses import dataclass
 
 import ray
 
-from cluster import instances
+from cluster import instances, placement
 from cluster.config import ClusterConfig, to_dict
 from cluster.instances import Instance
+from cluster.placement import Units
 from engine.errors import ConfigError
+from kv_transfer.backends import ONE_NODE
+from kv_transfer.curve import ZmqKeys
 
 log = logging.getLogger(__name__)
 START_TIMEOUT_S = 300.0
-PLACE_TIMEOUT_S = 60.0
 POLL_S = 0.2          # a death is seen within this of Ray reporting it
 
 
@@ -52,8 +61,10 @@ class DeathRecord:
 class PoolManager:
     def __init__(self, cfg: ClusterConfig, model_path: str, router_endpoint: str, host: str,
                  on_ready: Callable[[Instance], None], on_dead: Callable[[Instance, str, bool], None],
-                 log_fn: Callable[[str], None] = print) -> None:
+                 log_fn: Callable[[str], None] = print, keys: ZmqKeys | None = None) -> None:
         self.cfg, self.model_path, self.router_endpoint, self.host = cfg, model_path, router_endpoint, host
+        self.keys = keys                               # the cluster's CURVE keys, handed to every worker
+        self.units = Units(cfg) if cfg.affinity.regime == "low" else None
         self._cfg_dict = to_dict(cfg)
         # the workers need no router secrets: what they are handed can be read in Ray's logs
         self._cfg_dict["router"] = {**self._cfg_dict["router"], "auth_token": None}
@@ -62,6 +73,7 @@ class PoolManager:
         self.deaths: list[DeathRecord] = []
         self.restarts: Counter[str] = Counter()      # role -> replacements launched
         self._next_index: Counter[str] = Counter()
+        self._slots: dict[str, set[int]] = {}         # role -> slots held (cluster/placement.py)
         self._due: list[tuple[float, str]] = []      # (when, role): replacements waiting out their backoff
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -72,8 +84,13 @@ class PoolManager:
     def launch(self, role: str) -> Instance:
         name = f"{role}-{self._next_index[role]}"
         self._next_index[role] += 1
+        with self._lock:
+            held = self._slots.setdefault(role, set())
+            slot = next(i for i in range(len(held) + 1) if i not in held)   # a dead one's, or the next
+            held.add(slot)
         inst = instances.launch(name, role, self.cfg.pools()[role], self._cfg_dict, self.model_path,
-                                self.router_endpoint, self.host)
+                                self.router_endpoint, self.keys, slot,
+                                slots=self.units.slots(role, slot) if self.units is not None else None)
         with self._lock:
             self.instances[name] = inst
         return inst
@@ -81,10 +98,14 @@ class PoolManager:
     def start_pools(self, timeout_s: float = START_TIMEOUT_S) -> list[Instance]:
         """Launch every pool's instances and wait until all are ready (the cluster's start);
         returns them (`on_ready` is for the instances that come later)."""
+        if self.units is not None:
+            self.units.reserve()
+            self.units.wait(self.cfg.ray.placement_timeout_s)
         for role, pool in self.cfg.pools().items():
             for _ in range(pool.num_instances):
                 self.launch(role)
-        instances.wait_placed(list(self.instances.values()), PLACE_TIMEOUT_S)
+        instances.wait_placed(list(self.instances.values()), self.cfg.ray.placement_timeout_s)
+        self._check_backend(list(self.instances.values()))
         deadline = time.monotonic() + timeout_s
         while True:
             starting = [i for i in self.instances.values() if i.ready_at is None]
@@ -97,12 +118,25 @@ class PoolManager:
             for inst in starting:
                 self._became_ready(inst)   # raises the actor's own error if it failed to build
                 self.log(f"  {inst.name} ready (pid {inst.info['pid']}, {inst.pool.plan}, "
-                         f"{inst.info['num_blocks']} KV blocks)")
+                         f"{inst.info['num_blocks']} KV blocks, on {where(inst)})")
 
     def _became_ready(self, inst: Instance) -> None:
         infos = ray.get(inst.info_refs)
         inst.info, inst.rank_infos = infos[0], infos[1:]
         inst.ready_at = time.monotonic()
+
+    def _check_backend(self, insts: list[Instance]) -> None:
+        """A backend that works on one node only (shm) with prefill and decode instances placed on
+        different nodes would fail every transfer: a ConfigError now, before any model loads."""
+        backend = self.cfg.transfer.backend
+        if backend not in ONE_NODE or self.cfg.is_colocated:
+            return
+        nodes = {i.name: node for i in insts if (node := _rank0_node(i)) is not None}
+        if len(set(nodes.values())) > 1:
+            where_ = ", ".join(f"{name} on node {node[:12]}" for name, node in sorted(nodes.items()))
+            raise ConfigError(f"transfer.backend {backend} works within one node only, but the pools were placed "
+                              f"on {len(set(nodes.values()))} nodes ({where_}); use backend auto (shm within a "
+                              f"node, zmq across) or zmq")
 
     # -- watch ---------------------------------------------------------------------------
     def start_watching(self) -> None:
@@ -154,9 +188,11 @@ class PoolManager:
     def _start_ended(self, inst: Instance) -> None:
         try:
             self._became_ready(inst)
+            self._check_backend([inst, *self.ready_instances()])
             self.on_ready(inst)
             waited = inst.ready_at - inst.launched_at
-            self.log(f"  {inst.name} ready (pid {inst.info['pid']}, {inst.pool.plan}) {waited:.1f}s after launch")
+            self.log(f"  {inst.name} ready (pid {inst.info['pid']}, {inst.pool.plan}, on {where(inst)}) "
+                     f"{waited:.1f}s after launch")
         except Exception as e:   # it failed to build: its error says why
             self._failed(inst, f"failed to start: {type(e).__name__}: {e}")
 
@@ -183,6 +219,7 @@ class PoolManager:
 
     def _clean_up(self, inst: Instance) -> None:
         instances.kill(inst)
+        self._free_slot(inst)
         gone = instances.reclaim_shared_memory(inst)
         if gone:
             log.info("reclaimed %d shared-memory segment(s) of %s", len(gone), inst.name)
@@ -220,14 +257,19 @@ class PoolManager:
                 return
             inst.retiring = True
         self.stop_reports.update(instances.stop_all([inst]))
+        self._free_slot(inst)
         with self._lock:
             self.instances.pop(name, None)
+
+    def _free_slot(self, inst: Instance) -> None:
+        with self._lock:
+            self._slots.get(inst.role, set()).discard(inst.slot)
 
     def request_capacity(self) -> None:
         """Tell Ray's autoscaler what every instance we run or start needs, so a launched Ray
         cluster grows (or keeps) the nodes for it; without one this is a no-op."""
         bundles = [b for i in list(self.instances.values()) if not i.dead and not i.retiring
-                   for b in instances.bundles(i.pool)]
+                   for b in placement.bundles(i.pool, i.pool.placement.for_instance(i.slot))]
         try:
             from ray.autoscaler.sdk import request_resources
             request_resources(bundles=bundles)
@@ -244,7 +286,24 @@ class PoolManager:
             live = list(self.instances.values())
             self.instances.clear()
         self.stop_reports.update(instances.stop_all(live))
+        if self.units is not None:
+            self.units.remove()
 
     def ready_instances(self) -> list[Instance]:
         with self._lock:
             return [i for i in self.instances.values() if i.ready_at is not None and not i.dead]
+
+
+def _rank0_node(inst: Instance) -> str | None:
+    """The Ray node rank 0 of a placed instance runs on (its info once ready, else its bundle's)."""
+    if inst.info:
+        return inst.info["node_id"]
+    from ray.util.placement_group import placement_group_table
+    group, index = inst.slots[0]
+    return (placement_group_table(group).get("bundles_to_node_id") or {}).get(index)
+
+
+def where(inst: Instance) -> str:
+    """The node address of each rank, e.g. "10.251.0.2" or "10.251.0.2 + 10.251.0.3"."""
+    infos = ([inst.info] if inst.info else []) + inst.rank_infos
+    return " + ".join(i.get("node_address", "?") for i in infos)

@@ -38,7 +38,10 @@ def start_ray(address: str | None, host: str, num_cpus: int) -> bool:
         from ray._private import ray_constants
         ray_constants.ENABLE_RAY_CLUSTER = False   # where ray was imported before the env was set
     if address:   # the cluster's token comes from the user's environment or ~/.ray/auth_token
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+        # ray.host names this node: Ray then joins the driver to that node's raylet (it would pick the
+        # head's where it sees several raylets on one machine: test hosts sharing a process table)
+        node_ip = None if host == "auto" or _is_loopback(host) else host
+        ray.init(address=address, _node_ip_address=node_ip, logging_level=logging.WARNING, log_to_driver=True)
         return False
     ray.init(num_cpus=num_cpus, _node_ip_address=None if host == "auto" else host, include_dashboard=False,
              object_store_memory=OBJECT_STORE_BYTES, logging_level=logging.WARNING, log_to_driver=True)

@@ -29,6 +29,7 @@ from engine.instance import EngineParts, build_engine
 from engine.parallel_runner import EngineArgs, RankServer, RankSpec
 from engine.scheduler import Scheduler, SchedulerConfig
 from kv_transfer import make_receiver, make_sender
+from kv_transfer.curve import ZmqKeys
 from kv_transfer.layout import KVLayout
 from kv_transfer.shared_cache import SharedKVCache
 from prefill_worker.scheduler import PrefillSchedulerConfig
@@ -41,9 +42,11 @@ ROLES = ("prefill", "decode", "colocated")
 
 
 def build_worker(role: str, name: str, cfg: ClusterConfig, model_path: str, host: str = "127.0.0.1",
-                 rank_spec: dict | None = None) -> WorkerShell | RankServer:
+                 rank_spec: dict | None = None, keys: ZmqKeys | None = None,
+                 node: str | None = None) -> WorkerShell | RankServer:
     """The worker of instance `name`. `rank_spec` (a RankSpec's fields): this process is one rank
-    of a multi-rank instance; rank 0 gets the worker, any other rank a RankServer."""
+    of a multi-rank instance; rank 0 gets the worker, any other rank a RankServer. `keys`: the
+    cluster's CURVE keys for the KV channel; `node`: the Ray node it runs on (backend auto)."""
     if role not in ROLES:
         raise ConfigError(f"a worker's role must be one of {ROLES}, got {role!r}")
     pool = {"prefill": cfg.prefill, "decode": cfg.decode, "colocated": cfg.colocated}[role]
@@ -82,14 +85,15 @@ def build_worker(role: str, name: str, cfg: ClusterConfig, model_path: str, host
     common = dict(vocab_size=mc.vocab_size, eos_token_ids=mc.eos_token_ids, max_model_len=parts.max_model_len,
                   faults=faults)
     if role == "decode":
-        receiver = make_receiver(t.backend, cache, layout)
+        receiver = make_receiver(t.backend, cache, layout, keys=keys, node=node)
         if parallel:
             receiver = ScatteringReceiver(receiver, runner)
         return DecodeWorker(name, runner, parts.blocks, receiver, **common,
                             config=SchedulerConfig(pool.max_num_seqs, pool.max_num_batched_tokens),
                             on_close=release, on_failure=t.on_failure,
                             local_chunk_tokens=cfg.conditional.local_prefill_tokens if cfg.local_prefills else None)
-    kwargs = dict(host=host, lease_ttl_s=t.lease_ttl_s, checksum=t.checksum, compress=t.compress)
+    kwargs = dict(host=host, lease_ttl_s=t.lease_ttl_s, checksum=t.checksum, compress=t.compress, keys=keys,
+                  node=node, encrypt_data=cfg.security.encrypt_kv)
     if use_shared:
         kwargs["shared_cache"] = shared[0]
     inner = make_sender(t.backend, cache, layout, **kwargs)

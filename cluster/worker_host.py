@@ -1,6 +1,7 @@
 """Runs a worker object's step loop on a thread, between two zmq sockets; heartbeats on another.
 
     commands:    router PUSH -> PULL here (ToWorker)     bound on `host`, random port
+                 (with the cluster's keys, both ends are CurveZMQ: `kv_transfer.curve`)
     replies:     PUSH here -> router PULL (FromWorker)   after every step with news,
                  and a prefill worker's early offers (stream_layers) as they are made
     heartbeats:  PUSH here -> router PULL (FromWorker, a load snapshot only), from
@@ -29,6 +30,7 @@ import traceback
 import zmq
 from google.protobuf.message import DecodeError
 
+from kv_transfer.curve import CurveGuard, ZmqKeys, connect_securely
 from protos import worker_pb2 as wpb
 from worker_shell.base import WorkerShell
 
@@ -39,18 +41,23 @@ DIE_LINGER_MS = 5000  # a fault's last message is delivered before the kill (or 
 
 
 class WorkerHost:
-    def __init__(self, worker: WorkerShell, router_endpoint: str, host: str = "127.0.0.1") -> None:
+    def __init__(self, worker: WorkerShell, router_endpoint: str, host: str = "127.0.0.1",
+                 keys: ZmqKeys | None = None) -> None:
         self.worker = worker
         self._ctx = zmq.Context()
+        self._guard = CurveGuard(self._ctx, keys)   # only the router (and nobody without the keys) commands
         self._cmd = self._ctx.socket(zmq.PULL)
         self._cmd.setsockopt(zmq.LINGER, 0)
+        self._guard.serve(self._cmd)
         port = self._cmd.bind_to_random_port(f"tcp://{host}")
         self.command_endpoint = f"tcp://{host}:{port}"
         self._out = self._ctx.socket(zmq.PUSH)   # the loop thread's
         self._out.setsockopt(zmq.LINGER, 1000)
+        connect_securely(self._out, keys)
         self._out.connect(router_endpoint)
         self._beat = self._ctx.socket(zmq.PUSH)  # the heartbeat thread's
         self._beat.setsockopt(zmq.LINGER, 0)     # a lost heartbeat is replaced by the next one
+        connect_securely(self._beat, keys)
         self._beat.connect(router_endpoint)
         self._lock = threading.Lock()            # guards the two fields below
         self._snapshot = worker.load()           # the loop's latest, sent by heartbeats
@@ -83,6 +90,7 @@ class WorkerHost:
         self._cmd.close(0)
         self._out.close()
         self._beat.close()
+        self._guard.close()
         self._ctx.term()
 
     def _loop(self) -> None:
@@ -147,6 +155,7 @@ class WorkerHost:
         self._cmd.close(0)
         self._beat.close(0)
         self._out.close(linger=DIE_LINGER_MS)
+        self._guard.close()
         self._ctx.term()
         self.worker.die()
 

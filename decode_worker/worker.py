@@ -144,6 +144,7 @@ class DecodeWorker(WorkerShell):
         self.num_prefetched = 0                     # early offers taken (stream_layers)
         self.num_failed_pulls = 0                   # pulls that failed or could not start
         self.kv_bytes_received = 0                  # bytes of KV that crossed the wire to here
+        self.kv_received: dict[str, list[int]] = {} # by way the bytes came (shm, zmq, ...): [pulls, bytes]
 
     # -- commands ---------------------------------------------------------------------
     def commands(self) -> dict[str, Handler]:
@@ -317,7 +318,11 @@ class DecodeWorker(WorkerShell):
     def _land_pulls(self, now: float) -> None:
         early_of = {e.offer.transfer_id: e for e in self._early.values() if e.done_at is None}
         for result in self.receiver.poll():
-            self.kv_bytes_received += result.nbytes
+            if result.status is TransferStatus.DONE:
+                counts = self.kv_received.setdefault(result.via or "?", [0, 0])
+                counts[0] += 1
+                counts[1] += result.nbytes
+                self.kv_bytes_received += result.nbytes
             early = early_of.get(result.transfer_id)
             if early is not None:
                 self._landed_early(early, result, now)
@@ -397,7 +402,8 @@ class DecodeWorker(WorkerShell):
 
     def stats(self) -> dict:
         return {**super().stats(), "num_prefetched": self.num_prefetched, "num_failed_pulls": self.num_failed_pulls,
-                "kv_bytes_received": self.kv_bytes_received}
+                "kv_bytes_received": self.kv_bytes_received,
+                "kv_received": {via: list(c) for via, c in self.kv_received.items()}}
 
     def is_idle(self) -> bool:
         return not (self.pending or self._pulls or self._early or self.scheduler.has_unfinished())

@@ -31,8 +31,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import fcntl
 import logging
 import os
+import socket
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -64,6 +67,7 @@ class RankSpec:
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
     backend: str = "gloo"
+    host: str = ""           # this rank's own address (its node's): gloo listens there; "" = gloo's default
 
     def __post_init__(self) -> None:
         if self.tp_size < 1 or self.pp_size < 1:
@@ -104,9 +108,19 @@ class EngineArgs:
 def join_group(spec: RankSpec) -> tuple[ParallelContext, object]:
     """Join the instance's process group; returns this rank's ParallelContext and the control group.
 
-    Every rank creates every subgroup in the same order (torch.distributed requires it)."""
+    Every rank creates every subgroup in the same order (torch.distributed requires it). Rank 0's
+    TCPStore listens on master_addr only (not every interface); gloo on the rank's own `host`."""
+    if spec.host:
+        _gloo_on(spec.host)
+    listen = {}
+    if spec.rank == 0:   # TCPStore alone would listen on every interface: hand it a bound socket
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((spec.master_addr, spec.master_port))
+        sock.listen(64)
+        listen = {"master_listen_fd": sock.detach()}   # the store closes it
     store = dist.TCPStore(spec.master_addr, spec.master_port, spec.world_size, is_master=spec.rank == 0,
-                          timeout=DATA_TIMEOUT)
+                          timeout=DATA_TIMEOUT, **listen)
     dist.init_process_group(spec.backend, store=store, rank=spec.rank, world_size=spec.world_size,
                             timeout=DATA_TIMEOUT)
     control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
@@ -118,6 +132,32 @@ def join_group(spec: RankSpec) -> tuple[ParallelContext, object]:
             tp_group = group
     par = ParallelContext(spec.tp_rank, spec.tp_size, spec.pp_rank, spec.pp_size, tp_group)
     return par, control
+
+
+def _gloo_on(host: str) -> None:
+    """Make gloo listen on `host`: by default it binds what the machine's host name resolves to
+    (often 127.0.0.1, which the ranks on other nodes cannot reach). Its knob is an interface
+    name, GLOO_SOCKET_IFNAME; a process runs one instance, so setting it here is safe."""
+    iface = interface_of(host)
+    if iface is not None:
+        os.environ["GLOO_SOCKET_IFNAME"] = iface
+    else:
+        log.warning("no network interface holds %s: gloo listens on its default address", host)
+
+
+def interface_of(address: str) -> str | None:
+    """The name of the interface whose (primary IPv4) address is `address`, or None."""
+    if address.startswith("127."):
+        return "lo"
+    for _, name in socket.if_nameindex():
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
+            except OSError:   # no IPv4 address on it
+                continue
+        if socket.inet_ntoa(packed[20:24]) == address:
+            return name
+    return None
 
 
 def leave_group() -> None:

@@ -52,6 +52,11 @@ class TransferOffer:
     # shm zero copy, not streamed: what to copy (shared cache name, shape, dtype, block ids,
     # generations), so the receiver copies without asking first; plain dict/list/int/str
     zero_copy: dict | None = field(default=None, hash=False)
+    # backend auto: the node whose shared memory holds the sender's cache ("" when it is not
+    # shared): a receiver on that node copies zero copy, any other takes the bytes over zmq
+    node: str = ""
+    # with the cluster's keys: where inline bytes come from (kv_transfer.curve); "": the control socket
+    data_endpoint: str = ""
 
 
 class TransferStatus(enum.Enum):
@@ -67,6 +72,7 @@ class TransferResult:
     error: str | None = None
     nbytes: int = 0       # bytes that crossed the wire
     attempts: int = 1     # > 1 when a corrupted transfer was retried
+    via: str = ""         # how the bytes came: shm (a segment or zero copy), zmq, torch_dist, ray
 
 
 class StepLoopWaits:

@@ -21,6 +21,10 @@ generations cannot change while the lease is held), so attempt 1 sends no
 PULL: the receiver's next `poll` copies and ACKs, and the sender ends the
 lease from OFFERED on that ACK. A failed direct copy (no mapping, generations
 changed because the lease ended) is retried the old way: PULL attempt 2.
+Backend `auto` serves both ways at once: an offer names the node whose shared
+memory holds the sender's cache (`TransferOffer.node`); a receiver on that
+node copies zero copy as above, any other receiver's PULL says `inline` and
+gets the bytes in zmq frames (as backend `zmq`). The choice is the pair's.
 With a deferred data path (`torch_dist`, `ray`) DATA only announces the
 bytes, which travel on the path's own connection; the receiver lands them
 once the path reports them arrived. Every message is parsed defensively: a
@@ -37,7 +41,9 @@ import torch
 import zmq
 
 from kv_transfer import codec, layout as kvl
+from kv_transfer.backends import this_machine
 from kv_transfer.base import KVSender, TransferError, TransferOffer
+from kv_transfer.curve import CurveGuard, ZmqKeys
 from kv_transfer.data_paths import make_data_path
 from kv_transfer.faults import FaultInjector, FaultSpec
 from kv_transfer.lease import LeaseEnd, LeaseState, LeaseTable
@@ -56,34 +62,57 @@ class ChannelSender(KVSender):
     def __init__(self, cache_data: torch.Tensor, layout: kvl.KVLayout, backend: str = "zmq",
                  host: str = "127.0.0.1", lease_ttl_s: float = 30.0, checksum: bool = True,
                  compress: str | None = None, faults: FaultSpec | None = None,
-                 shared_cache: SharedKVCache | None = None) -> None:
+                 shared_cache: SharedKVCache | None = None, keys: ZmqKeys | None = None,
+                 node: str | None = None, encrypt_data: bool = False) -> None:
         """`shared_cache`: the `SharedKVCache` whose tensor is `cache_data`. Backend `shm`
-        then runs zero copy: receivers copy leased blocks out of it. It needs checksum
-        off, no compression and no faults: nothing crosses a wire to check or corrupt."""
+        (or `auto`, for receivers on this node) then runs zero copy: receivers copy leased
+        blocks out of it. It needs checksum off, no compression and no faults: nothing
+        crosses a wire to check or corrupt. `node`: the node this process runs on (a Ray
+        node id; default: this machine), which `auto` receivers compare with their own.
+        `keys`: the cluster's CURVE keys; only receivers holding them can talk to this
+        sender (`kv_transfer.curve`); None: plain zmq. With keys, inline KV bytes go on a
+        data socket of their own, closed to strangers but not encrypted, unless
+        `encrypt_data` (then through the CURVE socket: about 4x slower, in the clear nowhere)."""
         if compress not in COMPRESSIONS:
             raise TransferError(f"compress must be one of {COMPRESSIONS}, got {compress!r}")
-        if shared_cache is not None and (backend != "shm" or checksum or compress or faults):
-            raise TransferError("shared_cache (zero copy) needs backend 'shm', checksum=False, "
+        if shared_cache is not None and (backend not in ("shm", "auto") or checksum or compress or faults):
+            raise TransferError("shared_cache (zero copy) needs backend 'shm' or 'auto', checksum=False, "
                                 "no compression and no faults: nothing crosses a wire to check")
         self.cache_data, self.layout, self.backend = cache_data, layout, backend
         self.checksum, self.compress = checksum, compress
         self.zero_copy, self._shared = shared_cache is not None, shared_cache
+        self.node = node or this_machine()
         self.leases = LeaseTable(lease_ttl_s)
         self._num_tokens: dict[str, int] = {}
         self._staging = StagingPool()
         self._ctx = zmq.Context()
+        self._guard = CurveGuard(self._ctx, keys)
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        self._guard.serve(self._sock)
         port = self._sock.bind_to_random_port(f"tcp://{host}")
         self._endpoint = f"tcp://{host}:{port}"
+        self._data: zmq.Socket | None = None     # inline KV bytes to members, by their data id
+        self._data_endpoint = ""
+        self._data_peers: set[bytes] = set()     # data ids connected now (their probe came)
+        self.num_dropped = 0                     # messages that arrived on the data socket
         try:
+            if keys is not None and not encrypt_data and backend in ("zmq", "auto"):
+                self._data = self._ctx.socket(zmq.ROUTER)
+                self._data.setsockopt(zmq.LINGER, 0)
+                self._data.router_mandatory = 1   # an unknown id raises: it is not connected (yet)
+                self._guard.serve_data(self._data)
+                self._data_endpoint = f"tcp://{host}:{self._data.bind_to_random_port(f'tcp://{host}')}"
             self._path = make_data_path(backend, f"pdkv-{os.getpid()}-{port}", host=host)
         except BaseException:   # e.g. backend ray without a Ray connection: leave no socket behind
             self._sock.close(0)
+            if self._data is not None:
+                self._data.close(0)
+            self._guard.close()
             self._ctx.term()
             raise
         self._faults = FaultInjector(faults) if faults else None
-        self._delayed: list[tuple[float, str, list, dict, bool]] = []   # (due, tid, msg, extra, has frames)
+        self._delayed: list[tuple] = []   # (due, tid, msg, extra, has frames, socket)
         self._streams: dict[str, LayerStream] = {}
         self._ended: list[LeaseEnd] = []   # ended inside layers_ready, reported by the next poll
 
@@ -92,24 +121,30 @@ class ChannelSender(KVSender):
         return self._endpoint
 
     @property
+    def data_endpoint(self) -> str:
+        """Where members take inline KV bytes from ("" when they come on `endpoint`)."""
+        return self._data_endpoint
+
+    @property
     def supports_streaming(self) -> bool:
         # bytes that ride in the DATA message (zmq frames) or are named by it (zero copy)
-        return self.backend == "zmq" or self.zero_copy
+        return self.backend in ("zmq", "auto") or self.zero_copy
 
     def offer(self, req_id: str, block_ids: Sequence[int], num_tokens: int, now: float,
               ttl_s: float | None = None, stream: bool = False) -> TransferOffer:
         if stream and not self.supports_streaming:
-            raise TransferError(f"backend {self.backend!r} cannot stream layers (zmq, or shm zero copy)")
+            raise TransferError(f"backend {self.backend!r} cannot stream layers (zmq, auto, or shm zero copy)")
         tid = f"{req_id}-{uuid.uuid4().hex[:12]}"
         self.leases.offer(tid, req_id, tuple(block_ids), now, ttl_s)
         self._num_tokens[tid] = num_tokens
-        if stream or self.backend == "zmq":
+        if stream or self.backend in ("zmq", "auto"):
             self._streams[tid] = LayerStream(self.layout.local_layers)
             if not stream:   # a whole transfer over zmq: every layer is ready, sent in chunks
                 self._streams[tid].mark_ready(None)
         # zero copy after prefill: the offer carries the head a PULL would get (direct copy)
         head = self._zero_copy_head(self.leases.get(tid)) if self.zero_copy and not stream else None
-        return TransferOffer(tid, req_id, num_tokens, self.layout, self._endpoint, self.backend, stream, head)
+        return TransferOffer(tid, req_id, num_tokens, self.layout, self._endpoint, self.backend, stream, head,
+                             node=self.node if self.zero_copy else "", data_endpoint=self._data_endpoint)
 
     def layers_ready(self, transfer_ids: Sequence[str], num_layers: int | None, now: float) -> None:
         """Called from the model's per-layer hook: takes in pulls that came meanwhile and
@@ -141,6 +176,7 @@ class ChannelSender(KVSender):
 
     def _receive(self, now: float) -> list[LeaseEnd]:
         """Handle every message waiting on the socket; the leases they ended."""
+        self._receive_data()
         ends: list[LeaseEnd] = []
         while True:
             try:
@@ -160,17 +196,35 @@ class ChannelSender(KVSender):
                 ends.append(end)
         return ends
 
+    def _receive_data(self) -> None:
+        """The data socket carries bytes out only: what comes in is a member's probe (its data
+        connection is up: held layers can go) or is dropped unread."""
+        while self._data is not None:
+            try:
+                frames = self._data.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) == 2 and frames[1] == b"":
+                self._data_peers.add(frames[0])
+            else:
+                self.num_dropped += 1
+
     def wait_sockets(self) -> list | None:
         """The sockets a step loop may sleep on (zmq.Poller) until this sender has work: None
         when work can also come another way (a deferred data path, injected delays)."""
-        return None if self._path.deferred or self._delayed else [self._sock]
+        if self._path.deferred or self._delayed:
+            return None
+        return [self._sock] if self._data is None else [self._sock, self._data]
 
     def wait(self, timeout_s: float) -> None:
         """Block until a receiver's message is waiting or `timeout_s` passed: a step loop with
         nothing to compute sleeps here rather than spinning on `poll` (on a busy 2-core
         machine, a spinning loop takes the core the other side needs)."""
         if not self._delayed:
-            self._sock.poll(max(0, int(timeout_s * 1000)), zmq.POLLIN)
+            poller = zmq.Poller()
+            for sock in self.wait_sockets() or [self._sock]:
+                poller.register(sock, zmq.POLLIN)
+            poller.poll(max(0, int(timeout_s * 1000)))
 
     def abort(self, transfer_id: str, now: float) -> LeaseEnd | None:
         stream = self._streams.get(transfer_id)
@@ -185,13 +239,18 @@ class ChannelSender(KVSender):
     def close(self) -> None:
         self._path.close()
         self._sock.close(0)
+        if self._data is not None:
+            self._data.close(0)
+        self._guard.close()
         self._ctx.term()
 
     # -- internals ------------------------------------------------------------
     def _handle(self, identity, kind: bytes, head: dict, now: float) -> LeaseEnd | None:
         tid = head["transfer_id"]
         if kind == b"PULL":
-            self._serve(identity, tid, int(head.get("attempt", 1)), now)
+            # a receiver on another node (backend auto) takes the bytes inline, never zero copy
+            inline = not self.zero_copy or (self.backend == "auto" and head.get("inline") is not False)
+            self._serve(identity, tid, int(head.get("attempt", 1)), now, inline, _data_id(head))
             return None
         if kind == b"ACK":   # from OFFERED too: a direct zero copy sends no PULL
             if not head.get("ok"):
@@ -201,7 +260,8 @@ class ChannelSender(KVSender):
             return self.leases.abort(tid, now, "aborted by receiver")
         return None
 
-    def _serve(self, identity, tid: str, attempt: int, now: float) -> None:
+    def _serve(self, identity, tid: str, attempt: int, now: float, inline: bool = True,
+               data_id: bytes | None = None) -> None:
         lease = self.leases.get(tid)
         # A retry (a lost or corrupted reply) re-serves an in-flight lease.
         retry = lease is not None and lease.state is LeaseState.IN_FLIGHT and now < lease.deadline
@@ -211,7 +271,7 @@ class ChannelSender(KVSender):
             return
         stream = self._streams.get(tid)
         if stream is not None:
-            stream.serve(identity, attempt)
+            stream.serve(identity, attempt, inline, data_id if self._data is not None else None)
             self._push(tid, stream, now)
             return
         head = {"transfer_id": tid, "attempt": attempt}
@@ -247,12 +307,14 @@ class ChannelSender(KVSender):
         lease = self.leases.get(tid)
         if lease is None or stream.sent >= stream.ready:
             return
-        if self.zero_copy:   # one message names every newly ready layer; the receiver copies them
+        if self.zero_copy and not stream.inline:   # one message names every newly ready layer; the receiver copies them
             head = {"transfer_id": tid, "attempt": stream.attempt, "layers": [stream.sent, stream.ready],
                     "zero_copy": self._zero_copy_head(lease)}
             _send(self._sock, [stream.peer, b"DATA", _message(head)])
             stream.sent = stream.ready
             return
+        if stream.data_id is not None and stream.data_id not in self._data_peers:
+            return   # its data connection is not up yet: its probe wakes the loop, the next poll sends
         n = self._num_tokens[tid]
         staging = self._staging.take(tid, self.layout.wire_shape(n), self.layout.torch_dtype)
         step = layers_per_message(self.layout, n, CHUNK_BYTES)
@@ -262,11 +324,19 @@ class ChannelSender(KVSender):
                                     first, stop, self.compress)
             head = {"transfer_id": tid, "attempt": stream.attempt, "layers": [first, stop],
                     "compress": self.compress}
-            self._dispatch(tid, stream.peer, head, payload, now)
-        stream.sent = stream.ready
+            try:
+                self._dispatch(tid, stream.peer, head, payload, now, stream.data_id)
+            except zmq.ZMQError as e:
+                if e.errno != zmq.EHOSTUNREACH:
+                    raise
+                self._data_peers.discard(stream.data_id)   # it went away: held until it is back
+                return
+            stream.sent = stop
 
-    def _dispatch(self, tid: str, identity, head: dict, payload: list, now: float) -> None:
-        """Checksum, faults, then send (or hold back for an injected delay) one DATA message."""
+    def _dispatch(self, tid: str, identity, head: dict, payload: list, now: float,
+                  data_id: bytes | None = None) -> None:
+        """Checksum, faults, then send (or hold back for an injected delay) one DATA message;
+        to `data_id` on the data socket when the receiver named one, else on the control socket."""
         if self.checksum:
             head["checksums"] = [codec.checksum(t) for t in payload]
         if self._faults is not None:
@@ -275,15 +345,16 @@ class ChannelSender(KVSender):
             payload = self._faults.mangle(payload)
         extra, frames = self._path.export(tid, payload, peer=identity)
         head.update(extra)
-        msg = [identity, b"DATA", _message(head), *frames]
+        msg = [data_id or identity, b"DATA", _message(head), *frames]
+        sock = self._sock if data_id is None else self._data
         if self._faults is not None and self._faults.spec.delay_s > 0:
-            self._delayed.append((now + self._faults.spec.delay_s, tid, msg, extra, bool(frames)))
+            self._delayed.append((now + self._faults.spec.delay_s, tid, msg, extra, bool(frames), sock))
             return
-        self._emit(tid, msg, extra, bool(frames))
+        self._emit(tid, msg, extra, bool(frames), sock)
 
-    def _emit(self, tid: str, msg: list, extra: dict, has_frames: bool) -> None:
+    def _emit(self, tid: str, msg: list, extra: dict, has_frames: bool, sock: zmq.Socket | None = None) -> None:
         """Send a DATA message; its staging buffer stays lent while zmq or the path reads it."""
-        tracker = _send(self._sock, msg, track=has_frames)
+        tracker = _send(sock or self._sock, msg, track=has_frames)
         if tracker is None:
             return
         # A deferred path moves the bytes itself, and only once their header is out.
@@ -301,8 +372,11 @@ class ChannelSender(KVSender):
     def _flush_delayed(self, now: float) -> None:
         due = [d for d in self._delayed if d[0] <= now]
         self._delayed = [d for d in self._delayed if d[0] > now]
-        for _, tid, msg, extra, has_frames in due:
-            self._emit(tid, msg, extra, has_frames)
+        for _, tid, msg, extra, has_frames, sock in due:
+            try:
+                self._emit(tid, msg, extra, has_frames, sock)
+            except zmq.ZMQError:   # its data connection went away: the receiver's timeout retries
+                pass
 
     def _forget(self, end: LeaseEnd) -> None:
         tid = end.transfer_id
@@ -313,3 +387,14 @@ class ChannelSender(KVSender):
         self._delayed = [d for d in self._delayed if d[1] != tid]
         self._path.release(tid)
         self._staging.give_back(tid)
+
+
+def _data_id(head: dict) -> bytes | None:
+    """The routing id a receiver's data socket announced in its PULL (hex), or None."""
+    value = head.get("data_id")
+    if not isinstance(value, str):
+        return None
+    try:
+        return bytes.fromhex(value) or None
+    except ValueError:
+        return None

@@ -12,7 +12,9 @@ import zmq
 
 from engine.block_manager import blocks_needed
 from kv_transfer import codec, layout as kvl
+from kv_transfer.backends import this_machine
 from kv_transfer.base import KVReceiver, TransferError, TransferOffer, TransferResult, TransferStatus
+from kv_transfer.curve import ZmqKeys, connect_data, connect_securely
 from kv_transfer.data_paths import make_data_path
 from kv_transfer.messages import CLOSE_LINGER_MS, header as _message, parse as _parse, send as _send
 from kv_transfer.shared_cache import AttachedCaches, copy_block_runs
@@ -26,6 +28,7 @@ class _Pull:
     attempts: int = 1
     sent_at: float = 0.0
     layers: LayerProgress | None = None   # a layer by layer delivery (streamed offers)
+    inline: bool = True                   # backend auto: the bytes come in zmq frames (not zero copy)
 
 
 # how many dead senders a receiver remembers, to refuse their offers that are still on the way
@@ -35,20 +38,27 @@ MAX_LOST_ENDPOINTS = 1024
 class ChannelReceiver(KVReceiver):
     def __init__(self, cache_data: torch.Tensor, layout: kvl.KVLayout, backend: str = "zmq",
                  max_attempts: int = 3, timeout_s: float = 10.0, clock=time.monotonic,
-                 max_endpoints: int = 64, lost_ttl_s: float = 60.0) -> None:
+                 max_endpoints: int = 64, lost_ttl_s: float = 60.0, keys: ZmqKeys | None = None,
+                 node: str | None = None) -> None:
         """`max_endpoints`: senders whose socket (and shared cache mapping) are kept; past it
         the least recently used idle one is closed (it is reopened if that sender comes back).
         `lost_ttl_s`: how long a sender declared dead (`fail_endpoint`) has its offers refused:
         longer than any lease lives, short enough that a new sender that happens to bind the
-        same port later is not taken for the dead one."""
+        same port later is not taken for the dead one. `keys`: the cluster's CURVE keys, which
+        the senders demand (`kv_transfer.curve`); None: plain zmq. `node`: the node this
+        process runs on (a Ray node id; default: this machine): backend `auto` copies zero copy
+        from senders on this node and takes the bytes over zmq from any other."""
         if max_endpoints < 1:
             raise TransferError(f"max_endpoints must be >= 1, got {max_endpoints}")
         self.cache_data, self.layout, self.backend = cache_data, layout, backend
         self.max_attempts, self.timeout_s, self._clock = max_attempts, timeout_s, clock
-        self.max_endpoints, self.lost_ttl_s = max_endpoints, lost_ttl_s
+        self.max_endpoints, self.lost_ttl_s, self._keys = max_endpoints, lost_ttl_s, keys
+        self.node = node or this_machine()
         self._path = make_data_path(backend, f"pdkv-{os.getpid()}-recv", device=cache_data.device)
         self._ctx = zmq.Context()
         self._socks: OrderedDict[str, zmq.Socket] = OrderedDict()   # least recently used first
+        # with keys: endpoint -> (a socket to its sender's data socket, the random id it goes by)
+        self._data: dict[str, tuple[zmq.Socket, bytes]] = {}
         self._pending: dict[str, _Pull] = {}
         self._direct: list[str] = []   # zero copy offers the next poll copies without a PULL
         self._attached = AttachedCaches(max_endpoints)
@@ -73,9 +83,12 @@ class ChannelReceiver(KVReceiver):
         if lost is not None:
             raise TransferError(f"sender {offer.endpoint} is gone: {lost}")
         self._socket(offer.endpoint)   # a bad endpoint fails here, before anything is pending
-        pull = _Pull(offer, ids)
+        local = self.backend == "shm" or (self.backend == "auto" and offer.node == self.node and offer.node != "")
+        if not local and offer.data_endpoint and self._keys is not None:
+            self._data_id(offer)   # ... and so does a bad data endpoint
+        pull = _Pull(offer, ids, inline=not local)
         self._pending[offer.transfer_id] = pull
-        if offer.zero_copy is not None and not offer.streamed and self.backend == "shm":
+        if offer.zero_copy is not None and not offer.streamed and local:
             pull.sent_at = self._clock()
             self._direct.append(offer.transfer_id)
         else:
@@ -90,7 +103,7 @@ class ChannelReceiver(KVReceiver):
                 result = self._deliver(pull, {"zero_copy": pull.offer.zero_copy}, [])
                 if result is not None:
                     results.append(result)
-        for sock in list(self._socks.values()):
+        for sock in [*self._socks.values(), *(d[0] for d in self._data.values())]:
             # Handling one sender's message may evict another idle sender's socket (the
             # LRU bound): it had no pending pull, so what it still holds is stale.
             while not sock.closed:
@@ -112,7 +125,7 @@ class ChannelReceiver(KVReceiver):
     def wait_sockets(self) -> list | None:
         """The sockets a step loop may sleep on (zmq.Poller) until a pull progresses: None
         when bytes also arrive another way (a deferred data path) or a direct copy is due."""
-        return None if self._path.deferred or self._direct else list(self._socks.values())
+        return None if self._path.deferred or self._direct else self._all_sockets()
 
     def wait(self, timeout_s: float) -> None:
         """Block until a sender's message may be waiting, or `timeout_s` passed: a step
@@ -120,7 +133,7 @@ class ChannelReceiver(KVReceiver):
         if self._direct:
             return   # the next poll has a copy to do
         poller = zmq.Poller()
-        for sock in self._socks.values():
+        for sock in self._all_sockets():
             poller.register(sock, zmq.POLLIN)
         if self._socks:
             poller.poll(max(0, int(timeout_s * 1000)))
@@ -140,6 +153,8 @@ class ChannelReceiver(KVReceiver):
         self._attached.close()
         for sock in self._socks.values():
             sock.close(linger=CLOSE_LINGER_MS)   # the ABORTs above still go out
+        for sock, _ in self._data.values():
+            sock.close(linger=0)
         self._ctx.term()
 
     def abort_offer(self, offer: TransferOffer) -> None:
@@ -168,6 +183,7 @@ class ChannelReceiver(KVReceiver):
         sock = self._socks.pop(endpoint, None)
         if sock is not None:
             sock.close(linger=0)   # what is queued on it can reach no one
+        self._close_data(endpoint)
         for name in self._segments.pop(endpoint, ()):
             self._attached.release(name)
 
@@ -189,6 +205,7 @@ class ChannelReceiver(KVReceiver):
             self._evict_sockets(1)
             sock = self._ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
+            connect_securely(sock, self._keys)
             try:
                 sock.connect(endpoint)
             except zmq.ZMQError as e:
@@ -207,6 +224,34 @@ class ChannelReceiver(KVReceiver):
             if len(self._socks) + room_for <= self.max_endpoints:
                 return
             self._socks.pop(endpoint).close(linger=CLOSE_LINGER_MS)   # a last ACK still goes out
+            self._close_data(endpoint)
+
+    def _all_sockets(self) -> list:
+        return [*self._socks.values(), *(d[0] for d in self._data.values())]
+
+    def _data_id(self, offer: TransferOffer) -> bytes:
+        """The id this receiver's data socket to the offer's sender goes by (connected on first use:
+        members only, `kv_transfer.curve`); the sender sends inline bytes to it alone."""
+        data = self._data.get(offer.endpoint)
+        if data is None:
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            data_id = os.urandom(16)   # named to the sender over the CURVE socket only
+            sock.routing_id = data_id
+            sock.probe_router = 1      # an empty message on connect: the sender knows it is up
+            connect_data(sock, self._keys)
+            try:
+                sock.connect(offer.data_endpoint)
+            except zmq.ZMQError as e:
+                sock.close(0)
+                raise TransferError(f"cannot connect to sender data endpoint {offer.data_endpoint!r}: {e}") from None
+            data = self._data[offer.endpoint] = (sock, data_id)
+        return data[1]
+
+    def _close_data(self, endpoint: str) -> None:
+        data = self._data.pop(endpoint, None)
+        if data is not None:
+            data[0].close(linger=0)
 
     def _control(self, endpoint: str, kind: bytes, head: dict) -> None:
         _send(self._socket(endpoint), [kind, _message(head)])
@@ -214,8 +259,12 @@ class ChannelReceiver(KVReceiver):
     def _request(self, pull: _Pull) -> None:
         pull.sent_at = self._clock()
         pull.layers = None   # a new attempt gets every layer again
-        self._control(pull.offer.endpoint, b"PULL",
-                      {"transfer_id": pull.offer.transfer_id, "attempt": pull.attempts})
+        head = {"transfer_id": pull.offer.transfer_id, "attempt": pull.attempts}
+        if self.backend == "auto":
+            head["inline"] = pull.inline
+        if pull.inline and pull.offer.data_endpoint and self._keys is not None:
+            head["data_id"] = self._data_id(pull.offer).hex()
+        self._control(pull.offer.endpoint, b"PULL", head)
 
     def _handle(self, kind: bytes, head: dict, frames: list) -> TransferResult | None:
         tid = head["transfer_id"]
@@ -355,7 +404,8 @@ class ChannelReceiver(KVReceiver):
         if nbytes is None:
             nbytes = pull.offer.num_tokens * pull.offer.layout.bytes_per_token if ok else 0
         status = TransferStatus.DONE if ok else TransferStatus.FAILED
-        return TransferResult(tid, pull.offer.req_id, status, error, nbytes, pull.attempts)
+        via = self.backend if self.backend != "auto" else ("zmq" if pull.inline else "shm")
+        return TransferResult(tid, pull.offer.req_id, status, error, nbytes, pull.attempts, via)
 
     def _timeouts(self) -> list[TransferResult]:
         now = self._clock()

@@ -42,14 +42,17 @@ class LayerStream:
     attempt: int = 0             # the attempt being served
     sent: int = 0                # layers [0, sent) went to `peer` in `attempt`
     packed: int = 0              # layers [0, packed) are in the staging buffer
+    inline: bool = True          # `peer` takes the bytes in zmq frames; False: it copies them
+                                 # out of the sender's shared cache (zero copy, same node)
+    data_id: bytes | None = None # the frames go to this id on the sender's data socket
 
     def mark_ready(self, num_layers: int | None) -> None:
         n = self.num_layers if num_layers is None else min(int(num_layers), self.num_layers)
         self.ready = max(self.ready, n)
 
-    def serve(self, peer: bytes, attempt: int) -> None:
+    def serve(self, peer: bytes, attempt: int, inline: bool = True, data_id: bytes | None = None) -> None:
         """A (re)started pull: every ready layer goes out again, for this attempt."""
-        self.peer, self.attempt, self.sent = peer, attempt, 0
+        self.peer, self.attempt, self.sent, self.inline, self.data_id = peer, attempt, 0, inline, data_id
 
 
 def layers_layout(layout: kvl.KVLayout, first: int, stop: int) -> kvl.KVLayout:

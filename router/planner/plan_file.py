@@ -1,10 +1,12 @@
 """A searched plan as a cluster config fragment (deploy/plans/<name>.yaml).
 
-The fragment holds only `prefill:` and `decode:` sections in the config schema
-(cluster/config.py), so `pdcluster serve --plan X.yaml` merges it over the
-base config. What the config schema has no key for (the predictions, the
-regime, where instances sit, the runners-up, the best colocated plan) goes in
-the header comment, where the config loader ignores it.
+The fragment holds `prefill:`, `decode:` and `affinity:` sections in the
+config schema (cluster/config.py), so `pdcluster serve --plan X.yaml` merges
+it over the base config. `affinity` carries the placement: low (each unit's
+prefill and decode instances share their nodes stage by stage; the cluster
+places them so, cluster/placement.py) or high (any node will do). What the
+config schema has no key for (the predictions, the runners-up, the best
+colocated plan) goes in the header comment, where the config loader ignores it.
 """
 from __future__ import annotations
 
@@ -69,7 +71,15 @@ def render(result: SearchResult, profile: Profile, command: str) -> str:
                      f"disaggregated / colocated per GPU = {b.per_gpu / c.per_gpu:.2f}x"
                      if c.per_gpu > 0 else f"# best colocated: {c.describe()}")
     body = plan_sections(b, profile, s.sim.block_size, s.sim.max_num_seqs, s.sim.max_num_batched_tokens)
+    body["affinity"] = affinity_section(b)
     return "\n".join(lines) + "\n" + yaml.safe_dump(body, sort_keys=False)
+
+
+def affinity_section(c: Candidate) -> dict:
+    """Where the plan's instances go: the config's `affinity` section."""
+    if c.regime == "low":
+        return {"regime": "low", "num_units": c.num_units}
+    return {"regime": "high"}
 
 
 def write_plan(path: str, text: str) -> None:

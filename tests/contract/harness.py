@@ -37,6 +37,11 @@ from kv_transfer.shared_cache import SharedKVCache
 
 CHILD_MAX_SECONDS = 240.0
 ZERO_COPY = "shm-zero-copy"   # backend shm, sender cache in shared memory, no checksum
+# backend auto, sender cache in shared memory, no checksum; the two sides tell it they are on one
+# node (it copies zero copy) or on two (the bytes go inline over zmq)
+AUTO_ONE_NODE, AUTO_TWO_NODES = "auto-one-node", "auto-two-nodes"
+CURVE = "zmq-curve"           # backend zmq, both sides holding the cluster's CURVE keys
+SHARED = (ZERO_COPY, AUTO_ONE_NODE, AUTO_TWO_NODES)   # the sender's cache is in shared memory
 
 
 def make_layout(num_layers=3, kv_heads=3, head_dim=64, block_size=16, dtype="bfloat16") -> KVLayout:
@@ -57,7 +62,22 @@ def sequence_kv(cache: torch.Tensor, layout: KVLayout, block_ids, num_tokens: in
 
 
 def real_backend(backend: str) -> str:
-    return "shm" if backend == ZERO_COPY else backend
+    return {ZERO_COPY: "shm", AUTO_ONE_NODE: "auto", AUTO_TWO_NODES: "auto", CURVE: "zmq"}.get(backend, backend)
+
+
+_keys = None
+
+
+def variant_kwargs(backend: str) -> tuple[dict, dict]:
+    """What a variant adds to the sender's and the receiver's arguments."""
+    global _keys
+    if backend == CURVE:
+        from kv_transfer.curve import ZmqKeys
+        _keys = _keys or ZmqKeys.generate()
+        return {"keys": _keys}, {"keys": _keys}
+    if backend in (AUTO_ONE_NODE, AUTO_TWO_NODES):
+        return {"node": "node-a"}, {"node": "node-a" if backend == AUTO_ONE_NODE else "node-b"}
+    return {}, {}
 
 
 RAY_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
@@ -125,7 +145,7 @@ def _session(cmd_q, out_q, held, backend, layout, num_blocks, seed, sender_kwarg
     if ray_at is not None:
         _join_ray(*ray_at)
     shared = None
-    if backend == ZERO_COPY:   # the cache in shared memory, read in place by the receiver
+    if backend in SHARED:   # the cache in shared memory, read in place by the receiver
         shared = SharedKVCache(layout.cache_shape(num_blocks), layout.torch_dtype)
         shared.tensor.copy_(make_cache(layout, num_blocks, seed))
         cache = shared.tensor
@@ -241,7 +261,8 @@ class SenderChild:
             _idle_children.pop()
         self._child = _idle_children.pop() if _idle_children else _Child()
         self.cmd_q, self.out_q, self.proc = self._child.cmd_q, self._child.out_q, self._child.proc
-        self.cmd_q.put(("session", backend, layout, num_blocks, seed, sender_kwargs or {}, ray_at))
+        sender_kwargs = {**variant_kwargs(backend)[0], **(sender_kwargs or {})}
+        self.cmd_q.put(("session", backend, layout, num_blocks, seed, sender_kwargs, ray_at))
         try:
             kind, self.endpoint = self.out_q.get(timeout=120)
         except BaseException:
@@ -335,7 +356,7 @@ class Receiver:
         _receiver_backends_used.add(self.backend)
         self._held = (_open_fds(), threading.active_count()) if counted else None
         self.receiver: KVReceiver = make_receiver(real_backend(self.backend), self.cache, self.layout,
-                                                  **self.receiver_kwargs)
+                                                  **{**variant_kwargs(self.backend)[1], **self.receiver_kwargs})
         self.results: dict[str, TransferResult] = {}
         self.left_open: dict | None = None
 

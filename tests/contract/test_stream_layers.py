@@ -1,4 +1,4 @@
-"""Layer-wise streaming between two real processes, on the backends that stream (zmq, shm zero copy).
+"""Layer-wise streaming between two real processes, on the backends that stream (zmq, shm zero copy, auto).
 
 The sender child offers before the KV is "computed" and releases layers one
 at a time (`layers_ready`, what the prefill worker's per-layer hook calls);
@@ -13,10 +13,10 @@ import torch
 
 from kv_transfer.faults import FaultSpec
 from kv_transfer.lease import LeaseState
-from tests.contract.harness import ZERO_COPY, make_layout, ok
+from tests.contract.harness import AUTO_ONE_NODE, AUTO_TWO_NODES, ZERO_COPY, make_layout, ok
 from tests.contract.test_transfer_contract import running
 
-STREAM_BACKENDS = ["zmq", ZERO_COPY]
+STREAM_BACKENDS = ["zmq", ZERO_COPY, AUTO_ONE_NODE, AUTO_TWO_NODES]
 
 
 @pytest.mark.parametrize("backend", STREAM_BACKENDS)

@@ -17,10 +17,13 @@ from kv_transfer import make_receiver
 from kv_transfer.base import TransferError, TransferStatus
 from kv_transfer.faults import FaultSpec
 from kv_transfer.lease import LeaseState
-from tests.contract.harness import ZERO_COPY, Pair, make_layout, ok, real_backend
+from tests.contract.harness import (AUTO_ONE_NODE, AUTO_TWO_NODES, CURVE, SHARED, ZERO_COPY, Pair, make_layout, ok,
+                                    real_backend)
 
-BACKENDS = ["zmq", "shm", ZERO_COPY, "torch_dist", "ray"]
-WIRE_BACKENDS = ["zmq", "shm", "torch_dist", "ray"]   # fault injection acts on a wire; zero copy has none
+# auto: the pair says it is on one node (zero copy) or two (zmq); CURVE: zmq between key holders
+BACKENDS = ["zmq", "shm", ZERO_COPY, "torch_dist", "ray", AUTO_ONE_NODE, AUTO_TWO_NODES, CURVE]
+# fault injection acts on a wire; a sender whose cache is shared (zero copy) takes none
+WIRE_BACKENDS = ["zmq", "shm", "torch_dist", "ray", CURVE]
 
 
 def _close_clean(pair: Pair) -> None:
@@ -166,7 +169,7 @@ def test_bad_pulls_are_typed_errors(backend):
 def test_soak_1000_transfers_with_random_faults(backend):
     """1000 transfers of random sizes, random faults and aborts; bounded in time; no leak."""
     layout = make_layout(num_layers=2, kv_heads=3, head_dim=16, block_size=8)
-    wire = backend != ZERO_COPY
+    wire = backend not in SHARED
     faults = FaultSpec(corrupt_prob=0.2, truncate_prob=0.1, drop_prob=0.05, seed=7)
     rng = random.Random(11)
     outstanding: dict[str, tuple] = {}

@@ -178,7 +178,7 @@ def test_admin_state_health_and_reflection(cluster):
         state = c.state()
     roles = sorted((i.name, i.role, i.alive, i.plan) for i in state.instances)
     assert roles == [("decode-0", "decode", True, "tp1-pp1"), ("prefill-0", "prefill", True, "tp1-pp1")]
-    assert state.transfer_backend == "shm" and state.max_active_requests == 256
+    assert state.transfer_backend == "auto" and state.max_active_requests == 256
     assert all(i.num_blocks > 0 for i in state.instances)
     with grpc.insecure_channel(cluster.address) as ch:
         health = health_pb2_grpc.HealthStub(ch)

@@ -51,6 +51,9 @@ def test_bench_options_reach_their_subcommand():
     assert a.fn is cpu_share.main and (a.rate, a.workload) == (2.0, "chatbot")
     a = parse(["bench", "transfer", "--variants", "shm,zmq", "--repeats", "1"])
     assert (a.what, a.variants, a.repeats, a.out) == ("transfer", "shm,zmq", 1, "bench-results/transfer.json")
+    assert not a.hosts
+    a = parse(["bench", "transfer", "--hosts", "--rates", "1gbit", "--variants", "auto"])
+    assert (a.hosts, a.rates, a.variants) == (True, "1gbit", "auto")
     assert parse(["bench", "serve", "--config", "c.yaml"]).out == "bench-results/serve"
 
 

@@ -35,7 +35,7 @@ def test_defaults_load_and_are_frozen():
     assert cfg.model.path is None and cfg.model.dtype == "bfloat16" and cfg.model.max_model_len is None
     assert cfg.prefill == PoolConfig() and cfg.decode == PoolConfig()
     assert cfg.prefill.plan == "tp1-pp1"
-    assert cfg.transfer.backend == "shm" and cfg.transfer.checksum is False and cfg.transfer.compress is None
+    assert cfg.transfer.backend == "auto" and cfg.transfer.checksum is False and cfg.transfer.compress is None
     assert cfg.router.host == "127.0.0.1" and cfg.ray.host == "127.0.0.1" and cfg.ray.address is None
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.router.port = 1
@@ -75,7 +75,7 @@ def test_empty_yaml_file_is_the_defaults(tmp_path):
 def test_deploy_local_yaml_loads():
     cfg = load_config(str(REPO / "deploy" / "local.yaml"))
     assert cfg.prefill.num_instances == 1 and cfg.decode.num_instances == 1
-    assert cfg.transfer.backend == "shm" and cfg.transfer.checksum is False
+    assert cfg.transfer.backend == "auto" and cfg.transfer.checksum is False
     assert cfg.transfer.lease_ttl_s == 30.0 and isinstance(cfg.transfer.lease_ttl_s, float)
     assert cfg.router.request_timeout_s == 300.0 and isinstance(cfg.router.request_timeout_s, float)
     assert cfg.router.host == "127.0.0.1" and cfg.ray.host == "127.0.0.1"

@@ -24,6 +24,9 @@ def test_plan_for_one_gpu_per_node_loads_as_a_cluster_config(tmp_path):
     text = path.read_text()
     assert "# predicted goodput:" in text and "runner-up 1" in text and "best colocated" in text
     cfg = load_config(str(path))
+    assert cfg.affinity.regime == b.regime   # the placement travels with the plan
+    if b.regime == "low":
+        assert cfg.affinity.num_units == b.num_units
     assert cfg.prefill.num_instances == b.prefill.num_instances * b.num_units
     assert cfg.decode.num_instances == b.decode.num_instances * b.num_units
     assert cfg.prefill.num_gpus == 1.0 and cfg.decode.kv_cache_memory_gb > 0
@@ -53,7 +56,8 @@ def test_shipped_13b_profile_plans_a_cluster_section_per_phase(tmp_path):
     (tmp_path / "plan.yaml").write_text(text)
     cfg = load_config(str(tmp_path / "plan.yaml"))              # tp > 1 plans load too
     assert cfg.prefill.tp_size == res.best.prefill.tp and cfg.decode.tp_size == res.best.decode.tp
-    assert set(body) == {"prefill", "decode"}
+    assert set(body) == {"prefill", "decode", "affinity"} and body["affinity"] == {"regime": "high"}
+    assert cfg.affinity.regime == "high"
     assert body["prefill"]["tp_size"] * body["prefill"]["pp_size"] * body["prefill"]["num_instances"] \
         + body["decode"]["tp_size"] * body["decode"]["pp_size"] * body["decode"]["num_instances"] <= 4
     with pytest.raises(ValueError):

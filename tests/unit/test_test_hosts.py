@@ -1,0 +1,27 @@
+"""Where test hosts cannot be made, the harness says why (the multi-node tests skip with that reason)."""
+from __future__ import annotations
+
+import pytest
+
+from cluster.bench import hosts as hosts_mod
+from cluster.bench.hosts import HostsUnavailable, TestHosts
+
+
+def test_without_root_there_are_no_test_hosts_and_the_reason_says_so(monkeypatch):
+    monkeypatch.setattr(hosts_mod.os, "geteuid", lambda: 1000)
+    with pytest.raises(HostsUnavailable, match="need root"):
+        TestHosts(("a", "b")).up()
+
+
+def test_a_missing_tool_is_named(monkeypatch):
+    monkeypatch.setattr(hosts_mod.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(hosts_mod.shutil, "which", lambda tool: None if tool == "tc" else f"/usr/bin/{tool}")
+    with pytest.raises(HostsUnavailable, match="`tc`"):
+        TestHosts(("a", "b")).up()
+
+
+def test_addresses_come_from_the_private_test_subnet_in_host_order():
+    h = TestHosts(("a", "b", "c"))
+    assert [h.address(n) for n in "abc"] == ["10.251.0.1", "10.251.0.2", "10.251.0.3"]
+    assert h.ns("b") == "pdmn-b"
+    assert h.command("b", ["true"], hostname=True)[:5] == ["ip", "netns", "exec", "pdmn-b", "unshare"]
