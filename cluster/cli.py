@@ -146,7 +146,13 @@ def _add_bench_parsers(bench: argparse.ArgumentParser) -> None:
         p.add_argument("--out", default=f"bench-results/{name}.json", help="JSON results file (default: %(default)s)")
         if name == "transfer":
             p.add_argument("--variants", default=None,
-                           help="comma-separated variants (shm,shm+crc,zmq,zmq+crc,torch_dist,...)")
+                           help="comma-separated variants (shm,shm+crc,zmq,zmq+crc,torch_dist,...; with --hosts: "
+                                "auto,auto+encrypt,zmq-nokeys,torch_dist,ray)")
+            p.add_argument("--hosts", action="store_true",
+                           help="between two test hosts (network namespaces, needs root), next to a raw TCP stream "
+                                "on the same link (cluster/bench/transfer_hosts.py)")
+            p.add_argument("--rates", default="unshaped,1gbit",
+                           help="with --hosts: the link as it is and/or capped (tc tbf rates, e.g. 1gbit)")
         if name == "engine":
             p.add_argument("--peer", choices=["vllm"], default=None,
                            help="also run this peer engine, side by side (vllm: vLLM's CPU build, from its own venv)")
@@ -156,13 +162,6 @@ def _add_bench_parsers(bench: argparse.ArgumentParser) -> None:
             p.add_argument("--cpu", type=int, default=None,
                            help="the one core every engine runs on (default: the last one allowed)")
             p.add_argument("--no-transformers", action="store_true", help="leave transformers' row out")
-                           help="comma-separated variants (shm,shm+crc,zmq,zmq+crc,torch_dist,...; with --hosts: "
-                                "auto,auto+encrypt,zmq-nokeys,torch_dist,ray)")
-            p.add_argument("--hosts", action="store_true",
-                           help="between two test hosts (network namespaces, needs root), next to a raw TCP stream "
-                                "on the same link (cluster/bench/transfer_hosts.py)")
-            p.add_argument("--rates", default="unshaped,1gbit",
-                           help="with --hosts: the link as it is and/or capped (tc tbf rates, e.g. 1gbit)")
         p.set_defaults(fn=_bench_step)
     # the serving benchmarks: each module brings its options and its main(args)
     for name, module, help_text in (
