@@ -54,6 +54,7 @@ class RequestResult:
     ttft_s: float
     tpot_s: float
     e2e_s: float
+    local_prefill: bool = False     # conditional / never: prefilled on its decode instance
 
 
 @dataclass
@@ -75,7 +76,7 @@ class SimStats:
 
 class SimRequest:
     __slots__ = ("spec", "first_token_at", "finished_at", "blocks", "done_prompt", "tokens_left",
-                 "kv_holder", "kv_landed_at", "origin", "decode_at")
+                 "kv_holder", "kv_landed_at", "origin", "decode_at", "local_prefill")
 
     def __init__(self, spec: RequestSpec) -> None:
         self.spec = spec
@@ -86,6 +87,7 @@ class SimRequest:
         self.kv_holder = None       # the prefill instance holding its KV until decode has it
         self.origin = self          # a moved request's new attempt points at the request it finishes
         self.decode_at = None       # the decode instance the router bound it to
+        self.local_prefill = False  # prefilled on its decode instance (conditional / never)
 
 
 class SimContext:

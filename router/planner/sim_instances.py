@@ -301,7 +301,7 @@ class LocalDecodeInstance(DecodeInstance):
             self.partial.remove(r)
             self.queued_local_tokens -= r.spec.prompt_tokens
             self.sim.stats.local_prefills += 1
-            r.first_token_at = now
+            r.first_token_at, r.local_prefill = now, True
             self.bound.add(r)
             if r.tokens_left > 0:
                 self.landed.append(r)       # decodes from the next step on

@@ -314,4 +314,4 @@ def _result(r: SimRequest, cfg: SimConfig) -> RequestResult:
     ttft, e2e = first - r.spec.arrival_s, r.finished_at - r.spec.arrival_s
     n = r.spec.output_tokens
     tpot = (e2e - ttft) / (n - 1) if n > 1 else 0.0
-    return RequestResult(r.spec.arrival_s, r.spec.prompt_tokens, n, ttft, tpot, e2e)
+    return RequestResult(r.spec.arrival_s, r.spec.prompt_tokens, n, ttft, tpot, e2e, r.local_prefill)
