@@ -63,7 +63,11 @@ def mode_lines(result: SearchResult) -> list[str]:
         if how != b.disaggregation:
             lines.append(f"# best {how}: {c.describe()}; {b.disaggregation} / {how} per GPU = "
                          + (f"{b.per_gpu / c.per_gpu:.2f}x" if c.per_gpu > 0 else "inf"))
-    if len(result.best_by_mode) > 1:
+    tied = [how for how, c in result.best_by_mode.items() if how != b.disaggregation and c.per_gpu == b.per_gpu]
+    if tied:        # candidates are ranked stably: on a tie the plan keeps the mode searched first (always)
+        lines.append(f"# disaggregation: {b.disaggregation} ties with {', '.join(tied)}; the plan keeps "
+                     f"{b.disaggregation}")
+    elif len(result.best_by_mode) > 1:
         lines.append(f"# disaggregation: {b.disaggregation} wins")
     if result.uncached_goodput is not None:
         lines.append(f"# prefix caching: the best plan without it: {result.uncached_goodput:.2f} req/s per unit "
