@@ -27,8 +27,10 @@ decode instance's measured step time over predicted.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from router.planner.profile import PlanLatency
+if TYPE_CHECKING:   # an annotation only: router.planner's simulator builds on this module
+    from router.planner.profile import PlanLatency
 
 EWMA = 0.2
 FACTOR_RANGE = (0.25, 8.0)

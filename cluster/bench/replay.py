@@ -25,7 +25,7 @@ from cluster.config import load_config
 from router.planner.goodput import at_rate, unit_rate_requests
 from router.planner.goodput import goodput as sim_goodput
 from router.planner.profile import Profile, load_profile
-from router.planner.simulator import PoolSpec, SimConfig, simulate
+from router.planner.simulator import NEVER, PoolSpec, SimConfig, simulate
 
 SHM_GB_S = 2.0            # zero-copy shm at a few MB per prompt (docs/benchmarks.md: 1-6 GB/s)
 LONG_RUN_REQUESTS = 400
@@ -45,22 +45,38 @@ def load_or_make_profile(path: str | None) -> tuple[str, Profile]:
     return path, load_profile(path)
 
 
-def sim_setup(config_path: str, num_blocks: int | None):
-    """(mode, pools as simulate() keyword arguments, SimConfig) for a bench cluster config."""
+def sim_setup(config_path: str, num_blocks: int | None, slo: SLO | None = None):
+    """(mode, pools as simulate() keyword arguments, SimConfig) for a bench cluster config.
+
+    A disaggregated config whose decode instances prefill too (router.disaggregation conditional
+    or never) is simulated in that mode, its local chunk and the SLOs its router weighs taken from
+    the config's `conditional:` section, or `slo` where given (`pdcluster bench results` hands the
+    router the workload's SLOs). The policy's latency is the profile the simulation is run with.
+    Prefix caching is on where any pool of the mode has it (the simulator has one switch)."""
     cfg = load_config(config_path)
     mode = getattr(cfg, "mode", "disaggregated")
     if mode == "disaggregated":
+        if cfg.router.disaggregation != "always":
+            mode = cfg.router.disaggregation    # the simulator's mode of that name
         pools = {"prefill": PoolSpec(1, 1, cfg.prefill.num_instances),
                  "decode": PoolSpec(1, 1, cfg.decode.num_instances)}
+        if mode == NEVER:                       # its prefill pool takes no work
+            del pools["prefill"]
         pool, budget = cfg.decode, cfg.prefill.max_num_batched_tokens
         chunk = budget
+        caching = cfg.decode.enable_prefix_caching or (mode != NEVER and cfg.prefill.enable_prefix_caching)
     else:
         pools = {"colocated": PoolSpec(1, 1, cfg.colocated.num_instances)}
         pool, budget = cfg.colocated, cfg.colocated.budget("colocated")
         chunk = cfg.colocated.budget(mode)
+        caching = cfg.colocated.enable_prefix_caching
     capacity = num_blocks * pool.block_size if num_blocks else None
+    c = cfg.conditional
     config = SimConfig(max_num_batched_tokens=budget, max_num_seqs=pool.max_num_seqs, chunk_budget=chunk,
-                       block_size=pool.block_size, transfer_gb_s=SHM_GB_S, kv_capacity_tokens=capacity)
+                       block_size=pool.block_size, transfer_gb_s=SHM_GB_S, kv_capacity_tokens=capacity,
+                       prefix_caching=caching, local_chunk_tokens=c.local_prefill_tokens,
+                       conditional_ttft_slo_s=slo.ttft_s if slo else c.ttft_slo_s,
+                       conditional_tpot_slo_s=slo.tpot_s if slo else c.tpot_slo_s)
     return mode, pools, config
 
 
@@ -72,7 +88,7 @@ def replay(result: dict, profile: Profile, num_blocks: int | None) -> list[dict]
                      burstiness=result["burstiness"], seed=result["seed"])
     out = []
     for m in result["modes"]:
-        mode, pools, config = sim_setup(m["config"], num_blocks)
+        mode, pools, config = sim_setup(m["config"], num_blocks, slo)
 
         def attain(specs) -> tuple[float, float, float]:
             rs = simulate(mode, profile, specs, config=config, **pools)

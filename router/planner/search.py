@@ -23,6 +23,15 @@ simulated jointly; every simulation uses `num_requests` requests.
 The colocated baselines (vLLM-style prefill first, and Sarathi-Serve chunked
 prefill) are searched over (t, p) with the same joint SLOs, so the plan can be
 compared per GPU.
+
+Conditional disaggregation (router.disaggregation conditional: a decode instance prefills a
+prompt itself, in chunks, when the live router's model says that meets the SLOs better) is
+weighed on every jointly simulated unit whose decode instances are 1 x 1 (the plan a local
+prefill runs on): the same pools simulated in mode "conditional", its policy handed the search's
+SLOs; it is ranked with the rest, and the result names the best plan of each mode. "never" (no
+prefill pool) is not a candidate: a disaggregated config starts at least one prefill instance.
+With `sim.prefix_caching` (for a multi-turn workload) every simulation keeps a prefix cache on
+its 1 x 1 instances, and the best plan is simulated once more without one, to weigh the switch.
 """
 from __future__ import annotations
 
@@ -32,7 +41,7 @@ from dataclasses import dataclass, field, replace
 from router import modes
 from router.planner.goodput import Goodput, at_rate, attainment, goodput, unit_rate_requests
 from router.planner.profile import PlannerError, Profile
-from router.planner.simulator import PoolSpec, SimConfig, decode_round_s, simulate
+from router.planner.simulator import CONDITIONAL, PoolSpec, SimConfig, decode_round_s, simulate
 
 REGIMES = ("high", "low")
 
@@ -76,7 +85,8 @@ class SearchSettings:
     keep: int = 3                 # configurations per phase carried into the unit search
     joint: int = 4                # units per regime simulated jointly
     max_instances: int = 4        # per phase in one unit
-    sim: SimConfig = field(default_factory=SimConfig)
+    sim: SimConfig = field(default_factory=SimConfig)   # sim.prefix_caching: caches on 1 x 1 instances
+    conditional: bool = True      # also weigh conditional disaggregation on units with 1 x 1 decode
 
     def check(self) -> SearchSettings:
         for key in ("ttft_slo", "tpot_slo", "horizon_s"):
@@ -101,6 +111,7 @@ class Candidate:
     goodput: float                # req/s of one unit (simulated)
     attainment: float             # at that rate
     transfer_gb_s: float = 0.0
+    disaggregation: str = "always"   # router.disaggregation: always, or conditional (local prefills too)
 
     @property
     def unit_gpus(self) -> int:
@@ -117,7 +128,8 @@ class Candidate:
         else:
             p, d = self.prefill, self.decode
             unit = f"{p.num_instances} prefill tp{p.tp}-pp{p.pp} + {d.num_instances} decode tp{d.tp}-pp{d.pp}"
-        return (f"[{self.regime}] {unit} ({self.unit_gpus} GPUs) x {self.num_units}: "
+        how = self.regime if self.disaggregation == "always" else f"{self.regime}, {self.disaggregation}"
+        return (f"[{how}] {unit} ({self.unit_gpus} GPUs) x {self.num_units}: "
                 f"{self.goodput:.2f} req/s per unit, {self.per_gpu:.3f} req/s per GPU, "
                 f"attainment {self.attainment:.1%}")
 
@@ -131,6 +143,8 @@ class SearchResult:
     num_sims: int                 # simulations run
     settings: SearchSettings
     shape: ClusterShape
+    best_by_mode: dict = field(default_factory=dict)   # router.disaggregation -> its best Candidate
+    uncached_goodput: float | None = None   # sim.prefix_caching: the best plan's unit goodput without it
 
 
 class _Search:
@@ -154,8 +168,11 @@ class _Search:
                     out.append((t, p))
         return out
 
-    def _goodput(self, key, mode: str, pools: dict, slos: tuple[float, float], transfer: float = 1.0) -> Goodput:
-        cfg = replace(self.s.sim, transfer_gb_s=transfer)
+    def _goodput(self, key, mode: str, pools: dict, slos: tuple[float, float], transfer: float = 1.0,
+                 sim: SimConfig | None = None) -> Goodput:
+        # a conditional router weighs its two paths against the SLOs the plan is for
+        cfg = replace(sim or self.s.sim, transfer_gb_s=transfer, conditional_ttft_slo_s=self.s.ttft_slo,
+                      conditional_tpot_slo_s=self.s.tpot_slo)
         self.plans.add(key)
 
         def attain(rate: float) -> float:
@@ -235,11 +252,22 @@ class _Search:
         transfer = self.shape.intra_node_gb_s if regime == "low" else self.shape.inter_node_gb_s
         out = []
         for est, pre, dec in self.estimate_units(regime)[:self.s.joint]:
-            g = self._goodput((regime, pre, dec), modes.DISAGGREGATED, {"prefill": pre, "decode": dec},
-                              (self.s.ttft_slo, self.s.tpot_slo), transfer=transfer)
-            out.append(Candidate(regime, pre, dec, None, self.num_units(regime, pre, dec), g.rate,
-                                 g.attainment, transfer))
+            ways = [(modes.DISAGGREGATED, "always")]
+            if self.s.conditional and dec.tp * dec.pp == 1:    # a local prefill runs on a 1 x 1 instance
+                ways.append((CONDITIONAL, "conditional"))
+            for mode, how in ways:
+                g = self._goodput((regime, pre, dec, how), mode, {"prefill": pre, "decode": dec},
+                                  (self.s.ttft_slo, self.s.tpot_slo), transfer=transfer)
+                out.append(Candidate(regime, pre, dec, None, self.num_units(regime, pre, dec), g.rate,
+                                     g.attainment, transfer, how))
         return out
+
+    def without_prefix_caching(self, c: Candidate) -> float:
+        """The unit goodput of plan `c` with no prefix cache anywhere (its other settings kept)."""
+        mode = modes.DISAGGREGATED if c.disaggregation == "always" else CONDITIONAL
+        return self._goodput((c.regime, c.prefill, c.decode, c.disaggregation, "uncached"), mode,
+                             {"prefill": c.prefill, "decode": c.decode}, (self.s.ttft_slo, self.s.tpot_slo),
+                             transfer=c.transfer_gb_s, sim=replace(self.s.sim, prefix_caching=False)).rate
 
     def num_units(self, regime: str, pre: PoolSpec, dec: PoolSpec) -> int:
         if regime == "low":     # units side by side on a group of p nodes, as many groups as fit
@@ -278,6 +306,11 @@ def search_plan(profile: Profile, shape: ClusterShape, settings: SearchSettings,
         raise PlannerError(f"no plan meets TTFT {settings.ttft_slo}s and TPOT {settings.tpot_slo}s for "
                            f"{settings.target:.0%} of requests at any rate: loosen the SLOs")
     candidates.sort(key=lambda c: (-c.per_gpu, c.unit_gpus))
+    by_mode: dict[str, Candidate] = {}
+    for c in candidates:            # best first: the first of each mode is its best
+        by_mode.setdefault(c.disaggregation, c)
+    best = candidates[0]
+    uncached = search.without_prefix_caching(best) if settings.sim.prefix_caching else None
     coloc = search.colocated() if with_colocated else None
-    return SearchResult(candidates[0], candidates[1:], coloc, len(search.plans), search.num_sims,
-                        settings, shape)
+    return SearchResult(best, candidates[1:], coloc, len(search.plans), search.num_sims,
+                        settings, shape, by_mode, uncached)

@@ -56,8 +56,12 @@ def test_shipped_13b_profile_plans_a_cluster_section_per_phase(tmp_path):
     (tmp_path / "plan.yaml").write_text(text)
     cfg = load_config(str(tmp_path / "plan.yaml"))              # tp > 1 plans load too
     assert cfg.prefill.tp_size == res.best.prefill.tp and cfg.decode.tp_size == res.best.decode.tp
-    assert set(body) == {"prefill", "decode", "affinity"} and body["affinity"] == {"regime": "high"}
-    assert cfg.affinity.regime == "high"
+    assert body["affinity"] == {"regime": "high"} and cfg.affinity.regime == "high"
+    # the router's mode the plan won in comes with it (conditional: and what its choice weighs)
+    assert {"prefill", "decode", "affinity", "router"} <= set(body) <= {"prefill", "decode", "affinity", "router",
+                                                                        "conditional"}
+    assert body["router"]["disaggregation"] == cfg.router.disaggregation == res.best.disaggregation
+    assert ("conditional" in body) == (res.best.disaggregation == "conditional")
     assert body["prefill"]["tp_size"] * body["prefill"]["pp_size"] * body["prefill"]["num_instances"] \
         + body["decode"]["tp_size"] * body["decode"]["pp_size"] * body["decode"]["num_instances"] <= 4
     with pytest.raises(ValueError):
