@@ -11,19 +11,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-typedef union { uint32_t u; float f; } bits32;
-
-static inline float load_bf16(const uint16_t *p) { bits32 x; x.u = (uint32_t)(*p) << 16; return x.f; }
-
-static inline void store_bf16(uint16_t *p, float f) {
-    bits32 x; x.f = f;
-    if ((x.u & 0x7fffffffu) > 0x7f800000u) { *p = (uint16_t)((x.u >> 16) | 0x40u); return; }  /* NaN */
-    x.u += 0x7fffu + ((x.u >> 16) & 1u);                                                    /* nearest even */
-    *p = (uint16_t)(x.u >> 16);
-}
-
-static inline float load_f32(const float *p) { return *p; }
-static inline void store_f32(float *p, float f) { *p = f; }
+#include "cpu_bf16.h"
 
 /* e^x for x <= 0 as 2^n * 2^f, 2^f by its Taylor polynomial (relative error < 2e-7 on |f| <= 1/2):
  * no libm call, so the loop vectorizes whole (libmvec's expf is 2.5x the cost). The bf16 kernel's

@@ -22,19 +22,7 @@
 #include <string.h>
 #include <math.h>
 
-typedef union { uint32_t u; float f; } bits32;
-
-static inline float load_bf16(const uint16_t *p) { bits32 x; x.u = (uint32_t)(*p) << 16; return x.f; }
-
-static inline void store_bf16(uint16_t *p, float f) {
-    bits32 x; x.f = f;
-    if ((x.u & 0x7fffffffu) > 0x7f800000u) { *p = (uint16_t)((x.u >> 16) | 0x40u); return; }  /* NaN */
-    x.u += 0x7fffu + ((x.u >> 16) & 1u);                                                    /* nearest even */
-    *p = (uint16_t)(x.u >> 16);
-}
-
-static inline float load_f32(const float *p) { return *p; }
-static inline void store_f32(float *p, float f) { *p = f; }
+#include "cpu_bf16.h"
 
 /* Asks for the next block while this one is computed: the blocks of a sequence are scattered
  * over the cache, where the hardware prefetcher does not follow. */

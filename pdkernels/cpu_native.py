@@ -55,8 +55,9 @@ def _cpu_model() -> str:
 
 
 def library_path(compiler: str, source: Path = SOURCE, flags: tuple[str, ...] = FLAGS) -> Path:
-    key = hashlib.sha256("\n".join([source.read_text(), compiler, *flags, *LINK_FLAGS, _cpu_model(), platform.machine()])
-                         .encode()).hexdigest()[:16]
+    headers = [h.read_text() for h in sorted(source.parent.glob("*.h"))]   # what the sources include
+    parts = [source.read_text(), *headers, compiler, *flags, *LINK_FLAGS, _cpu_model(), platform.machine()]
+    key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
     return _cache_dir() / f"{source.stem}-{key}.so"
 
 

@@ -15,3 +15,13 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 if "RAY_AUTH_TOKEN" not in os.environ:
     import secrets
     os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+
+import pytest  # noqa: E402  (after the environment above)
+
+from engine import LLM  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def llm():
+    """The in-process engine on the same weights in fp32: the oracle for cluster output."""
+    return LLM(dtype="float32", kv_cache_memory_gb=0.1)

@@ -27,12 +27,14 @@ import fcntl
 import ipaddress
 import json
 import os
+import queue
 import re
 import secrets
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -209,6 +211,19 @@ class TestHosts:
         for ns, dev in ((self.ns(name), "eth0"), (self.switch, f"v{name}")):
             subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root"],
                            capture_output=True, timeout=30)
+
+
+def line_queue(stream) -> queue.Queue:
+    """The lines of `stream` (a process's stdout, sys.stdin) as they come, read by a daemon thread;
+    None after the last."""
+    q: queue.Queue = queue.Queue()
+
+    def read():
+        for line in stream:
+            q.put(line)
+        q.put(None)
+    threading.Thread(target=read, daemon=True).start()
+    return q
 
 
 def stop(proc: subprocess.Popen, timeout_s: float = 5.0) -> None:

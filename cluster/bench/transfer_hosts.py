@@ -32,6 +32,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import logging
 import os
 import pickle
 import queue
@@ -42,6 +43,17 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+import torch
+
+from cluster.bench.hosts import REPO, RayHosts, TestHosts, line_queue, stop
+from cluster.planning import resolve_profile
+from engine.block_manager import blocks_needed
+from engine.cpu_tuning import keep_freed_memory
+from kv_transfer import TransferStatus, make_receiver, make_sender
+from kv_transfer.curve import ZmqKeys
+from kv_transfer.layout import KVLayout
+from router.planner.profile import load_profile
 
 SIZES_MB = (1, 16, 128)
 TCP_PORT = 5701
@@ -59,20 +71,8 @@ RATES = ("unshaped", "1gbit")
 
 
 def _layout():
-    from kv_transfer.layout import KVLayout
     return KVLayout(num_layers=30, layer_start=0, layer_end=30, num_kv_heads=3, head_start=0, head_end=3,
                     head_dim=64, block_size=16, dtype="bfloat16")
-
-
-def _stdin_lines() -> queue.Queue:
-    q: queue.Queue = queue.Queue()
-
-    def read():
-        for line in sys.stdin:
-            q.put(line)
-        q.put(None)
-    threading.Thread(target=read, daemon=True).start()
-    return q
 
 
 def _cpu() -> float:
@@ -86,15 +86,12 @@ def _say(**msg) -> None:
 
 
 def _keys(args: dict):
-    from kv_transfer.curve import ZmqKeys
     return ZmqKeys(**args["keys"]) if args.get("keys") else None
 
 
 def _join_ray(args: dict) -> None:
     if args["backend"] == "ray":
-        import logging
-
-        import ray
+        import ray   # here: Ray reads its auth settings from the environment when first imported
         # the node to join by its address: the test hosts share a process table, where Ray would
         # otherwise find every host's raylet and take the head's for a driver on any host
         ray.init(address=args["ray_address"], _node_ip_address=args["node_ip"], logging_level=logging.WARNING,
@@ -102,11 +99,7 @@ def _join_ray(args: dict) -> None:
 
 
 def kv_sender(args: dict) -> None:
-    import torch
 
-    from engine.block_manager import blocks_needed
-    from engine.cpu_tuning import keep_freed_memory
-    from kv_transfer import make_sender
     torch.set_num_threads(1)
     keep_freed_memory()
     _join_ray(args)
@@ -117,7 +110,7 @@ def kv_sender(args: dict) -> None:
     sender = make_sender(args["backend"], cache, layout, host=args["host"], checksum=False, keys=_keys(args),
                          node="sender", encrypt_data=args["encrypt"])
     _say(endpoint=sender.endpoint)
-    cmds = _stdin_lines()
+    cmds = line_queue(sys.stdin)
     cpu_at_offer, cpu_used = None, 0.0   # the CPU of the last transfer, offer to lease end
     try:
         while True:
@@ -150,11 +143,7 @@ def kv_sender(args: dict) -> None:
 
 
 def kv_receiver(args: dict) -> None:
-    import torch
 
-    from engine.block_manager import blocks_needed
-    from engine.cpu_tuning import keep_freed_memory
-    from kv_transfer import TransferStatus, make_receiver
     torch.set_num_threads(1)
     keep_freed_memory()
     _join_ray(args)
@@ -244,7 +233,6 @@ class _Proc:
     """A role on a test host, JSON lines both ways, every read bounded."""
 
     def __init__(self, hosts, name: str, role: str, args: dict, env: dict, log) -> None:
-        from cluster.bench.hosts import REPO
         self.proc = hosts.popen(name, [sys.executable, "-m", "cluster.bench.transfer_hosts", role, json.dumps(args)],
                                 env=env, cwd=str(REPO), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
                                 text=True)
@@ -267,7 +255,6 @@ class _Proc:
         return json.loads(line)
 
     def close(self) -> None:
-        from cluster.bench.hosts import stop
         try:
             self.send("stop")
             self.proc.wait(30)
@@ -345,7 +332,6 @@ def _row(nbytes: int, times: list[float]) -> dict:
 def _measure_rate(hosts, env: dict, chosen, sizes_mb, repeats: int, keys, ray_address, log) -> dict:
     """Every variant and the raw stream kept open side by side, measured in turn (interleaved):
     on a shared 2-core machine whose speed drifts, only ratios taken this way hold."""
-    from engine.block_manager import blocks_needed
     num_blocks = blocks_needed(_num_tokens(max(sizes_mb)), 16) + 1
     pairs: dict = {}
     try:
@@ -383,10 +369,6 @@ def _planner_model(nbytes: int, gb_s: float) -> float:
 
 
 def run(sizes_mb=SIZES_MB, repeats: int = 3, out: str | None = None, variants=None, rates=RATES) -> dict:
-    from cluster.bench.hosts import RayHosts, TestHosts
-    from cluster.planning import resolve_profile
-    from kv_transfer.curve import ZmqKeys
-    from router.planner.profile import load_profile
     chosen = [v for v in VARIANTS if variants is None or v[0] in variants]
     if variants is not None and len(chosen) != len(set(variants)):
         raise ValueError(f"unknown variants {sorted(set(variants) - {v[0] for v in VARIANTS})}; "
@@ -447,7 +429,6 @@ def _print(rate: str, entry: dict, sizes_mb, labels) -> None:
 
 
 def _plain_env() -> dict:
-    from cluster.bench.hosts import REPO
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
 
 

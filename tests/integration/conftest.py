@@ -10,7 +10,6 @@ import pytest
 
 from cluster.config import load_config
 from cluster.local import Cluster
-from engine import LLM
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -26,12 +25,6 @@ def cluster_config(**sections):
     for name, values in sections.items():
         base[name] = {**base.get(name, {}), **values}
     return load_config(None, base)
-
-
-@pytest.fixture(scope="module")
-def llm():
-    """The in-process engine on the same weights in fp32: the oracle for cluster output."""
-    return LLM(dtype="float32", kv_cache_memory_gb=0.1)
 
 
 def wait_until(predicate, timeout_s: float = 30.0, interval_s: float = 0.05):

@@ -127,17 +127,3 @@ def driver(hosts, ray_hosts):
         d.close()
 
 
-@pytest.fixture(scope="session")
-def llm():
-    """The in-process engine on the same weights in fp32: the oracle for cluster output."""
-    from engine import LLM
-    return LLM(dtype="float32", kv_cache_memory_gb=0.1)
-
-
-def wait_until(predicate, timeout_s: float = 30.0, interval_s: float = 0.1):
-    deadline = time.monotonic() + timeout_s
-    value = predicate()
-    while not value and time.monotonic() < deadline:
-        time.sleep(interval_s)
-        value = predicate()
-    return value

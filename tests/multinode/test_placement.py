@@ -15,13 +15,12 @@ from __future__ import annotations
 import queue
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 import yaml
 
-from cluster.bench.hosts import REPO, stop
+from cluster.bench.hosts import REPO, line_queue, stop
 from engine import SamplingParams
 from tests.multinode.conftest import base_config
 
@@ -116,17 +115,6 @@ def test_shm_across_nodes_is_a_start_up_error(driver, ray_hosts):
     assert not reply["ok"] and "backend shm works within one node only" in reply["error"], reply
 
 
-def _lines(proc) -> queue.Queue:
-    q: queue.Queue = queue.Queue()
-
-    def read():
-        for line in proc.stdout:
-            q.put(line)
-        q.put(None)
-    threading.Thread(target=read, daemon=True).start()
-    return q
-
-
 def _wait_for(q: queue.Queue, marker: str, timeout_s: float, seen: list) -> str:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -157,7 +145,7 @@ def test_pdcluster_serve_a_low_affinity_plan_from_host_a_and_generate_from_host_
                         text=True)
     seen: list[str] = []
     try:
-        q = _lines(serve)
+        q = line_queue(serve.stdout)
         line = _wait_for(q, "serving on", 300, seen)
         address = line.split("serving on ")[1].split(";")[0].strip()
         assert address.startswith(f"{hosts.address('a')}:")
