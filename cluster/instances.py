@@ -10,7 +10,10 @@ everything else. Each rank's `watch()` call is its liveness reference.
 """
 from __future__ import annotations
 
+import glob
 import logging
+import os
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -93,7 +96,6 @@ def _store_address() -> tuple[str, int]:
     """A free port on this node's own address (runs in rank 0's bundle): where rank 0's TCPStore
     listens. Rank 0 binds it again a moment later; a port taken meanwhile fails the instance
     at start, and it is started again."""
-    import socket
     addr = ray.util.get_node_ip_address()
     with socket.socket() as s:
         s.bind((addr, 0))
@@ -169,8 +171,6 @@ def _stop_report(ref) -> dict:
 
 @ray.remote(num_cpus=0)
 def _unlink_segments(pids: list[int]) -> list[str]:
-    import glob
-    import os
     gone = []
     for pid in pids:
         for path in glob.glob(f"/dev/shm/pdkv-{pid}-*"):
