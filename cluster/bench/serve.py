@@ -115,15 +115,17 @@ class PromptMaker:
         special = set(tok.all_special_ids) | set(getattr(tok, "added_tokens_decoder", {}) or {})
         return cls(load_model_config(model_path).vocab_size, sorted(special), seed)
 
-    def ids(self, n: int, index: int, conversation: int | None = None) -> list[int]:
+    def ids(self, n: int, index: int, conversation: int | None = None, point: int = 0) -> list[int]:
         """`n` ids seeded by the request's index, or, for a turn of a multi-turn conversation,
-        the first `n` of that conversation's stream: a later turn extends an earlier one."""
+        the first `n` of that conversation's stream: a later turn extends an earlier one. Each
+        rate point of a sweep (`point`) gets its own ids, so a cluster with prefix caching finds
+        nothing of an earlier point's requests in its cache; every mode gets the same ones."""
         key = index if conversation is None else -1_000_000 - conversation
-        rng = random.Random(self.seed * 1_000_003 + key)
+        rng = random.Random(self.seed * 1_000_003 + key + point * 1_000_000_007)
         return [self.allowed[rng.randrange(len(self.allowed))] for _ in range(n)]
 
-    def for_spec(self, spec: RequestSpec, index: int) -> list[int]:
-        return self.ids(spec.prompt_tokens, index, spec.conversation)
+    def for_spec(self, spec: RequestSpec, index: int, point: int = 0) -> list[int]:
+        return self.ids(spec.prompt_tokens, index, spec.conversation, point)
 
 
 class _Progress:
@@ -183,12 +185,13 @@ async def _one(client, r: RequestResult, ids: list[int], start: float, done: Cal
 
 
 async def run_point(client, specs: Sequence[RequestSpec], prompts: PromptMaker, time_limit_s: float,
-                    progress: bool = True, desc: str = "") -> tuple[list[RequestResult], float]:
+                    progress: bool = True, desc: str = "", point: int = 0) -> tuple[list[RequestResult], float]:
     """Send `specs` open loop; returns every request's result and the point's duration in seconds.
-    `client`: the SDK's AsyncClient, or an EndpointClient (HTTP), which sends its own way."""
+    `client`: the SDK's AsyncClient, or an EndpointClient (HTTP), which sends its own way.
+    `point`: the rate point's number in its sweep, which picks its prompts' ids (PromptMaker.ids)."""
     send = client.send if isinstance(client, EndpointClient) else functools.partial(_one, client)
     results = [RequestResult(i, s.arrival_s, s.prompt_tokens, s.output_tokens) for i, s in enumerate(specs)]
-    ids = [prompts.for_spec(s, i) for i, s in enumerate(specs)]   # built before the clock starts
+    ids = [prompts.for_spec(s, i, point) for i, s in enumerate(specs)]   # built before the clock starts
     bar = _Progress(len(results), desc, progress)
     loop = asyncio.get_running_loop()
     start = loop.time() + 0.05
@@ -246,7 +249,7 @@ async def sweep(address: str, spec: SweepSpec, prompts: PromptMaker, label: str,
             specs = spec.requests(rate)
             before = counters() if counters is not None else None
             results, duration = await run_point(client, specs, prompts, spec.limit_for(specs), progress,
-                                                f"{label} @ {rate:g} req/s")
+                                                f"{label} @ {rate:g} req/s", point=len(points))
             summary = summarize(results, spec.slo, rate, duration)
             summary["idle_after"] = await wait_idle(client)
             if before is not None:

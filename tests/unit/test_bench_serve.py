@@ -120,6 +120,17 @@ def test_prompts_have_the_exact_length_no_special_token_and_are_seeded():
         PromptMaker(3, (0, 1, 2))
 
 
+def test_each_rate_point_has_its_own_prompts_and_turns_still_extend_each_other():
+    # with prefix caching on, a point must not find the previous point's requests in the cache
+    maker = PromptMaker(VOCAB, SPECIAL, seed=7)
+    assert maker.ids(200, 3, point=0) == maker.ids(200, 3)
+    assert maker.ids(200, 3, point=1) != maker.ids(200, 3, point=0)
+    assert maker.ids(200, 3, point=1) == PromptMaker(VOCAB, SPECIAL, seed=7).ids(200, 3, point=1)
+    first, later = maker.ids(100, 0, conversation=2, point=1), maker.ids(250, 5, conversation=2, point=1)
+    assert later[:100] == first                                   # a later turn extends the earlier one
+    assert maker.ids(100, 0, conversation=2, point=0) != first
+
+
 def test_trace_is_rescaled_to_the_asked_rate(tmp_path):
     path = tmp_path / "trace.csv"
     rows = ["Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type"]
