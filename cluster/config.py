@@ -22,6 +22,7 @@ from engine.dtypes import DTYPE_NAMES
 from engine.errors import ConfigError
 from kv_transfer.backends import BACKENDS, ON_FAILURE
 from router import modes
+from router.planner.profile import ProfileError, resolve_profile
 from worker_shell.faults import POINTS as FAULT_POINTS
 
 CHUNKED_DEFAULT_BUDGET = 512           # Sarathi-Serve-sized token budget per step
@@ -426,7 +427,21 @@ class ClusterConfig:
             raise ConfigError(f"router.disaggregation {self.router.disaggregation}: a {self.decode.plan} decode "
                               f"instance cannot prefill locally yet (its chunked steps run on one rank); use 1 x 1")
         self._check_affinity()
+        self._check_profiles()
         return self
+
+    def _check_profiles(self) -> None:
+        """The latency profiles the router will load: a missing one stops start-up here, by its key."""
+        wanted = []
+        if self.local_prefills:
+            wanted.append(("conditional.profile", self.conditional.profile))
+        if self.autoscaling.policy == "slo" and self.autoscaling.profile is not None:
+            wanted.append(("autoscaling.profile", self.autoscaling.profile))
+        for key, name in wanted:
+            try:
+                resolve_profile(name)
+            except ProfileError as e:
+                raise ConfigError(f"{key}: {e}") from None
 
     @property
     def local_prefills(self) -> bool:

@@ -18,7 +18,6 @@ import time
 
 from cluster.autoscaler import Autoscaler
 from cluster.config import ClusterConfig
-from cluster.planning import resolve_profile
 from cluster.ray_cluster import start_ray, stop_ray
 from engine.default_model import default_model_path
 from engine.model_config import load_model_config
@@ -26,7 +25,7 @@ from engine.tokenizer import load_tokenizer
 from kv_transfer.curve import ZmqKeys
 from router.autoscale import make_policy
 from router.conditional import ConditionalPolicy
-from router.planner.profile import load_profile
+from router.planner.profile import load_profile, resolve_profile
 from router.links import WorkerLinks
 from router.server import InstanceInfo, ModelInfo, Router
 

@@ -19,22 +19,11 @@ import sys
 import time
 
 from router.planner.plan_file import render, write_plan
-from router.planner.profile import PlannerError, ProfileError, load_profile
+from router.planner.profile import PlannerError, load_profile, resolve_profile
 from router.planner.search import ClusterShape, SearchSettings, search_plan
 from router.planner.simulator import SimConfig
 from router.workload import WorkloadError
 
-PROFILES_DIR = os.path.join(os.path.dirname(__file__), "..", "router", "planner", "profiles")
-
-
-def resolve_profile(name: str) -> str:
-    if os.path.exists(name):
-        return name
-    shipped = os.path.join(PROFILES_DIR, f"{name}.json")
-    if os.path.exists(shipped):
-        return os.path.normpath(shipped)
-    known = sorted(f[:-5] for f in os.listdir(PROFILES_DIR) if f.endswith(".json"))
-    raise ProfileError(f"no profile file {name!r} and no shipped profile of that name (shipped: {known})")
 
 
 def add_plan_arguments(p: argparse.ArgumentParser) -> None:

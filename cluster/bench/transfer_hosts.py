@@ -47,13 +47,12 @@ from pathlib import Path
 import torch
 
 from cluster.bench.hosts import REPO, RayHosts, TestHosts, line_queue, stop
-from cluster.planning import resolve_profile
 from engine.block_manager import blocks_needed
 from engine.cpu_tuning import keep_freed_memory
 from kv_transfer import TransferStatus, make_receiver, make_sender
 from kv_transfer.curve import ZmqKeys
 from kv_transfer.layout import KVLayout
-from router.planner.profile import load_profile
+from router.planner.profile import load_profile, resolve_profile
 
 SIZES_MB = (1, 16, 128)
 TCP_PORT = 5701

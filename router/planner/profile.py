@@ -37,9 +37,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+
+# the profiles that ship with the package, by name (`pdcluster plan --profile llama13b-a100-80g`)
+PROFILES_DIR = os.path.normpath(os.path.join(os.path.dirname(__file__), "profiles"))
 
 FORMAT = "pdcluster-profile/1"
 GIB = 2 ** 30
@@ -349,3 +353,14 @@ def _fit(rows: list[tuple], times: list[float], phase: str) -> tuple[PhaseModel,
     pred = x @ np.array(full)
     rel_rmse = float(np.sqrt(np.mean(((pred - y) / y) ** 2)))
     return PhaseModel(*full), rel_rmse
+
+
+def resolve_profile(name: str) -> str:
+    """A profile's path: `name` itself when it is a file, else the shipped profile of that name."""
+    if os.path.exists(name):
+        return name
+    shipped = os.path.join(PROFILES_DIR, f"{name}.json")
+    if os.path.exists(shipped):
+        return shipped
+    known = sorted(f[:-5] for f in os.listdir(PROFILES_DIR) if f.endswith(".json"))
+    raise ProfileError(f"no profile file {name!r} and no shipped profile of that name (shipped: {known})")

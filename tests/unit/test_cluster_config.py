@@ -51,7 +51,7 @@ def test_every_cluster_yaml_in_deploy_loads(name):
 
 
 def test_the_autoscaling_example_builds_its_policy():
-    from cluster.planning import resolve_profile
+    from router.planner.profile import resolve_profile
     from router.autoscale import make_policy
     from router.planner.profile import load_profile
     from router.autoscale import Observation, PoolObservation
@@ -310,3 +310,14 @@ def test_stream_layers_needs_a_backend_that_streams(transfer, ok):
     else:
         with pytest.raises(ConfigError, match=r"transfer\.stream_layers"):
             load_config(None, {"transfer": transfer})
+
+
+@pytest.mark.parametrize("sections,key", [
+    ({"router": {"disaggregation": "conditional"}, "conditional": {"profile": "no-such-profile"}},
+     "conditional.profile"),
+    ({"autoscaling": {"policy": "slo", "profile": "/nowhere/profile.json", "ttft_p90_s": 1.0}},
+     "autoscaling.profile"),
+])
+def test_a_latency_profile_that_does_not_exist_is_a_config_error_naming_its_key(sections, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(None, sections)

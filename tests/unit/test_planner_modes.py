@@ -1,5 +1,6 @@
 """The plan search weighs router.disaggregation (always / conditional) and prefix caching, and the
 plan file records the winner as config."""
+import json
 from dataclasses import replace
 
 import yaml
@@ -21,6 +22,11 @@ def cheap_prefill():
     return profile_from_dict(d)
 
 
+def saved(profile, path) -> str:
+    path.write_text(json.dumps(profile.to_dict()))
+    return str(path)
+
+
 def test_conditional_is_weighed_and_wins_where_decode_instances_can_absorb_prefills(tmp_path):
     p = cheap_prefill()
     settings = SearchSettings(0.15, 0.1, workload="code", sim=SimConfig(local_chunk_tokens=128), **FAST)
@@ -29,12 +35,13 @@ def test_conditional_is_weighed_and_wins_where_decode_instances_can_absorb_prefi
     always, cond = res.best_by_mode["always"], res.best_by_mode["conditional"]
     assert cond.decode.tp * cond.decode.pp == 1
     assert res.best is cond and cond.per_gpu > always.per_gpu
-    text = render(res, p, "pdcluster plan (test)", profile_ref="cheap.json")
+    ref = saved(p, tmp_path / "cheap.json")   # the config loader checks that the profile exists
+    text = render(res, p, "pdcluster plan (test)", profile_ref=ref)
     assert "# disaggregation: conditional wins" in text and "# best always:" in text
     body = yaml.safe_load(text)
     assert body["router"] == {"disaggregation": "conditional"}
     assert body["conditional"] == {"ttft_slo_s": 0.15, "tpot_slo_s": 0.1, "local_prefill_tokens": 128,
-                                   "profile": "cheap.json"}
+                                   "profile": ref}
     (tmp_path / "plan.yaml").write_text(text)
     cfg = load_config(str(tmp_path / "plan.yaml"))
     assert cfg.router.disaggregation == "conditional" and cfg.local_prefills
@@ -57,7 +64,7 @@ def test_prefix_caching_is_weighed_on_a_multiturn_workload(tmp_path):
     on = search_plan(p, SHAPE, replace(base, sim=SimConfig(prefix_caching=True)), regimes=("high",),
                      with_colocated=False)
     assert on.uncached_goodput is not None and on.best.goodput > on.uncached_goodput > 0
-    text = render(on, p, "test")
+    text = render(on, p, "test", profile_ref=saved(p, tmp_path / "profile.json"))
     assert "# prefix caching: the best plan without it:" in text
     body = yaml.safe_load(text)
     for role in ("prefill", "decode"):      # on the pools that can keep a cache: 1 x 1
