@@ -172,7 +172,7 @@ class Cluster:
     @staticmethod
     def _instance_info(inst) -> InstanceInfo:
         return InstanceInfo(inst.name, inst.role, inst.pool.plan, inst.info["command_endpoint"],
-                            inst.info["transfer_endpoint"])
+                            inst.info["transfer_endpoint"], inst.pool.enable_prefix_caching)
 
     # -- the pool manager's news (its thread) -> the router's loop ---------------------------
     def _instance_ready(self, inst) -> None:

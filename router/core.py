@@ -89,6 +89,7 @@ class InstanceInfo:
     plan: str
     command_endpoint: str
     transfer_endpoint: str = ""   # a prefill instance's KV sender address (what its offers name)
+    prefix_caching: bool = False  # it keeps computed prompt blocks (*.enable_prefix_caching)
 
 
 class RouterCore:
@@ -104,6 +105,7 @@ class RouterCore:
         self.conditional = conditional
         # KV-aware placement: which instance has seen which prefix (only where the choice uses it)
         self.prefix_index = PrefixIndex() if self.disaggregation != "always" else None
+        self._caching: set[str] = set()   # instances with a prefix cache: only they have overlap
         self.first_role = "colocated" if self.colocated else "prefill"
         self.views: dict[str, InstanceView] = {}
         self.requests: dict[str, RequestState] = {}
@@ -124,6 +126,8 @@ class RouterCore:
         self.links.connect(info.name, info.command_endpoint)
         self.views[info.name] = InstanceView(info.name, info.role, info.plan, last_seen=time.monotonic(),
                                              transfer_endpoint=info.transfer_endpoint)
+        if info.prefix_caching:
+            self._caching.add(info.name)
         if self._replacing[info.role] > 0:
             self._replacing[info.role] -= 1
         dead = [n for n, v in self.views.items() if v.dead]
@@ -142,6 +146,7 @@ class RouterCore:
         self.num_deaths += 1
         if self.prefix_index is not None:
             self.prefix_index.forget(name)
+        self._caching.discard(name)
         self.links.disconnect(name)
         self.breakers.forget(name)
         if replacing:
@@ -322,8 +327,7 @@ class RouterCore:
             st.prefill_active = True
         view.active += 1
         self._dispatched_to(view)
-        if self.prefix_index is not None:
-            self.prefix_index.note(view.name, st.attempt_hashes)
+        self._note_prefix(view.name, st.attempt_hashes)
         work = wpb.PrefillWork(req_id=st.worker_id, prompt_token_ids=st.attempt_ids, sampling=st.attempt_sampling)
         if not self.links.send(view.name, wpb.ToWorker(prefill=work)):
             st.post(Event.LOST, view.name, f"{view.name} is not reachable")
@@ -382,7 +386,14 @@ class RouterCore:
         return self.views[choice.instance], choice.local
 
     def _overlap(self, name: str, hashes: list[int]) -> int:
-        return self.prefix_index.overlap(name, hashes) * self.admission.model.block_size if self.prefix_index else 0
+        """Prompt tokens `name` holds in its prefix cache, as far as the router knows (0 without one)."""
+        if self.prefix_index is None or name not in self._caching:
+            return 0
+        return self.prefix_index.overlap(name, hashes) * self.admission.model.block_size
+
+    def _note_prefix(self, name: str, hashes: list[int]) -> None:
+        if self.prefix_index is not None and name in self._caching:
+            self.prefix_index.note(name, hashes)
 
     def _decode_side(self, v: InstanceView, hashes: list[int]) -> DecodeSide:
         """A decode instance as the conditional policy sees it: its batch and KV now (from the
@@ -429,8 +440,7 @@ class RouterCore:
             st.pending_decode, st.waiting_for_instance = done, True
             return
         st.pending_decode, st.waiting_for_instance = None, False
-        if self.prefix_index is not None:   # the pulled prompt KV is findable there
-            self.prefix_index.note(view.name, st.attempt_hashes)
+        self._note_prefix(view.name, st.attempt_hashes)   # the pulled prompt KV is findable there
         work = wpb.DecodeWork(req_id=st.worker_id, prompt_token_ids=st.attempt_ids, sampling=st.attempt_sampling,
                               first_token_id=done.first_token_id, offer=done.offer)
         if not self.links.send(view.name, wpb.ToWorker(decode=work)):
@@ -467,9 +477,9 @@ class RouterCore:
 
     def _finish(self, st: RequestState, reason: str, now: float) -> pb.GenerateResponse:
         st.finished, st.finish_reason = True, reason
-        if self.prefix_index is not None and st.decode:   # it keeps the conversation so far
-            self.prefix_index.note(st.decode, prefix_hashes(st.prompt_ids + st.detok.token_ids[:-1],
-                                                            self.admission.model.block_size))
+        if st.decode and st.decode in self._caching:   # it keeps the conversation so far
+            self._note_prefix(st.decode, prefix_hashes(st.prompt_ids + st.detok.token_ids[:-1],
+                                                       self.admission.model.block_size))
         if reason in ("stop", "abort"):
             self._leave_instances(st)
         return st.final(reason, now)

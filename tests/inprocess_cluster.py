@@ -61,15 +61,21 @@ class Cluster:
         model = ModelInfo(model_dir, VOCAB, 1024, 64, BLOCK_SIZE, "zmq")
         self.core = RouterCore(self.cfg.router, Admission(model, None), self.links, conditional=conditional)
         self.workers = {}
-        for role, n in (("prefill", num_prefill), ("decode", num_decode)):
-            for i in range(n):
-                self.add(role, f"{role}-{i}")
+        try:
+            for role, n in (("prefill", num_prefill), ("decode", num_decode)):
+                for i in range(n):
+                    self.add(role, f"{role}-{i}")
+        except BaseException:   # a worker's threads would keep the test process alive
+            for w in self.workers.values():
+                w.close()
+            raise
         self.dead: set[str] = set()
 
     def add(self, role: str, name: str) -> None:
         w = build_worker(role, name, self.cfg, self.cfg.model.path)
         self.workers[name] = w
-        self.core.add_instance(InstanceInfo(name, role, "tp1-pp1", f"inproc://{name}", w.transfer_endpoint))
+        caching = getattr(self.cfg, role).enable_prefix_caching
+        self.core.add_instance(InstanceInfo(name, role, "tp1-pp1", f"inproc://{name}", w.transfer_endpoint, caching))
 
     def kill(self, name: str, replacing: bool = False) -> None:
         self.dead.add(name)

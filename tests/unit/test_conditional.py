@@ -105,3 +105,25 @@ def test_a_conversations_next_turn_is_prefilled_over_its_cached_history_where_it
         assert holder.blocks.num_hit_tokens >= 48   # the history's blocks were not computed again
     finally:
         c.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("caching", [False, True])
+def test_a_repeated_prompt_counts_as_held_only_where_a_prefix_cache_keeps_it(tiny_dir, oracle, caching):
+    # a 9-token chunk meets the 10 ms TPOT SLO, a 16-token one does not: local only over a cached
+    # prefix. Without caches the router must not credit the decode instance with the first request's
+    # blocks (it once did, and sent prompts to be prefilled whole on a decode instance).
+    policy = _policy(ttft=5.0, tpot=0.010, chunk=16)
+    extra = {"router": {"disaggregation": "conditional"}, "conditional": {"local_prefill_tokens": 16}}
+    if caching:
+        extra.update(decode={"enable_prefix_caching": True}, prefill={"enable_prefix_caching": True})
+    c = Cluster(tiny_dir, num_prefill=1, num_decode=1, conditional=policy, extra=extra)
+    try:
+        prompt = _prompt(41, seed=500)
+        (t1, f1), = _serve(c, [prompt], 6)
+        (t2, f2), = _serve(c, [prompt], 6)
+        assert [t1, t2] == expected(oracle, [prompt, prompt], 6)
+        assert f1.prefill_instance == "prefill-0"
+        assert f2.prefill_instance == ("decode-0" if caching else "prefill-0")
+    finally:
+        c.close()
