@@ -15,7 +15,11 @@ Two ways to prefill a request (router.disaggregation: conditional):
 The choice weighs the predicted TTFT of each path against the TPOT the local
 path imposes on the instance's running decodes. Local wins when its TTFT is no
 worse than remote's (or remote would miss the TTFT SLO and local would not) and
-the step time with a chunk stays within the TPOT SLO. Prompt tokens an
+the running decodes can absorb it: the time the chunks add to their steps (the
+stall) fits every running request's TPOT headroom, what it may still lose and
+end within the TPOT SLO averaged over its tokens (`stall_budget_s`, from the
+router's view of each request: tokens so far, time since its first token, tokens
+left). Without that view, each step with a chunk must stay within the TPOT SLO. Prompt tokens an
 instance already holds in its prefix cache (`overlap_tokens`) are not
 prefilled again, on either path.
 
@@ -44,6 +48,9 @@ class DecodeSide:
     queued_local_tokens: int   # prompt tokens of local prefills not done yet there
     overlap_tokens: int = 0    # of this prompt, already in its prefix cache
     step_factor: float = 1.0   # its measured decode step over the profile's
+    # the most its running requests' decodes may be stalled, each still meeting the TPOT SLO on
+    # average (inf: none running); None: unknown, judge each step against the TPOT SLO instead
+    stall_budget_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,19 @@ class ConditionalPolicy:
         step = self.decode_step_s(d, chunk)
         return steps * step, step
 
+    def local_stall_s(self, d: DecodeSide, prompt_tokens: int) -> float:
+        """What a local prefill on `d` adds to its running requests' decode time: the chunks
+        of the prompts queued there and this one's, each riding on a step."""
+        todo = d.queued_local_tokens + max(1, prompt_tokens - d.overlap_tokens)
+        full, rest = divmod(todo, self.chunk_tokens)
+        return full * self.prefill_s(self.chunk_tokens) + (self.prefill_s(rest) if rest else 0.0)
+
+    def tpot_kept(self, d: DecodeSide, prompt_tokens: int, step: float) -> bool:
+        """Its running requests still meet the TPOT SLO with a local prefill on `d`."""
+        if d.stall_budget_s is None:
+            return step <= self.tpot_slo_s
+        return self.local_stall_s(d, prompt_tokens) <= d.stall_budget_s
+
     # -- the choice ----------------------------------------------------------------------------
     def choose(self, prompt_tokens: int, decodes: list[DecodeSide], prefills: list[PrefillSide]) -> Choice | None:
         """None when there is nowhere to go. With no prefill instance, local wherever best."""
@@ -109,7 +129,7 @@ class ConditionalPolicy:
             return None if remote is None else Choice(False, remote.name, float("inf"), t_remote, 0.0,
                                                       "no decode instance can take a local prefill")
         d, t_local, step = best
-        tpot_ok = step <= self.tpot_slo_s
+        tpot_ok = self.tpot_kept(d, prompt_tokens, step)
         faster = t_local <= t_remote
         rescues = t_remote > self.ttft_slo_s >= t_local
         if remote is None or (tpot_ok and (faster or rescues)):
@@ -117,8 +137,8 @@ class ConditionalPolicy:
                 f"local TTFT {t_local:.3f}s <= remote {t_remote:.3f}s" if faster else
                 f"remote TTFT {t_remote:.3f}s misses the SLO, local {t_local:.3f}s meets it")
             return Choice(True, d.name, t_local, t_remote, step, why)
-        why = (f"a chunk would slow {d.name}'s steps to {step:.3f}s > TPOT SLO {self.tpot_slo_s}s" if not tpot_ok
-               else f"remote TTFT {t_remote:.3f}s < local {t_local:.3f}s")
+        why = (f"a local prefill would push {d.name}'s running requests past the TPOT SLO {self.tpot_slo_s}s"
+               if not tpot_ok else f"remote TTFT {t_remote:.3f}s < local {t_local:.3f}s")
         return Choice(False, remote.name, t_local, t_remote, step, why)
 
     # -- live correction -------------------------------------------------------------------------

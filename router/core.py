@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import time
 import uuid
 from collections import Counter
@@ -50,6 +51,7 @@ from router.request_state import Event, RequestState
 
 log = logging.getLogger(__name__)
 KEEP_DEAD_VIEWS = 16
+UNKNOWN_LENGTH_LEFT = 64   # tokens a request without max_tokens is assumed to have left (TPOT headroom)
 
 
 class RouterSettings(Protocol):
@@ -397,17 +399,39 @@ class RouterCore:
 
     def _decode_side(self, v: InstanceView, hashes: list[int]) -> DecodeSide:
         """A decode instance as the conditional policy sees it: its batch and KV now (from the
-        requests the router has there), its local prefills queued, its measured step speed."""
+        requests the router has there), its local prefills queued, its measured step speed, and
+        how much stall its running requests can take."""
         batch = context = 0
+        running = []
         for st in self.requests.values():
             if st.decode == v.name and st.prefill_done and not st.finished:
                 batch += 1
                 context += len(st.attempt_ids) + st.num_output_tokens
+                running.append(st)
         load = v.load
         factor = 1.0
         if load is not None and load.num_steps > 10 and load.num_running:
             factor = self.conditional.step_factor(load.num_running, context, load.mean_step_s)
-        return DecodeSide(v.name, batch, context, max(0, v.queued_tokens), self._overlap(v.name, hashes), factor)
+        budget = self._stall_budget(running, batch, context, factor, time.monotonic())
+        return DecodeSide(v.name, batch, context, max(0, v.queued_tokens), self._overlap(v.name, hashes), factor,
+                          budget)
+
+    def _stall_budget(self, running: list[RequestState], batch: int, context: int, factor: float,
+                      now: float) -> float:
+        """The least TPOT headroom among the requests decoding on one instance: the time each may
+        still lose and end within the TPOT SLO (averaged over its tokens, as clients measure it),
+        if it runs to max_tokens at the predicted step (inf: none running)."""
+        if not running:
+            return math.inf
+        step = self.conditional.latency.decode(batch, context) * factor
+        slo = self.conditional.tpot_slo_s
+        budget = math.inf
+        for st in running:
+            n = st.params.max_tokens or st.num_output_tokens + UNKNOWN_LENGTH_LEFT
+            left = max(0, n - st.num_output_tokens)
+            decoding_s = now - st.first_token_at if st.first_token_at is not None else 0.0
+            budget = min(budget, slo * max(1, n - 1) - decoding_s - left * step)
+        return max(0.0, budget)
 
     def _dispatched_to(self, view: InstanceView) -> None:
         now = time.monotonic()

@@ -40,6 +40,23 @@ def test_local_is_refused_when_a_chunk_would_push_the_running_decodes_past_the_t
     assert not c.local and "TPOT" in c.reason
 
 
+def test_running_requests_with_tpot_headroom_absorb_a_local_prefill_that_one_step_would_not():
+    # 60 tokens in 64-token chunks: one step of 20.2 + 60 ms, past the 50 ms TPOT SLO, but the
+    # requests decoding there can lose 100 ms each and still average within it
+    queued = [PrefillSide("p0", 3000)]
+    roomy = DecodeSide("d0", 2, 500, 0, stall_budget_s=0.1)
+    tight = DecodeSide("d0", 2, 500, 0, stall_budget_s=0.05)
+    p = _policy(tpot=0.05)
+    assert p.local_stall_s(roomy, 60) == pytest.approx(0.06)
+    assert p.choose(60, [roomy], queued).local
+    refused = p.choose(60, [tight], queued)
+    assert not refused.local and "TPOT" in refused.reason
+    assert not p.choose(60, [DecodeSide("d0", 2, 500, 0)], queued).local   # no view of them: by the step
+    # the stall counts the local prompts already queued there: 100 + 60 tokens, 160 ms
+    assert not p.choose(60, [DecodeSide("d0", 2, 500, 100, stall_budget_s=0.1)], queued).local
+    assert p.local_stall_s(DecodeSide("d0", 2, 500, 100), 60) == pytest.approx(0.16)
+
+
 def test_a_cached_prefix_on_a_decode_instance_makes_local_cheaper():
     cold = _policy().choose(300, [DecodeSide("d0", 2, 500, 0)], [PrefillSide("p0", 0)])
     warm = _policy().choose(300, [DecodeSide("d0", 2, 500, 0, overlap_tokens=288)], [PrefillSide("p0", 0)])
@@ -110,9 +127,10 @@ def test_a_conversations_next_turn_is_prefilled_over_its_cached_history_where_it
 @pytest.mark.slow
 @pytest.mark.parametrize("caching", [False, True])
 def test_a_repeated_prompt_counts_as_held_only_where_a_prefix_cache_keeps_it(tiny_dir, oracle, caching):
-    # a 9-token chunk meets the 10 ms TPOT SLO, a 16-token one does not: local only over a cached
-    # prefix. Without caches the router must not credit the decode instance with the first request's
-    # blocks (it once did, and sent prompts to be prefilled whole on a decode instance).
+    # the idle prefill instance prefills 41 tokens sooner than 16-token chunks on the decode instance
+    # do, unless that instance holds the prompt in its prefix cache. Without caches the router must
+    # not credit it with the first request's blocks (it once did, and sent repeated prompts to be
+    # prefilled whole on a decode instance).
     policy = _policy(ttft=5.0, tpot=0.010, chunk=16)
     extra = {"router": {"disaggregation": "conditional"}, "conditional": {"local_prefill_tokens": 16}}
     if caching:
