@@ -44,6 +44,7 @@ PLAN = "deploy/plans/llama13b-a100-80g-chatbot.yaml"
 TARGET = 0.9                # attainment the static clusters are sized for (the plan file's target)
 SIZING_S = 120.0            # seconds of constant-rate requests a static size is judged on
 BIN_S = 30.0                # the plots' and the per-window attainment's bins
+SIM_TTFT_SLO_S, SIM_TPOT_SLO_S = 0.25, 0.1   # the 13B plan's SLOs (docs/planner.md)
 
 
 @dataclass(frozen=True)
@@ -245,8 +246,9 @@ def setup_from(args) -> Setup:
     sim = SimConfig(max_num_batched_tokens=cfg.prefill.max_num_batched_tokens, max_num_seqs=cfg.decode.max_num_seqs,
                     block_size=cfg.decode.block_size, transfer_gb_s=profile.intra_node_gb_s)
     return Setup(profile, PoolSpec(cfg.prefill.tp_size, cfg.prefill.pp_size, 1),
-                 PoolSpec(cfg.decode.tp_size, cfg.decode.pp_size, 1), sim, args.ttft_slo, args.tpot_slo,
-                 args.budget_ranks)
+                 PoolSpec(cfg.decode.tp_size, cfg.decode.pp_size, 1), sim,
+                 SIM_TTFT_SLO_S if args.ttft_slo is None else args.ttft_slo,
+                 SIM_TPOT_SLO_S if args.tpot_slo is None else args.tpot_slo, args.budget_ranks)
 
 
 def autoscaling_settings(args, s: Setup):
@@ -326,15 +328,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     real = p.add_argument_group("real cluster only (--where cluster)")
     real.add_argument("--config", default=None, help="cluster YAML with an autoscaling section")
-    real.add_argument("--duration-s", type=float, default=None, help="length of the low-high-low trace")
-    real.add_argument("--low-rate", type=float, default=None, help="req/s before and after the step")
-    real.add_argument("--high-rate", type=float, default=None, help="req/s during the step")
+    real.add_argument("--duration-s", type=float, default=None, help="length of the low-high-low trace (120)")
+    real.add_argument("--low-rate", type=float, default=None, help="req/s before and after the step (1)")
+    real.add_argument("--high-rate", type=float, default=None, help="req/s during the step (3)")
+    p.add_argument("--ttft-slo", type=float, default=None,
+                   help="seconds (default: 0.25 in the simulator, docs/planner.md; 1.5 on the cluster)")
+    p.add_argument("--tpot-slo", type=float, default=None, help="seconds (default: 0.1 in both)")
     sim = p.add_argument_group("simulator (--where sim)")
     sim.add_argument("--profile", default=PROFILE, help="latency profile (default: %(default)s)")
     sim.add_argument("--plan", default=PLAN, help="plan YAML giving each pool's tp/pp (default: %(default)s)")
     sim.add_argument("--budget-ranks", type=int, default=32, help="GPUs over every pool (default: 4 x 8)")
-    sim.add_argument("--ttft-slo", type=float, default=0.25, help="seconds (default: %(default)s, docs/planner.md)")
-    sim.add_argument("--tpot-slo", type=float, default=0.1, help="seconds (default: %(default)s)")
     sim.add_argument("--workload", default="chatbot", help="lengths of both traces (default: %(default)s)")
     sim.add_argument("--traces", default="step,bursty", help="comma-separated: step, bursty")
     sim.add_argument("--step-rate", type=float, default=50.0, help="r of the r / 3r / r step (default: %(default)s)")

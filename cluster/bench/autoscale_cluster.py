@@ -42,6 +42,11 @@ DEFAULT_SCALING = {
 }
 
 
+# the trace and SLOs on this machine unless given: chatbot lengths, 1 -> 3 -> 1 req/s over two
+# minutes, a TTFT SLO of 1.5 s and a TPOT SLO of 100 ms
+CLUSTER_DEFAULTS = {"duration_s": 120.0, "low_rate": 1.0, "high_rate": 3.0, "ttft_slo": 1.5, "tpot_slo": 0.1}
+
+
 def step_trace(low: float, high: float, duration_s: float, seed: int = 0) -> list[RequestSpec]:
     """Poisson arrivals at low, high, low rate (a third of the time each), chatbot lengths."""
     rng = random.Random(seed)
@@ -107,6 +112,9 @@ def run_once(cfg: ClusterConfig, specs: list[RequestSpec], slo: SLO, label: str,
 
 
 def main(args) -> int:
+    for name, value in CLUSTER_DEFAULTS.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
     base = load_config(args.config) if args.config else load_config(None, DEFAULT_SCALING)
     base = base.replace(router={"port": 0, "http_port": 0}, ray={"address": None})
     specs = step_trace(args.low_rate, args.high_rate, args.duration_s, args.seed)
