@@ -30,6 +30,8 @@ decode instance's measured step time over predicted.
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -38,6 +40,17 @@ if TYPE_CHECKING:   # an annotation only: router.planner's simulator builds on t
 
 EWMA = 0.2
 FACTOR_RANGE = (0.25, 8.0)
+
+
+def stall_budget(running: Iterable[tuple[int, int, float]], step_s: float, tpot_slo_s: float) -> float:
+    """The least TPOT headroom among the requests decoding on one instance, each given as (tokens
+    it will have in all, tokens so far, seconds since its first token): the time each may still
+    lose and end within the TPOT SLO averaged over its tokens (as clients measure TPOT), decoding
+    the rest at `step_s` (inf: none running)."""
+    budget = math.inf
+    for total, done, decoding_s in running:
+        budget = min(budget, tpot_slo_s * max(1, total - 1) - decoding_s - max(0, total - done) * step_s)
+    return max(0.0, budget)
 
 
 @dataclass(frozen=True)

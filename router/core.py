@@ -41,7 +41,7 @@ from protos import worker_pb2 as wpb
 from router import modes
 from router.admission import Admission
 from router.breaker import CircuitBreakers
-from router.conditional import ConditionalPolicy, DecodeSide, PrefillSide
+from router.conditional import ConditionalPolicy, DecodeSide, PrefillSide, stall_budget
 from router.detokenizer import Detokenizer
 from router.dispatch import InstanceView, pick_colocated, pick_decode, pick_prefill
 from router.errors import RequestError, Status
@@ -418,20 +418,14 @@ class RouterCore:
 
     def _stall_budget(self, running: list[RequestState], batch: int, context: int, factor: float,
                       now: float) -> float:
-        """The least TPOT headroom among the requests decoding on one instance: the time each may
-        still lose and end within the TPOT SLO (averaged over its tokens, as clients measure it),
-        if it runs to max_tokens at the predicted step (inf: none running)."""
+        """conditional.stall_budget of one instance's running requests, if each runs to max_tokens."""
         if not running:
             return math.inf
         step = self.conditional.latency.decode(batch, context) * factor
-        slo = self.conditional.tpot_slo_s
-        budget = math.inf
-        for st in running:
-            n = st.params.max_tokens or st.num_output_tokens + UNKNOWN_LENGTH_LEFT
-            left = max(0, n - st.num_output_tokens)
-            decoding_s = now - st.first_token_at if st.first_token_at is not None else 0.0
-            budget = min(budget, slo * max(1, n - 1) - decoding_s - left * step)
-        return max(0.0, budget)
+        return stall_budget(((st.params.max_tokens or st.num_output_tokens + UNKNOWN_LENGTH_LEFT,
+                              st.num_output_tokens,
+                              now - st.first_token_at if st.first_token_at is not None else 0.0)
+                             for st in running), step, self.conditional.tpot_slo_s)
 
     def _dispatched_to(self, view: InstanceView) -> None:
         now = time.monotonic()

@@ -4,11 +4,13 @@ docstring is the model they follow.
 """
 from __future__ import annotations
 
+import math
+
 from collections import deque
 from collections.abc import Callable
 from itertools import chain
 
-from router.conditional import DecodeSide
+from router.conditional import DecodeSide, stall_budget
 from router.planner.profile import PlannerError
 from router.planner.sim_core import (PoolSpec, SimContext, SimRequest, chunked_step_s, decode_round_s,
                                      held_tokens)
@@ -237,9 +239,17 @@ class LocalDecodeInstance(DecodeInstance):
         self.queued_local_tokens = 0        # prompt tokens of local prefills not done (the router's count)
         self.bound: set[SimRequest] = set()       # past their prefill, not finished: the batch the router counts
 
-    def side(self, overlap: int) -> DecodeSide:
+    def side(self, overlap: int, now: float, tpot_slo_s: float) -> DecodeSide:
+        """What the router's conditional policy sees of this instance (router/core.py _decode_side)."""
         context = sum(r.spec.prompt_tokens + r.spec.output_tokens - r.tokens_left for r in self.bound)
-        return DecodeSide(self.name, len(self.bound), context, self.queued_local_tokens, overlap)
+        budget = math.inf
+        if self.bound:
+            step = self.lat.decode(len(self.bound), context)
+            budget = stall_budget(((r.spec.output_tokens, r.spec.output_tokens - r.tokens_left,
+                                    0.0 if math.isnan(r.first_token_at) else now - r.first_token_at)
+                                   for r in self.bound), step, tpot_slo_s)
+        return DecodeSide(self.name, len(self.bound), context, self.queued_local_tokens, overlap,
+                          stall_budget_s=budget)
 
     def add(self, now: float, r: SimRequest) -> None:
         """A request prefilled elsewhere: its KV is pulled here (as DecodeInstance)."""

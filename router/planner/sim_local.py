@@ -64,7 +64,7 @@ class LocalRouter:
         choice = None
         if self.policy is not None:
             choice = self.policy.choose(
-                r.spec.prompt_tokens, [d.side(s.overlap(d, r.spec)) for d in decodes.values()],
+                r.spec.prompt_tokens, [d.side(s.overlap(d, r.spec), now, self.policy.tpot_slo_s) for d in decodes.values()],
                 [PrefillSide(p.name, p.queued_tokens + p.running_tokens, s.overlap(p, r.spec))
                  for p in prefills.values()])
         if choice is None:

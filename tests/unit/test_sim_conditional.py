@@ -1,5 +1,7 @@
 """router.planner.simulator modes "conditional" and "never": local chunked prefills on decode
 instances, placed by the live router's ConditionalPolicy."""
+import math
+
 import pytest
 
 from router.conditional import ConditionalPolicy, DecodeSide, PrefillSide
@@ -55,13 +57,14 @@ def test_never_moves_no_kv_and_always_prefills_nothing_locally():
 
 def test_an_idle_cluster_places_a_request_where_the_policy_says():
     lat = PROFILE.latency(1, 1)
-    for tpot in (TPOT, 0.03):       # a 100-token chunk's step (0.031 s) meets the first, not the second
-        cfg = SimConfig(conditional_ttft_slo_s=TTFT, conditional_tpot_slo_s=tpot, local_chunk_tokens=128)
-        policy = ConditionalPolicy(lat, TTFT, tpot, cfg.local_chunk_tokens)
-        want = policy.choose(100, [DecodeSide("d", 0, 0, 0)], [PrefillSide("p", 0)])
+    # nothing decodes yet, so no running request limits a local prefill: the TTFTs decide
+    for chunk in (128, 16):         # one chunk beats the idle prefill instance; seven do not
+        cfg = SimConfig(conditional_ttft_slo_s=TTFT, conditional_tpot_slo_s=TPOT, local_chunk_tokens=chunk)
+        policy = ConditionalPolicy(lat, TTFT, TPOT, chunk)
+        want = policy.choose(100, [DecodeSide("d", 0, 0, 0, stall_budget_s=math.inf)], [PrefillSide("p", 0)])
         r = simulate("conditional", PROFILE, [RequestSpec(0.0, 100, 4)], config=cfg,
                      **pools("conditional", num_decode=1))[0]
-        assert r.local_prefill == want.local == (tpot == TPOT)
+        assert r.local_prefill == want.local == (chunk == 128)
         assert r.ttft_s == pytest.approx(want.ttft_local_s if want.local else want.ttft_remote_s)
 
 
