@@ -190,11 +190,13 @@ async def _with_server(script: ScriptedServer, body):
     pb_grpc.add_AdminServicer_to_server(script, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    client = AsyncClient(f"127.0.0.1:{port}")
     try:
-        return await body(client)
+        async with AsyncClient(f"127.0.0.1:{port}") as client:   # the SDK closes its channel on the way out
+            result = await body(client)
+        with pytest.raises(Exception):   # closed: no more calls
+            await client.state()
+        return result
     finally:
-        await client.close()
         await server.stop(0)
 
 
