@@ -120,8 +120,8 @@ class PromptMaker:
         the first `n` of that conversation's stream: a later turn extends an earlier one. Each
         rate point of a sweep (`point`) gets its own ids, so a cluster with prefix caching finds
         nothing of an earlier point's requests in its cache; every mode gets the same ones."""
-        key = index if conversation is None else -1_000_000 - conversation
-        rng = random.Random(self.seed * 1_000_003 + key + point * 1_000_000_007)
+        key = f"r{index}" if conversation is None else f"c{conversation}"   # a warm-up's index is negative
+        rng = random.Random(f"{self.seed}/{point}/{key}")   # (an int seed would ignore the sign)
         return [self.allowed[rng.randrange(len(self.allowed))] for _ in range(n)]
 
     def for_spec(self, spec: RequestSpec, index: int, point: int = 0) -> list[int]:

@@ -129,6 +129,8 @@ def test_each_rate_point_has_its_own_prompts_and_turns_still_extend_each_other()
     first, later = maker.ids(100, 0, conversation=2, point=1), maker.ids(250, 5, conversation=2, point=1)
     assert later[:100] == first                                   # a later turn extends the earlier one
     assert maker.ids(100, 0, conversation=2, point=0) != first
+    # the warm-up's requests (indices -1, -2) share nothing with the measured ones
+    assert maker.ids(200, -1)[:20] != maker.ids(200, 1)[:20] and maker.ids(200, -2)[:20] != maker.ids(200, 2)[:20]
 
 
 def test_trace_is_rescaled_to_the_asked_rate(tmp_path):
