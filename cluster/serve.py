@@ -45,7 +45,8 @@ def serve(config_path: str | None, address: str | None, port: int | None, plan_p
         cluster.start()
         http = cluster.router.http_port_bound
         scheme = "https" if cfg.router.tls else "http"
-        also = f", OpenAI-compatible HTTP on {scheme}://{cfg.router.host}:{http}/v1" if http is not None else ""
+        host = cluster.config.router.host   # router.host auto: this node's address, resolved at start
+        also = f", OpenAI-compatible HTTP on {scheme}://{host}:{http}/v1" if http is not None else ""
         print(f"serving on {cluster.address} (gRPC){also}; Ctrl-C drains and stops", flush=True)
         while not stop.wait(0.5):
             pass

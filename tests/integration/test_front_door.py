@@ -245,7 +245,7 @@ def _sum(samples: dict[str, float], name: str, **labels) -> float:
     return total
 
 
-def test_metrics_scraped_during_a_load_agree_with_the_clients(http, base_url, oai, sdk, model):
+def test_metrics_scraped_during_a_load_agree_with_the_clients(http, base_url, cluster, oai, sdk, model):
     P = "pdcluster:"
     before = _scrape(http, base_url)
     jobs = [(i, f"Request {i}: tell me about the sea. " * (1 + i % 4), 4 + (i * 5) % 17) for i in range(12)]
@@ -297,7 +297,8 @@ def test_metrics_scraped_during_a_load_agree_with_the_clients(http, base_url, oa
     assert delta(P + "request_success_total", finished_reason="length") == n
     assert delta(P + "requests_ended_total", reason="length") == n
     assert delta(P + "request_generation_tokens_sum") == gen_tokens
-    assert delta(P + "kv_transfer_time_seconds_count", backend="shm") == n
+    # labelled with the cluster's transfer.backend (auto: shm zero copy here, one node)
+    assert delta(P + "kv_transfer_time_seconds_count", backend=cluster.config.transfer.backend) == n
     for q in ("request_queue_time_seconds", "request_prefill_time_seconds", "request_decode_time_seconds"):
         assert delta(P + q + "_count") == n
     assert _sum(after, P + "time_to_first_token_seconds_bucket", le="+Inf") == _sum(

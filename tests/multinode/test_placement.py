@@ -147,7 +147,9 @@ def test_pdcluster_serve_a_low_affinity_plan_from_host_a_and_generate_from_host_
     try:
         q = line_queue(serve.stdout)
         line = _wait_for(q, "serving on", 300, seen)
-        address = line.split("serving on ")[1].split(";")[0].strip()
+        # "serving on HOST:PORT (gRPC), OpenAI-compatible HTTP on http://HOST:PORT/v1; Ctrl-C ..."
+        address = line.split("serving on ")[1].split(" ")[0]
+        assert f"http://{hosts.address('a')}:" in line   # router.host auto resolved for the HTTP API too
         assert address.startswith(f"{hosts.address('a')}:")
         ready = [s for s in seen if " ready (" in s]
         nodes = {s.split(" on ")[-1].strip(" )\n") for s in ready}
