@@ -16,8 +16,11 @@ OUT=${OUT:-bench-results/vs-vllm}
 mkdir -p "$OUT"
 MODEL=$($PY -c 'from engine.default_model import default_model_path; print(default_model_path())')
 NAME=SmolLM2-135M-Instruct
-BENCH="--workload chatbot --rates 1.1,3.3,5.6 --num-requests 16 --ttft-slo 1.2 --tpot-slo 0.075 --time-limit 60
-       --warmup 2 --no-progress"
+# the sweep; override with BENCH=... for another machine's SLOs and rates
+BENCH=${BENCH:-"--workload chatbot --rates 1.1,3.3,5.6 --num-requests 16 --ttft-slo 1.2 --tpot-slo 0.075 --time-limit 60
+       --warmup 2 --no-progress"}
+# a conditional cluster too when its config is given (its conditional: section holds the SLOs and profile)
+CONDITIONAL=${CONDITIONAL:-}
 
 wait_http() {   # until GET $1 answers 200, at most $2 seconds
   for _ in $(seq 1 "$2"); do curl -sf -o /dev/null "$1" && return 0; sleep 1; done
@@ -50,3 +53,4 @@ vllm() {   # vLLM's OpenAI server on 8200, the same model directory, both cores,
 vllm
 ours pdcluster-disaggregated deploy/bench-disagg.yaml
 ours pdcluster-colocated deploy/bench-colocated.yaml
+if [ -n "$CONDITIONAL" ]; then ours pdcluster-conditional "$CONDITIONAL"; fi
