@@ -90,6 +90,10 @@ class TestHosts:
         try:
             self._clean_leftovers()
             self._create()
+        except subprocess.CalledProcessError as e:   # a kernel or sandbox without veth / bridges
+            self.down()
+            raise HostsUnavailable(f"cannot wire the test hosts ({' '.join(map(str, e.cmd))}): "
+                                   f"{(e.stderr or '').strip()}") from None
         except BaseException:
             self.down()
             raise

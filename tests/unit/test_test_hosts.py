@@ -25,3 +25,23 @@ def test_addresses_come_from_the_private_test_subnet_in_host_order():
     assert [h.address(n) for n in "abc"] == ["10.251.0.1", "10.251.0.2", "10.251.0.3"]
     assert h.ns("b") == "pdmn-b"
     assert h.command("b", ["true"], hostname=True)[:5] == ["ip", "netns", "exec", "pdmn-b", "unshare"]
+
+
+def test_a_machine_that_cannot_wire_the_hosts_is_a_reason_too_and_nothing_is_left(monkeypatch):
+    # a kernel or sandbox without veth or bridges: the wiring's `ip` failure becomes the skip reason
+    if hosts_mod.os.geteuid() != 0 or hosts_mod.shutil.which("ip") is None:
+        pytest.skip("needs root and `ip` to get as far as the wiring")
+
+    def create_without_bridges(self):
+        hosts_mod._ip("netns", "add", self.switch)
+        hosts_mod._ip("-n", self.switch, "link", "add", "br0", "type", "no-such-link-type")
+
+    monkeypatch.setattr(TestHosts, "_create", create_without_bridges)
+    h = TestHosts(("a", "b"), prefix="pdut")   # not the multi-node suite's namespaces
+    try:
+        h.up()
+    except HostsUnavailable as e:
+        assert "cannot wire the test hosts" in str(e) and "no-such-link-type" in str(e)
+    else:
+        pytest.fail("the failed wiring was not reported as HostsUnavailable")
+    assert h._namespaces() == []   # the switch namespace it made is gone again
