@@ -27,7 +27,7 @@ def test_addresses_come_from_the_private_test_subnet_in_host_order():
     assert h.command("b", ["true"], hostname=True)[:5] == ["ip", "netns", "exec", "pdmn-b", "unshare"]
 
 
-def test_a_machine_that_cannot_wire_the_hosts_is_a_reason_too_and_nothing_is_left(monkeypatch):
+def test_a_machine_that_cannot_wire_the_hosts_is_a_reason_too_and_nothing_is_left(monkeypatch, tmp_path):
     # a kernel or sandbox without veth or bridges: the wiring's `ip` failure becomes the skip reason
     if hosts_mod.os.geteuid() != 0 or hosts_mod.shutil.which("ip") is None:
         pytest.skip("needs root and `ip` to get as far as the wiring")
@@ -37,6 +37,7 @@ def test_a_machine_that_cannot_wire_the_hosts_is_a_reason_too_and_nothing_is_lef
         hosts_mod._ip("-n", self.switch, "link", "add", "br0", "type", "no-such-link-type")
 
     monkeypatch.setattr(TestHosts, "_create", create_without_bridges)
+    monkeypatch.setattr(hosts_mod, "LOCK_PATH", str(tmp_path / "hosts.lock"))   # the multi-node suite may hold its own
     h = TestHosts(("a", "b"), prefix="pdut")   # not the multi-node suite's namespaces
     try:
         h.up()
