@@ -71,10 +71,11 @@ class ScatteringReceiver(KVReceiver):
         self.inner, self.runner = inner, runner
         self._blocks: dict[str, list[int]] = {}   # transfer_id -> the blocks its KV lands in
 
-    def pull(self, offer: TransferOffer, dst_block_ids: Sequence[int]) -> None:
-        self.inner.pull(offer, dst_block_ids)
-        self._blocks[offer.transfer_id] = list(dst_block_ids)[:blocks_needed(offer.num_tokens,
-                                                                              self.runner.block_size)]
+    def pull(self, offer: TransferOffer, dst_block_ids: Sequence[int], skip_tokens: int = 0) -> None:
+        self.inner.pull(offer, dst_block_ids, skip_tokens)
+        # the skipped blocks are on the ranks already (they computed or were given them)
+        bs = self.runner.block_size
+        self._blocks[offer.transfer_id] = list(dst_block_ids)[skip_tokens // bs:blocks_needed(offer.num_tokens, bs)]
 
     def poll(self) -> list[TransferResult]:
         results = self.inner.poll()

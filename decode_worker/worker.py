@@ -27,6 +27,12 @@ Lifecycle of a request here:
      ends FAILED at the next poll (not after the receiver's timeouts) and
      goes through step 3; PENDING requests whose KV it held go there at once.
 
+Prefix caching (decode.enable_prefix_caching): a pull skips the prompt's
+longest prefix whose KV this instance holds already (a conversation's earlier
+turn that it decoded or pulled): those blocks are shared from the cache and
+only the blocks past them move (`KVReceiver.pull(..., skip_tokens)`), for a
+DecodeWork and an early (streamed) offer alike.
+
 Local prefill (router.disaggregation conditional or never): `local_prefill`
 (router -> PrefillWork, the message a prefill worker takes) puts a request in
 WAITING here; with `local_chunk_tokens` the scheduler is the chunked one, so
@@ -54,6 +60,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import pickle
 import time
 from collections import deque
@@ -108,6 +115,7 @@ class _EarlyPull:
     block_ids: list[int]
     started: float
     done_at: float | None = None   # KV landed (monotonic), waiting for the DecodeWork
+    cached_prompt: tuple[int, ...] = ()   # the prompt its first blocks were found cached for (none: ())
 
 
 class DecodeWorker(WorkerShell):
@@ -144,12 +152,13 @@ class DecodeWorker(WorkerShell):
         self.num_prefetched = 0                     # early offers taken (stream_layers)
         self.num_failed_pulls = 0                   # pulls that failed or could not start
         self.kv_bytes_received = 0                  # bytes of KV that crossed the wire to here
+        self.kv_tokens_skipped = 0                  # prompt tokens whose KV a pull found here (not moved)
         self.kv_received: dict[str, list[int]] = {} # by way the bytes came (shm, zmq, ...): [pulls, bytes]
 
     # -- commands ---------------------------------------------------------------------
     def commands(self) -> dict[str, Handler]:
         local = {"prefill": self.local_prefill} if self.local_chunk_tokens is not None else {}
-        return {**local, "decode": self.submit, "prefetch": lambda msg, now: self.prefetch(msg.offer, now),
+        return {**local, "decode": self.submit, "prefetch": lambda msg, now: self.prefetch(msg.offer, now, msg.prompt_token_ids),
                 "abort": lambda msg, now: self.abort(msg.req_id),
                 "peer_lost": lambda msg, now: self.peer_lost(msg.endpoint)}
 
@@ -186,16 +195,18 @@ class DecodeWorker(WorkerShell):
         seq = SeqState(work.req_id, ids, params, arrival_time=now)
         seq.output_token_ids.append(work.first_token_id)
         early = self._early.pop(work.req_id, None)
-        if early is not None and early.offer.transfer_id == offer.transfer_id:
+        if early is not None and early.offer.transfer_id == offer.transfer_id \
+                and early.cached_prompt in ((), tuple(ids)):   # (its cached blocks are this prompt's)
             self._claim(seq, early)
             return
         if early is not None:   # another transfer: that early pull is of no use
             self._drop_early(early)
         self.pending.append((seq, offer))
 
-    def prefetch(self, offer: TransferOffer | bytes, now: float) -> bool:
+    def prefetch(self, offer: TransferOffer | bytes, now: float, prompt_token_ids=()) -> bool:
         """Start pulling a streamed offer before its DecodeWork; False when it is not taken
-        (no room now, a bad offer, a request known here): the DecodeWork then pulls as usual."""
+        (no room now, a bad offer, a request known here): the DecodeWork then pulls as usual.
+        `prompt_token_ids` (the router sends them): what a prefix cache here is looked up by."""
         try:
             offer = load_offer(offer) if isinstance(offer, bytes) else offer
         except Exception as e:
@@ -205,17 +216,20 @@ class DecodeWorker(WorkerShell):
             return False
         busy = len(self.scheduler.running) + len(self._pulls) + len(self._early)
         need = offer.num_tokens + 1   # the prompt's KV and the first token's slot
+        prompt = list(prompt_token_ids) if len(prompt_token_ids) == offer.num_tokens else []
         if busy >= self.scheduler.config.max_num_seqs or need > self.max_model_len \
-                or blocks_needed(need, self.blocks.block_size) > self.blocks.num_free_blocks:
+                or not self._room_for(need, prompt, offer):
             return False
-        block_ids = self.blocks.allocate(need)
+        block_ids, skip = self._blocks_for(need, prompt, offer)
         try:
-            self.receiver.pull(offer, block_ids)
+            self.receiver.pull(offer, block_ids, skip)
         except Exception as e:   # its DecodeWork will try again (and abort the offer if it fails too)
             log.warning("%s could not start an early pull of %r: %s", self.name, offer.req_id, e)
             self.blocks.free(block_ids)
             return False
-        self._early[offer.req_id] = _EarlyPull(offer, block_ids, time.monotonic())
+        self._early[offer.req_id] = _EarlyPull(offer, block_ids, time.monotonic(),
+                                               cached_prompt=tuple(prompt) if skip else ())
+        self.kv_tokens_skipped += skip
         self.num_prefetched += 1
         self.faults.reach("decode.pull")
         return True
@@ -228,6 +242,8 @@ class DecodeWorker(WorkerShell):
             self._pull_of[seq.req_id] = early.offer.transfer_id
             return
         self._transfer_s[seq.req_id] = early.done_at - early.started
+        if self.blocks.enable_prefix_caching:   # a later prompt over this prefix finds it here
+            self.blocks.set_hashes(seq.block_ids, seq.prompt_token_ids)
         self.scheduler.add_running(seq)
 
     def _drop_early(self, early: _EarlyPull) -> None:
@@ -300,20 +316,37 @@ class DecodeWorker(WorkerShell):
             if len(self.scheduler.running) + len(self._pulls) + len(self._early) >= self.scheduler.config.max_num_seqs:
                 return
             # blocks for the prompt's KV and the slot of the first token, fed in the first step
-            if blocks_needed(seq.num_tokens, self.blocks.block_size) > self.blocks.num_free_blocks:
+            if not self._room_for(seq.num_tokens, seq.prompt_token_ids, offer):
                 return
             self.pending.popleft()
-            # the prompt's KV lands in the first blocks; the first token's slot is reserved with them
-            seq.block_ids = self.blocks.allocate(seq.num_tokens)
+            # the prompt's KV lands in the first blocks (past a prefix cached here), the first
+            # token's slot is reserved with them
+            seq.block_ids, skip = self._blocks_for(seq.num_tokens, seq.prompt_token_ids, offer)
             try:
-                self.receiver.pull(offer, seq.block_ids)
+                self.receiver.pull(offer, seq.block_ids, skip)
             except Exception as e:   # a bad offer, a dead sender: on_failure, not a lost request
                 self.receiver.abort_offer(offer)   # and a live prefill side frees its blocks now
                 self._pull_failed(seq, f"pull could not start: {e}")
                 continue
+            self.kv_tokens_skipped += skip
             self._pulls[offer.transfer_id] = _Pull(seq, offer, time.monotonic())
             self._pull_of[seq.req_id] = offer.transfer_id
             self.faults.reach("decode.pull")
+
+    def _room_for(self, num_tokens: int, prompt, offer: TransferOffer) -> bool:
+        if not (self.blocks.enable_prefix_caching and prompt):
+            return blocks_needed(num_tokens, self.blocks.block_size) <= self.blocks.num_free_blocks
+        return self.blocks.can_allocate_cached(num_tokens, prompt, self._skip_unit(offer))
+
+    def _blocks_for(self, num_tokens: int, prompt, offer: TransferOffer) -> tuple[list[int], int]:
+        """Blocks for a pulled request's tokens: a prefix of its prompt cached here shared (whole
+        blocks on both sides of the transfer), fresh ones for the rest; and the tokens to skip."""
+        if not (self.blocks.enable_prefix_caching and prompt):
+            return self.blocks.allocate(num_tokens), 0
+        return self.blocks.allocate_cached(num_tokens, prompt, self._skip_unit(offer), to_compute=False)
+
+    def _skip_unit(self, offer: TransferOffer) -> int:
+        return math.lcm(self.blocks.block_size, offer.layout.block_size)
 
     def _land_pulls(self, now: float) -> None:
         early_of = {e.offer.transfer_id: e for e in self._early.values() if e.done_at is None}
@@ -402,7 +435,7 @@ class DecodeWorker(WorkerShell):
 
     def stats(self) -> dict:
         return {**super().stats(), "num_prefetched": self.num_prefetched, "num_failed_pulls": self.num_failed_pulls,
-                "kv_bytes_received": self.kv_bytes_received,
+                "kv_bytes_received": self.kv_bytes_received, "kv_tokens_skipped": self.kv_tokens_skipped,
                 "kv_received": {via: list(c) for via, c in self.kv_received.items()}}
 
     def is_idle(self) -> bool:

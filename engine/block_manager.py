@@ -88,9 +88,11 @@ class BlockManager:
             self.set_hashes(block_ids, token_ids)
         return block_ids
 
-    def cached_prefix(self, token_ids: Sequence[int]) -> list[int]:
+    def cached_prefix(self, token_ids: Sequence[int], align_tokens: int | None = None) -> list[int]:
         """The cached blocks of the longest cached prefix of `token_ids`, never covering its last
-        token (whose logits a prefill must compute) nor the block that holds it."""
+        token (whose logits a prefill must compute) nor the block that holds it. `align_tokens`
+        (a multiple of the block size): a prefix of whole multiples of it only (a KV pull past
+        it must start on a block edge of the sender's cache too)."""
         if not self.enable_prefix_caching:
             return []
         usable = (len(token_ids) - 1) // self.block_size
@@ -100,26 +102,35 @@ class BlockManager:
             if block_id is None:
                 break
             hits.append(block_id)
+        if align_tokens is not None:
+            if align_tokens <= 0 or align_tokens % self.block_size:
+                raise ValueError(f"align_tokens must be a positive multiple of {self.block_size}, got {align_tokens}")
+            step = align_tokens // self.block_size
+            del hits[len(hits) // step * step:]
         return hits
 
-    def can_allocate_cached(self, num_tokens: int, token_ids: Sequence[int]) -> bool:
-        hits = self.cached_prefix(token_ids)
+    def can_allocate_cached(self, num_tokens: int, token_ids: Sequence[int], align_tokens: int | None = None) -> bool:
+        hits = self.cached_prefix(token_ids, align_tokens)
         idle_hits = sum(1 for b in hits if self._ref_counts[b] == 0)   # they leave the free list
         return blocks_needed(num_tokens, self.block_size) - len(hits) <= len(self._free) - idle_hits
 
-    def allocate_cached(self, num_tokens: int, token_ids: Sequence[int]) -> tuple[list[int], int]:
+    def allocate_cached(self, num_tokens: int, token_ids: Sequence[int], align_tokens: int | None = None,
+                        to_compute: bool = True) -> tuple[list[int], int]:
         """Blocks for `num_tokens` tokens whose first `len(token_ids)` are these: the cached
-        prefix shared, fresh blocks for the rest. Returns (block ids, tokens already cached)."""
-        if not self.can_allocate_cached(num_tokens, token_ids):
+        prefix shared, fresh blocks for the rest. Returns (block ids, tokens already cached).
+        `to_compute` False: the rest's KV comes from elsewhere (a transfer), so the lookup is
+        not counted with the prompts a prefill computes (`num_queried_tokens`, `num_hit_tokens`)."""
+        if not self.can_allocate_cached(num_tokens, token_ids, align_tokens):
             raise OutOfBlocksError(f"no room for {num_tokens} tokens, {len(self._free)} blocks free")
-        hits = self.cached_prefix(token_ids)
+        hits = self.cached_prefix(token_ids, align_tokens)
         for b in hits:
             if self._ref_counts[b] == 0:
                 del self._free[b]
             self._ref_counts[b] += 1
         rest = blocks_needed(num_tokens, self.block_size) - len(hits)
-        self.num_queried_tokens += len(token_ids)
-        self.num_hit_tokens += len(hits) * self.block_size
+        if to_compute:
+            self.num_queried_tokens += len(token_ids)
+            self.num_hit_tokens += len(hits) * self.block_size
         return hits + [self._take() for _ in range(rest)], len(hits) * self.block_size
 
     def set_hashes(self, block_ids: Sequence[int], token_ids: Sequence[int]) -> None:
@@ -132,13 +143,15 @@ class BlockManager:
     def free(self, block_ids: Sequence[int]) -> None:
         """Drop one reference to each block; a block with none left is free again.
 
-        Checked first, then committed: a bad id frees nothing."""
+        Checked first, then committed: a bad id frees nothing. A sequence's blocks go back last
+        first, so its prefix's first blocks are the last evicted: a later prompt that finds
+        only part of its prefix cached finds the head of it (a hit stops at the first miss)."""
         drops: dict[int, int] = {}
         for block_id in block_ids:
             drops[block_id] = drops.get(block_id, 0) + 1
             if not 0 <= block_id < self.num_blocks or self._ref_counts[block_id] < drops[block_id]:
                 raise ValueError(f"block {block_id} freed while not allocated")
-        for block_id in block_ids:
+        for block_id in reversed(block_ids):
             count = self._ref_counts[block_id]
             self._ref_counts[block_id] = count - 1
             if count == 1:

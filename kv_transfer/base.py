@@ -6,7 +6,10 @@ Life of one transfer:
   2. Prefill ends: `sender.offer(req_id, block_ids, num_tokens, now)` puts the
      request's blocks under a lease and returns a `TransferOffer` (plain data).
   3. The decode worker allocates blocks and calls
-     `receiver.pull(offer, dst_block_ids)`; it returns at once.
+     `receiver.pull(offer, dst_block_ids)`; it returns at once. With
+     `skip_tokens` it pulls only the KV past a prefix it holds already (its
+     prefix cache): those tokens' blocks are whole on both sides, the first
+     of `dst_block_ids` hold them and are left as they are.
   4. Both sides call `poll` from their step loops: the receiver's returns
      finished `TransferResult`s (KV now in its blocks, or failed); the
      sender's returns `LeaseEnd`s whose blocks it must free now.
@@ -127,7 +130,10 @@ class KVReceiver(StepLoopWaits, ABC):
     """Decode side: pulls offered KV into blocks it has allocated."""
 
     @abstractmethod
-    def pull(self, offer: TransferOffer, dst_block_ids: Sequence[int]) -> None: ...
+    def pull(self, offer: TransferOffer, dst_block_ids: Sequence[int], skip_tokens: int = 0) -> None:
+        """Start pulling the offer's KV into `dst_block_ids`, past its first `skip_tokens`
+        (a multiple of both sides' block sizes, short of the prompt's end); TransferError
+        when it cannot start."""
 
     @abstractmethod
     def poll(self) -> list[TransferResult]: ...

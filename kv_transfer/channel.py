@@ -4,7 +4,7 @@ Sender (prefill) binds a ROUTER socket on its host (127.0.0.1 by default); each
 receiver (decode, `channel_receiver.ChannelReceiver`) talks
 to it through one DEALER socket per sender endpoint.
 
-  receiver -> sender   PULL    {transfer_id, attempt}
+  receiver -> sender   PULL    {transfer_id, attempt, skip?}
   sender -> receiver   DATA    {transfer_id, attempt, payload meta, checksums} + frames
                        ERROR   {transfer_id, attempt, error}   (unknown, ended or expired lease)
   receiver -> sender   ACK     {transfer_id, attempt, ok, error}   (ends the lease)
@@ -27,7 +27,10 @@ node copies zero copy as above, any other receiver's PULL says `inline` and
 gets the bytes in zmq frames (as backend `zmq`). The choice is the pair's.
 With a deferred data path (`torch_dist`, `ray`) DATA only announces the
 bytes, which travel on the path's own connection; the receiver lands them
-once the path reports them arrived. Every message is parsed defensively: a
+once the path reports them arrived. A PULL may `skip` the first tokens, whole
+blocks on both sides, whose KV the receiver holds already (prefix caching):
+the sender then packs, sends or names only the blocks past them, and a zero
+copy receiver copies only those. Every message is parsed defensively: a
 malformed one is dropped, never raised (framing: `messages`). Both sides work inside `poll`,
 called from their step loops; no call blocks.
 """
@@ -84,6 +87,7 @@ class ChannelSender(KVSender):
         self.node = node or this_machine()
         self.leases = LeaseTable(lease_ttl_s)
         self._num_tokens: dict[str, int] = {}
+        self._skip: dict[str, int] = {}   # tokens the receiver already holds, from its first PULL
         self._staging = StagingPool()
         self._ctx = zmq.Context()
         self._guard = CurveGuard(self._ctx, keys)
@@ -250,7 +254,7 @@ class ChannelSender(KVSender):
         if kind == b"PULL":
             # a receiver on another node (backend auto) takes the bytes inline, never zero copy
             inline = not self.zero_copy or (self.backend == "auto" and head.get("inline") is not False)
-            self._serve(identity, tid, int(head.get("attempt", 1)), now, inline, _data_id(head))
+            self._serve(identity, tid, int(head.get("attempt", 1)), now, inline, _data_id(head), head.get("skip", 0))
             return None
         if kind == b"ACK":   # from OFFERED too: a direct zero copy sends no PULL
             if not head.get("ok"):
@@ -261,7 +265,7 @@ class ChannelSender(KVSender):
         return None
 
     def _serve(self, identity, tid: str, attempt: int, now: float, inline: bool = True,
-               data_id: bytes | None = None) -> None:
+               data_id: bytes | None = None, skip=0) -> None:
         lease = self.leases.get(tid)
         # A retry (a lost or corrupted reply) re-serves an in-flight lease.
         retry = lease is not None and lease.state is LeaseState.IN_FLIGHT and now < lease.deadline
@@ -269,6 +273,7 @@ class ChannelSender(KVSender):
             _send(self._sock, [identity, b"ERROR", _message(
                 {"transfer_id": tid, "attempt": attempt, "error": f"transfer {tid} is unknown, ended or expired"})])
             return
+        self._take_skip(tid, skip)   # a bad one fails this transfer (the caller answers ERROR)
         stream = self._streams.get(tid)
         if stream is not None:
             stream.serve(identity, attempt, inline, data_id if self._data is not None else None)
@@ -279,12 +284,27 @@ class ChannelSender(KVSender):
             head["zero_copy"] = self._zero_copy_head(lease)
             _send(self._sock, [identity, b"DATA", _message(head)])
             return
-        n = self._num_tokens[tid]
+        block_ids, n = self._span(tid, lease)
         staging = self._staging.take(tid, self.layout.wire_shape(n), self.layout.torch_dtype)
-        wire = kvl.pack(self.cache_data, self.layout, list(lease.block_ids), n, out=staging)
+        wire = kvl.pack(self.cache_data, self.layout, block_ids, n, out=staging)
         payload = list(codec.quantize_int8(wire)) if self.compress == "int8" else [wire]
         head["compress"] = self.compress
         self._dispatch(tid, identity, head, payload, now)
+
+    def _take_skip(self, tid: str, skip) -> None:
+        """The tokens a PULL skips: whole blocks here, short of the prompt's end, and the same
+        in every attempt (a stream packs its staging wire once)."""
+        n = self._num_tokens[tid]
+        if type(skip) is not int or not 0 <= skip < n or skip % self.layout.block_size:
+            raise TransferError(f"a pull may skip whole blocks of {self.layout.block_size} tokens short of the "
+                                f"prompt's {n}, got skip={skip!r}")
+        if self._skip.setdefault(tid, skip) != skip:
+            raise TransferError(f"a retried pull of {tid} skips {skip} tokens, its first attempt {self._skip[tid]}")
+
+    def _span(self, tid: str, lease) -> tuple[list[int], int]:
+        """(blocks, tokens) of what moves: the lease's blocks and prompt past the skipped tokens."""
+        skip = self._skip.get(tid, 0)
+        return list(lease.block_ids)[skip // self.layout.block_size:], self._num_tokens[tid] - skip
 
     def _zero_copy_head(self, lease) -> dict:
         return {"name": self._shared.name, "shape": list(self.cache_data.shape), "dtype": self.layout.dtype,
@@ -315,12 +335,12 @@ class ChannelSender(KVSender):
             return
         if stream.data_id is not None and stream.data_id not in self._data_peers:
             return   # its data connection is not up yet: its probe wakes the loop, the next poll sends
-        n = self._num_tokens[tid]
+        block_ids, n = self._span(tid, lease)
         staging = self._staging.take(tid, self.layout.wire_shape(n), self.layout.torch_dtype)
         step = layers_per_message(self.layout, n, CHUNK_BYTES)
         for first in range(stream.sent, stream.ready, step):
             stop = min(first + step, stream.ready)
-            payload = chunk_payload(stream, self.cache_data, self.layout, list(lease.block_ids), n, staging,
+            payload = chunk_payload(stream, self.cache_data, self.layout, block_ids, n, staging,
                                     first, stop, self.compress)
             head = {"transfer_id": tid, "attempt": stream.attempt, "layers": [first, stop],
                     "compress": self.compress}
@@ -383,6 +403,7 @@ class ChannelSender(KVSender):
         if self._shared is not None:
             self._shared.bump(end.block_ids)   # before the worker can reuse them
         self._num_tokens.pop(tid, None)
+        self._skip.pop(tid, None)
         self._streams.pop(tid, None)
         self._delayed = [d for d in self._delayed if d[1] != tid]
         self._path.release(tid)

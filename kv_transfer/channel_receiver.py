@@ -1,6 +1,7 @@
 """The receiving (decode) side of the KV channel; the protocol is described in `channel`."""
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections import OrderedDict
@@ -29,6 +30,20 @@ class _Pull:
     sent_at: float = 0.0
     layers: LayerProgress | None = None   # a layer by layer delivery (streamed offers)
     inline: bool = True                   # backend auto: the bytes come in zmq frames (not zero copy)
+    skip: int = 0                         # the first `skip` tokens' KV is here already: not pulled
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens whose KV this pull moves: the offer's, past the ones skipped."""
+        return self.offer.num_tokens - self.skip
+
+    def dst_ids(self, block_size: int) -> list[int]:
+        """The destination blocks the moved tokens land in (`skip` is whole blocks of them)."""
+        return self.dst_block_ids[self.skip // block_size:]
+
+    def src_ids(self, block_ids: list[int]) -> list[int]:
+        """The sender's blocks that hold the moved tokens (`skip` is whole blocks of them too)."""
+        return block_ids[self.skip // self.offer.layout.block_size:]
 
 
 # how many dead senders a receiver remembers, to refuse their offers that are still on the way
@@ -66,7 +81,7 @@ class ChannelReceiver(KVReceiver):
         self._lost: OrderedDict[str, tuple[float, str]] = OrderedDict()   # dead endpoint -> (when, why)
         self._failed: list[TransferResult] = []    # failed by fail_endpoint, reported by the next poll
 
-    def pull(self, offer: TransferOffer, dst_block_ids: Sequence[int]) -> None:
+    def pull(self, offer: TransferOffer, dst_block_ids: Sequence[int], skip_tokens: int = 0) -> None:
         if offer.backend != self.backend:
             raise TransferError(f"offer {offer.transfer_id} uses backend {offer.backend!r}, this receiver {self.backend!r}")
         if offer.transfer_id in self._pending:
@@ -79,6 +94,7 @@ class ChannelReceiver(KVReceiver):
         if len(set(ids[:need])) != need or not all(0 <= b < num_blocks for b in ids[:need]):
             raise TransferError(f"destination blocks must be distinct ids in [0, {num_blocks}), got {ids[:need]}")
         kvl.check_compatible(offer.layout, self.layout)
+        check_skip(skip_tokens, offer, self.layout)
         lost = self._lost_reason(offer.endpoint)
         if lost is not None:
             raise TransferError(f"sender {offer.endpoint} is gone: {lost}")
@@ -86,7 +102,7 @@ class ChannelReceiver(KVReceiver):
         local = self.backend == "shm" or (self.backend == "auto" and offer.node == self.node and offer.node != "")
         if not local and offer.data_endpoint and self._keys is not None:
             self._data_id(offer)   # ... and so does a bad data endpoint
-        pull = _Pull(offer, ids, inline=not local)
+        pull = _Pull(offer, ids, inline=not local, skip=skip_tokens)
         self._pending[offer.transfer_id] = pull
         if offer.zero_copy is not None and not offer.streamed and local:
             pull.sent_at = self._clock()
@@ -260,6 +276,8 @@ class ChannelReceiver(KVReceiver):
         pull.sent_at = self._clock()
         pull.layers = None   # a new attempt gets every layer again
         head = {"transfer_id": pull.offer.transfer_id, "attempt": pull.attempts}
+        if pull.skip:
+            head["skip"] = pull.skip
         if self.backend == "auto":
             head["inline"] = pull.inline
         if pull.inline and pull.offer.data_endpoint and self._keys is not None:
@@ -320,7 +338,7 @@ class ChannelReceiver(KVReceiver):
             layers = layer_range(head, num_layers)
             if "zero_copy" in head:
                 self._copy_in_place(pull, head["zero_copy"], layers)
-                nbytes = len(layers) * pull.offer.num_tokens * pull.offer.layout.bytes_per_token // num_layers
+                nbytes = len(layers) * pull.num_tokens * pull.offer.layout.bytes_per_token // num_layers
             else:
                 nbytes = self._land(pull, head, frames, layers=layers)
         except Exception as e:   # anything wrong with one payload fails this attempt only
@@ -339,7 +357,7 @@ class ChannelReceiver(KVReceiver):
         payload = wire = None
         try:
             payload = self._path.open(head, frames)
-            expected = pull.offer.layout.wire_shape(pull.offer.num_tokens)
+            expected = pull.offer.layout.wire_shape(pull.num_tokens)
             expected = expected if layers is None else (len(layers), *expected[1:])
             if list(payload[0].shape) != list(expected):
                 raise ValueError(f"payload shape {list(payload[0].shape)} != expected {list(expected)}")
@@ -350,14 +368,14 @@ class ChannelReceiver(KVReceiver):
                 wire = codec.dequantize_int8(payload[0], payload[1], self.layout.torch_dtype)
             else:
                 wire = payload[0]
-            src = pull.offer.layout
+            src, dst_ids = pull.offer.layout, pull.dst_ids(self.layout.block_size)
             if _same_shard(src, self.layout) and wire.is_contiguous():   # whole blocks, in runs
                 layers = layers or range(src.local_layers)
-                unpack_runs(wire, self.cache_data[layers.start:layers.stop], pull.dst_block_ids)
+                unpack_runs(wire, self.cache_data[layers.start:layers.stop], dst_ids)
             else:
                 if layers is not None:
                     src = layers_layout(src, layers.start, layers.stop)
-                kvl.unpack_into(self.cache_data, self.layout, pull.dst_block_ids, wire, src)
+                kvl.unpack_into(self.cache_data, self.layout, dst_ids, wire, src)
             return sum(codec.wire_nbytes(t) for t in payload)
         finally:
             payload = wire = None   # views of a shared segment must go before it is unmapped
@@ -366,21 +384,22 @@ class ChannelReceiver(KVReceiver):
     def _copy_in_place(self, pull: _Pull, zc: dict, layers: range | None = None) -> None:
         """Copy the leased blocks (of local `layers` only, when streaming) straight out of the
         sender's shared cache, then check that their lease held throughout (generations unchanged)."""
-        src_layout, n = pull.offer.layout, pull.offer.num_tokens
+        src_layout, n = pull.offer.layout, pull.num_tokens
         src, generations = self._attached.view(zc["name"], zc["shape"], zc["dtype"])
         self._segments.setdefault(pull.offer.endpoint, set()).add(zc["name"])   # unmapped if it dies
         layers = range(src_layout.local_layers) if layers is None else layers
+        src_ids, dst_ids = pull.src_ids(list(zc["block_ids"])), pull.dst_ids(self.layout.block_size)
         if _same_shard(src_layout, self.layout):
             num_blocks = blocks_needed(n, src_layout.block_size)
-            copy_block_runs(src[layers.start:layers.stop], zc["block_ids"][:num_blocks],
-                            self.cache_data[layers.start:layers.stop], pull.dst_block_ids[:num_blocks])
+            copy_block_runs(src[layers.start:layers.stop], src_ids[:num_blocks],
+                            self.cache_data[layers.start:layers.stop], dst_ids[:num_blocks])
         elif len(layers) == src_layout.local_layers:
-            wire = kvl.pack(src, src_layout, zc["block_ids"], n)
-            kvl.unpack_into(self.cache_data, self.layout, pull.dst_block_ids, wire, src_layout)
+            wire = kvl.pack(src, src_layout, src_ids, n)
+            kvl.unpack_into(self.cache_data, self.layout, dst_ids, wire, src_layout)
         else:
             for layer in layers:
-                wire = kvl.pack_layer(src, src_layout, layer, zc["block_ids"], n)
-                kvl.unpack_layer_into(self.cache_data, self.layout, pull.dst_block_ids, wire, src_layout,
+                wire = kvl.pack_layer(src, src_layout, layer, src_ids, n)
+                kvl.unpack_layer_into(self.cache_data, self.layout, dst_ids, wire, src_layout,
                                       src_layout.layer_start + layer)
         if generations[zc["block_ids"]].tolist() != zc["generations"]:
             raise ValueError("the source blocks were released while being copied (lease ended)")
@@ -402,7 +421,7 @@ class ChannelReceiver(KVReceiver):
             self._control(pull.offer.endpoint, b"ACK", {"transfer_id": tid, "attempt": pull.attempts,
                                                         "ok": ok, "error": error})
         if nbytes is None:
-            nbytes = pull.offer.num_tokens * pull.offer.layout.bytes_per_token if ok else 0
+            nbytes = pull.num_tokens * pull.offer.layout.bytes_per_token if ok else 0
         status = TransferStatus.DONE if ok else TransferStatus.FAILED
         via = self.backend if self.backend != "auto" else ("zmq" if pull.inline else "shm")
         return TransferResult(tid, pull.offer.req_id, status, error, nbytes, pull.attempts, via)
@@ -415,6 +434,17 @@ class ChannelReceiver(KVReceiver):
             if result is not None:
                 results.append(result)
         return results
+
+
+def check_skip(skip_tokens: int, offer: TransferOffer, dst: kvl.KVLayout) -> None:
+    """A pull may skip a prefix of the offer's tokens that the receiver holds already: whole
+    blocks on both sides (a multiple of both block sizes), and never the whole prompt."""
+    if type(skip_tokens) is not int or not 0 <= skip_tokens < max(offer.num_tokens, 1):
+        raise TransferError(f"skip_tokens must be an int in [0, {offer.num_tokens}), got {skip_tokens!r}")
+    step = math.lcm(offer.layout.block_size, dst.block_size)
+    if skip_tokens % step:
+        raise TransferError(f"skip_tokens={skip_tokens} must be whole blocks on both sides (a multiple of "
+                            f"{step}: blocks of {offer.layout.block_size} there, {dst.block_size} here)")
 
 
 def _same_shard(a: kvl.KVLayout, b: kvl.KVLayout) -> bool:

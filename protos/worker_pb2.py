@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos import pdcluster_pb2 as protos_dot_pdcluster__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/worker.proto\x12\x13pdcluster.worker.v1\x1a\x16protos/pdcluster.proto\"g\n\x0bPrefillWork\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.pdcluster.v1.SamplingParams\"\x8d\x01\n\nDecodeWork\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x16\n\x0e\x66irst_token_id\x18\x03 \x01(\x05\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.pdcluster.v1.SamplingParams\x12\r\n\x05offer\x18\x05 \x01(\x0c\"\x17\n\x05\x41\x62ort\x12\x0e\n\x06req_id\x18\x01 \x01(\t\"+\n\nEarlyOffer\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\r\n\x05offer\x18\x02 \x01(\x0c\"\x1c\n\x08PeerLost\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\"\x90\x02\n\x08ToWorker\x12\x33\n\x07prefill\x18\x01 \x01(\x0b\x32 .pdcluster.worker.v1.PrefillWorkH\x00\x12\x31\n\x06\x64\x65\x63ode\x18\x02 \x01(\x0b\x32\x1f.pdcluster.worker.v1.DecodeWorkH\x00\x12+\n\x05\x61\x62ort\x18\x03 \x01(\x0b\x32\x1a.pdcluster.worker.v1.AbortH\x00\x12\x33\n\x08prefetch\x18\x04 \x01(\x0b\x32\x1f.pdcluster.worker.v1.EarlyOfferH\x00\x12\x32\n\tpeer_lost\x18\x05 \x01(\x0b\x32\x1d.pdcluster.worker.v1.PeerLostH\x00\x42\x06\n\x04kind\"\x7f\n\x0bPrefillDone\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\x05\x12\r\n\x05offer\x18\x03 \x01(\x0c\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x0f\n\x07queue_s\x18\x05 \x01(\x01\x12\x11\n\tprefill_s\x18\x06 \x01(\x01\"V\n\x06Tokens\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x12\n\ntransfer_s\x18\x04 \x01(\x01\"N\n\x06\x46\x61iled\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\r\n\x05retry\x18\x03 \x01(\x08\x12\x16\n\x0einstance_fault\x18\x04 \x01(\x08\"\xb7\x01\n\x04Load\x12\x13\n\x0bnum_waiting\x18\x01 \x01(\x05\x12\x13\n\x0bnum_running\x18\x02 \x01(\x05\x12\x1c\n\x14queued_prompt_tokens\x18\x03 \x01(\x05\x12\x17\n\x0fnum_free_blocks\x18\x04 \x01(\x05\x12\x12\n\nnum_blocks\x18\x05 \x01(\x05\x12\x12\n\nnum_leases\x18\x06 \x01(\x05\x12\x13\n\x0bmean_step_s\x18\x07 \x01(\x01\x12\x11\n\tnum_steps\x18\x08 \x01(\x03\"\x88\x02\n\nFromWorker\x12\x10\n\x08instance\x18\x01 \x01(\t\x12\x33\n\tprefilled\x18\x02 \x03(\x0b\x32 .pdcluster.worker.v1.PrefillDone\x12+\n\x06tokens\x18\x03 \x03(\x0b\x32\x1b.pdcluster.worker.v1.Tokens\x12+\n\x06\x66\x61iled\x18\x04 \x03(\x0b\x32\x1b.pdcluster.worker.v1.Failed\x12\'\n\x04load\x18\x05 \x01(\x0b\x32\x19.pdcluster.worker.v1.Load\x12\x30\n\x07offered\x18\x06 \x03(\x0b\x32\x1f.pdcluster.worker.v1.EarlyOfferb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/worker.proto\x12\x13pdcluster.worker.v1\x1a\x16protos/pdcluster.proto\"g\n\x0bPrefillWork\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.pdcluster.v1.SamplingParams\"\x8d\x01\n\nDecodeWork\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x16\n\x0e\x66irst_token_id\x18\x03 \x01(\x05\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.pdcluster.v1.SamplingParams\x12\r\n\x05offer\x18\x05 \x01(\x0c\"\x17\n\x05\x41\x62ort\x12\x0e\n\x06req_id\x18\x01 \x01(\t\"E\n\nEarlyOffer\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\r\n\x05offer\x18\x02 \x01(\x0c\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\"\x1c\n\x08PeerLost\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\"\x90\x02\n\x08ToWorker\x12\x33\n\x07prefill\x18\x01 \x01(\x0b\x32 .pdcluster.worker.v1.PrefillWorkH\x00\x12\x31\n\x06\x64\x65\x63ode\x18\x02 \x01(\x0b\x32\x1f.pdcluster.worker.v1.DecodeWorkH\x00\x12+\n\x05\x61\x62ort\x18\x03 \x01(\x0b\x32\x1a.pdcluster.worker.v1.AbortH\x00\x12\x33\n\x08prefetch\x18\x04 \x01(\x0b\x32\x1f.pdcluster.worker.v1.EarlyOfferH\x00\x12\x32\n\tpeer_lost\x18\x05 \x01(\x0b\x32\x1d.pdcluster.worker.v1.PeerLostH\x00\x42\x06\n\x04kind\"\x7f\n\x0bPrefillDone\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\x05\x12\r\n\x05offer\x18\x03 \x01(\x0c\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x0f\n\x07queue_s\x18\x05 \x01(\x01\x12\x11\n\tprefill_s\x18\x06 \x01(\x01\"V\n\x06Tokens\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x12\n\ntransfer_s\x18\x04 \x01(\x01\"N\n\x06\x46\x61iled\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\r\n\x05retry\x18\x03 \x01(\x08\x12\x16\n\x0einstance_fault\x18\x04 \x01(\x08\"\xb7\x01\n\x04Load\x12\x13\n\x0bnum_waiting\x18\x01 \x01(\x05\x12\x13\n\x0bnum_running\x18\x02 \x01(\x05\x12\x1c\n\x14queued_prompt_tokens\x18\x03 \x01(\x05\x12\x17\n\x0fnum_free_blocks\x18\x04 \x01(\x05\x12\x12\n\nnum_blocks\x18\x05 \x01(\x05\x12\x12\n\nnum_leases\x18\x06 \x01(\x05\x12\x13\n\x0bmean_step_s\x18\x07 \x01(\x01\x12\x11\n\tnum_steps\x18\x08 \x01(\x03\"\x88\x02\n\nFromWorker\x12\x10\n\x08instance\x18\x01 \x01(\t\x12\x33\n\tprefilled\x18\x02 \x03(\x0b\x32 .pdcluster.worker.v1.PrefillDone\x12+\n\x06tokens\x18\x03 \x03(\x0b\x32\x1b.pdcluster.worker.v1.Tokens\x12+\n\x06\x66\x61iled\x18\x04 \x03(\x0b\x32\x1b.pdcluster.worker.v1.Failed\x12\'\n\x04load\x18\x05 \x01(\x0b\x32\x19.pdcluster.worker.v1.Load\x12\x30\n\x07offered\x18\x06 \x03(\x0b\x32\x1f.pdcluster.worker.v1.EarlyOfferb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,19 +39,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ABORT']._serialized_start=317
   _globals['_ABORT']._serialized_end=340
   _globals['_EARLYOFFER']._serialized_start=342
-  _globals['_EARLYOFFER']._serialized_end=385
-  _globals['_PEERLOST']._serialized_start=387
-  _globals['_PEERLOST']._serialized_end=415
-  _globals['_TOWORKER']._serialized_start=418
-  _globals['_TOWORKER']._serialized_end=690
-  _globals['_PREFILLDONE']._serialized_start=692
-  _globals['_PREFILLDONE']._serialized_end=819
-  _globals['_TOKENS']._serialized_start=821
-  _globals['_TOKENS']._serialized_end=907
-  _globals['_FAILED']._serialized_start=909
-  _globals['_FAILED']._serialized_end=987
-  _globals['_LOAD']._serialized_start=990
-  _globals['_LOAD']._serialized_end=1173
-  _globals['_FROMWORKER']._serialized_start=1176
-  _globals['_FROMWORKER']._serialized_end=1440
+  _globals['_EARLYOFFER']._serialized_end=411
+  _globals['_PEERLOST']._serialized_start=413
+  _globals['_PEERLOST']._serialized_end=441
+  _globals['_TOWORKER']._serialized_start=444
+  _globals['_TOWORKER']._serialized_end=716
+  _globals['_PREFILLDONE']._serialized_start=718
+  _globals['_PREFILLDONE']._serialized_end=845
+  _globals['_TOKENS']._serialized_start=847
+  _globals['_TOKENS']._serialized_end=933
+  _globals['_FAILED']._serialized_start=935
+  _globals['_FAILED']._serialized_end=1013
+  _globals['_LOAD']._serialized_start=1016
+  _globals['_LOAD']._serialized_end=1199
+  _globals['_FROMWORKER']._serialized_start=1202
+  _globals['_FROMWORKER']._serialized_end=1466
 # @@protoc_insertion_point(module_scope)

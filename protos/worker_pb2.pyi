@@ -38,12 +38,14 @@ class Abort(_message.Message):
     def __init__(self, req_id: _Optional[str] = ...) -> None: ...
 
 class EarlyOffer(_message.Message):
-    __slots__ = ("req_id", "offer")
+    __slots__ = ("req_id", "offer", "prompt_token_ids")
     REQ_ID_FIELD_NUMBER: _ClassVar[int]
     OFFER_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     req_id: str
     offer: bytes
-    def __init__(self, req_id: _Optional[str] = ..., offer: _Optional[bytes] = ...) -> None: ...
+    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, req_id: _Optional[str] = ..., offer: _Optional[bytes] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PeerLost(_message.Message):
     __slots__ = ("endpoint",)

@@ -357,9 +357,12 @@ class RouterCore:
         return response
 
     def _bind_decode(self, st: RequestState) -> InstanceView | None:
-        """The decode instance with the most room now; counted against it until the request ends."""
-        need = blocks_needed(len(st.attempt_ids) + 1, self.admission.model.block_size)
-        view = pick_decode(self._available(), need)
+        """The decode instance with the most room now, counting a prefix of the prompt it holds
+        (not pulled, no new blocks); counted against it until the request ends."""
+        bs = self.admission.model.block_size
+        need = blocks_needed(len(st.attempt_ids) + 1, bs)
+        hashes = st.attempt_hashes
+        view = pick_decode(self._available(), need, lambda v: self._overlap(v.name, hashes) // bs)
         if view is not None:
             st.decode, st.decode_blocks, st.decode_active = view.name, need, True
             view.active += 1
@@ -440,8 +443,9 @@ class RouterCore:
         if self.colocated or st.decode or st.prefill_done:
             return
         view = self._bind_decode(st)
-        if view is not None:
-            self.links.send(view.name, wpb.ToWorker(prefetch=early))
+        if view is not None:   # with the prompt: a prefix of it cached there is not pulled
+            self.links.send(view.name, wpb.ToWorker(prefetch=wpb.EarlyOffer(
+                req_id=early.req_id, offer=early.offer, prompt_token_ids=st.attempt_ids)))
 
     def _send_decode(self, st: RequestState, done: wpb.PrefillDone) -> None:
         view = self.views.get(st.decode) if st.decode else None

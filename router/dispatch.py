@@ -7,6 +7,7 @@ the workers send after each step.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -36,18 +37,21 @@ def pick_prefill(views: list[InstanceView]) -> InstanceView | None:
     return min(live, key=lambda v: (v.queued_tokens, v.active, v.name), default=None)
 
 
-def pick_decode(views: list[InstanceView], blocks_needed: int) -> InstanceView | None:
-    """The live decode instance with the most free blocks (then the smallest batch).
+def pick_decode(views: list[InstanceView], blocks_needed: int,
+                held: Callable[[InstanceView], int] | None = None) -> InstanceView | None:
+    """The live decode instance with the most free blocks left once it took the request (then
+    the smallest batch). `held(v)`: leading blocks of the prompt that `v` holds in its prefix
+    cache already (KV-aware routing): they cost it no new block and no transfer.
 
     Instances that can take the request now come first; if none can, the one
     with the most room still gets it and queues it until blocks free up.
     """
     live = [v for v in views if v.role == "decode" and v.available]
 
-    def room(v: InstanceView) -> int:
-        return v.free_blocks - v.assigned_blocks
+    def left(v: InstanceView) -> int:
+        return v.free_blocks - v.assigned_blocks - (blocks_needed - (held(v) if held else 0))
 
-    return max(live, key=lambda v: (room(v) >= blocks_needed, room(v), -v.active, v.name), default=None)
+    return max(live, key=lambda v: (left(v) >= 0, left(v), -v.active, v.name), default=None)
 
 
 def pick_colocated(views: list[InstanceView]) -> InstanceView | None:

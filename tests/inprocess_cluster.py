@@ -18,7 +18,7 @@ from protos import pdcluster_pb2 as pb
 from protos import worker_pb2 as wpb
 from router.admission import Admission, ModelInfo
 from router.core import InstanceInfo, RouterCore
-from tests.unit.test_workers_in_process import BLOCK_SIZE, VOCAB, _gb_for
+from tests.worker_pair import BLOCK_SIZE, VOCAB, gb_for
 
 
 class InProcessLinks:
@@ -50,8 +50,8 @@ class Cluster:
         policy for router.disaggregation conditional / never."""
         base = {
             "model": {"path": model_dir, "dtype": "float32"},
-            "prefill": {"block_size": BLOCK_SIZE, "kv_cache_memory_gb": _gb_for(model_dir, 64)},
-            "decode": {"block_size": BLOCK_SIZE, "kv_cache_memory_gb": _gb_for(model_dir, 64)},
+            "prefill": {"block_size": BLOCK_SIZE, "kv_cache_memory_gb": gb_for(model_dir, 64)},
+            "decode": {"block_size": BLOCK_SIZE, "kv_cache_memory_gb": gb_for(model_dir, 64)},
             "transfer": {"backend": "zmq", "on_failure": on_failure},
             "router": {"migration_limit": migration_limit, "request_timeout_s": 30.0}}
         for section, values in (extra or {}).items():

@@ -256,7 +256,8 @@ async def sweep(address: str, spec: SweepSpec, prompts: PromptMaker, label: str,
                 after = counters()
                 w = summary["worker_counters"] = {k: after[k] - before[k] for k in after}
                 log(f"{label:>18} @ {rate:6.3g} req/s: prefill computed {w['prompt_tokens'] - w['prefix_hit_tokens']} "
-                    f"of {w['prompt_tokens']} prompt tokens, {w['kv_bytes_received'] / 2**20:.1f} MiB of KV moved")
+                    f"of {w['prompt_tokens']} prompt tokens, {w['kv_bytes_received'] / 2**20:.1f} MiB of KV moved "
+                    f"({w['kv_tokens_skipped']} prompt tokens' KV found on the decode instance, not moved)")
             summary["requests"] = [r.to_dict() for r in results]
             points.append(summary)
             c = summary["counts"]
@@ -296,8 +297,9 @@ def mode_label(config: ClusterConfig) -> str:
 
 
 # what every worker counts (worker_shell.base.stats): prompt tokens looked up in the prefix cache and
-# found there (prefill computed the difference), KV bytes that reached decode instances
-WORKER_COUNTERS = ("prompt_tokens", "prefix_hit_tokens", "kv_bytes_received")
+# found there (prefill computed the difference), KV bytes that reached decode instances, and the
+# prompt tokens whose KV a decode instance's pull found in its own cache (not moved)
+WORKER_COUNTERS = ("prompt_tokens", "prefix_hit_tokens", "kv_bytes_received", "kv_tokens_skipped")
 
 
 def worker_counters(cluster: Cluster) -> dict[str, int]:

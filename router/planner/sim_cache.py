@@ -12,8 +12,8 @@ whole number of blocks. One entry per conversation, ordered by release:
   * a prompt admitted there takes its conversation's entry (`claim`): the blocks it hits become
     its own again, as allocate_cached shares them;
   * fresh blocks come out of the free ones; the entries fit in what is free, evicting the least
-    recently released first (`fit`). The engine frees a sequence's blocks first to last, so the
-    first block of a prefix goes first and the rest can no longer be found: an entry goes whole.
+    recently released first (`fit`). The engine frees a sequence's blocks last to first, so the
+    last blocks of a prefix go first and its head stays findable: an entry shrinks from its end.
 
 A hit never covers the block holding the prompt's last token (its logits must be computed).
 Approximations: a prompt sharing blocks with a request still running there (a conversation's
@@ -62,12 +62,19 @@ class PrefixCache:
         self.fit(free_blocks)
 
     def fit(self, free_blocks: int) -> None:
-        """Evict the least recently released entries until the cached blocks are within the free ones."""
+        """Evict the least recently released blocks, an entry's last first, until the cached blocks are
+        within the free ones."""
+        bs = self.block_size
         while self.num_blocks > free_blocks and self.entries:
-            _, tokens = self.entries.popitem(last=False)
-            self.num_blocks -= tokens // self.block_size
+            conversation, tokens = next(iter(self.entries.items()))
+            drop = min(tokens // bs, self.num_blocks - free_blocks)
+            if drop == tokens // bs:
+                del self.entries[conversation]
+            else:   # (the entry keeps its place: the rest of it was released as long ago)
+                self.entries[conversation] = tokens - drop * bs
+            self.num_blocks -= drop
             if self.stats is not None:
-                self.stats.evicted_blocks += tokens // self.block_size
+                self.stats.evicted_blocks += drop
 
 
 def conversation_blocks(spec: RequestSpec, tokens: int, block_size: int) -> list[tuple[int, int]]:

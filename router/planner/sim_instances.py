@@ -139,18 +139,23 @@ class DecodeInstance:
             self.waiting.popleft()
             self.waiting_blocks -= need
             self.free_blocks -= need
-            if self.cache:      # a pull lands in fresh blocks: cached ones may have to go
+            held = 0
+            if self.cache:      # a pull skips the prefix held here, the rest lands in fresh blocks
+                if self.pull:   # (cached ones may have to go)
+                    held = self.cache.usable(r.spec)
+                    self.cache.claim(r.spec)
                 self.cache.fit(self.free_blocks)
             self.admitted += 1
-            self.sim.at(self._transfer_end(now, r), self._pulled, r, need)
+            self.sim.at(self._transfer_end(now, r, held), self._pulled, r, need)
 
-    def _transfer_end(self, now: float, r: SimRequest) -> float:
-        """When the KV pull ends: transfers through one instance's link run one after another."""
+    def _transfer_end(self, now: float, r: SimRequest, held: int = 0) -> float:
+        """When the KV pull ends: transfers through one instance's link run one after another.
+        `held`: prompt tokens whose KV is here already (prefix caching): not pulled."""
         if not self.pull:
             return now
         src = r.kv_holder
         start = max(now, self.link_free, src.link_free if src is not None else now)
-        nbytes = r.spec.prompt_tokens * self.sim.profile.kv_bytes_per_token
+        nbytes = (r.spec.prompt_tokens - held) * self.sim.profile.kv_bytes_per_token
         self.sim.stats.kv_bytes += nbytes
         end = start + nbytes / (self.sim.cfg.transfer_gb_s * 1e9)
         self.link_free = end

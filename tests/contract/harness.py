@@ -414,9 +414,9 @@ class Pair:
               stream: bool = False) -> tuple[TransferOffer, list[int]]:
         return self.sender.offer(req_id, num_tokens, ttl_s, stream=stream)
 
-    def pull(self, offer: TransferOffer) -> list[int]:
+    def pull(self, offer: TransferOffer, skip_tokens: int = 0) -> list[int]:
         ids = self.dst_blocks.allocate(offer.num_tokens)
-        self.receiver.pull(offer, ids)
+        self.receiver.pull(offer, ids, skip_tokens)
         return ids
 
     def drive(self, until, timeout_s: float = 30.0) -> None:

@@ -22,12 +22,12 @@ MODEL = dict(num_layers=3, num_kv_heads=3, head_dim=16, dtype="bfloat16")   # 3 
 REQUESTS = [("a", 37), ("b", 16), ("c", 5)]
 
 
-def _rank(block_size: int = 16, **plan) -> KVLayout:
+def rank_layout(block_size: int = 16, **plan) -> KVLayout:
     return KVLayout.for_rank(block_size=block_size, **MODEL, **plan)
 
 
 @contextlib.contextmanager
-def _instances(src_layouts: list[KVLayout], dst_layouts: list[KVLayout]):
+def parallel_instances(src_layouts: list[KVLayout], dst_layouts: list[KVLayout]):
     """One sender child per prefill rank, one receiver per decode rank; on exit each must hold
     no block, no lease, and have left nothing open."""
     senders, receivers = [], []
@@ -51,14 +51,14 @@ def _instances(src_layouts: list[KVLayout], dst_layouts: list[KVLayout]):
         assert r.left_open in (None, {"fds": 0, "threads": 0}), r.left_open
 
 
-def _model_kv(senders: list[SenderChild], offers, src_ids, dim: int) -> torch.Tensor:
+def model_kv(senders: list[SenderChild], offers, src_ids, dim: int) -> torch.Tensor:
     """The request's KV of the whole model, put together from the prefill ranks' caches."""
     # each part: [rank layers, 2, tokens, rank heads, head_dim]; dim 0 joins layers, 3 heads
     return torch.cat([s.sent(o, ids) for s, o, ids in zip(senders, offers, src_ids)], dim=dim)
 
 
 def _many_to_one(src_layouts: list[KVLayout], dst_layout: KVLayout, join_dim: int) -> None:
-    with _instances(src_layouts, [dst_layout]) as (senders, (dst,)):
+    with parallel_instances(src_layouts, [dst_layout]) as (senders, (dst,)):
         for req_id, num_tokens in REQUESTS:
             offers, src_ids = [], []
             for s in senders:
@@ -77,23 +77,23 @@ def _many_to_one(src_layouts: list[KVLayout], dst_layout: KVLayout, join_dim: in
             drive([dst], senders, lambda: all(t in s.ends for s, t in zip(senders, tids)))
             assert all(ok(dst.results[t]) for t in tids), [dst.results[t] for t in tids]
             assert all(s.ends[t].outcome is LeaseState.DONE for s, t in zip(senders, tids))
-            want = _model_kv(senders, offers, src_ids, join_dim)
+            want = model_kv(senders, offers, src_ids, join_dim)
             assert torch.equal(dst.received(num_tokens, dst_ids), want), req_id
             dst.blocks.free(dst_ids)
 
 
 def test_tensor_parallel_2_into_1():
     """Each prefill rank holds some KV heads; the decode rank holds them all (and pages by 8)."""
-    src = [_rank(tp_rank=r, tp_size=2) for r in range(2)]
+    src = [rank_layout(tp_rank=r, tp_size=2) for r in range(2)]
     assert [(s.head_start, s.head_end) for s in src] == [(0, 2), (2, 3)]
-    _many_to_one(src, _rank(block_size=8), join_dim=3)
+    _many_to_one(src, rank_layout(block_size=8), join_dim=3)
 
 
 def test_pipeline_parallel_2_into_1():
     """Each prefill stage holds some layers; the decode rank holds them all."""
-    src = [_rank(pp_rank=r, pp_size=2) for r in range(2)]
+    src = [rank_layout(pp_rank=r, pp_size=2) for r in range(2)]
     assert [(s.layer_start, s.layer_end) for s in src] == [(0, 2), (2, 3)]
-    _many_to_one(src, _rank(), join_dim=0)
+    _many_to_one(src, rank_layout(), join_dim=0)
 
 
 @pytest.mark.parametrize("plan", ["tp", "pp"])
@@ -102,9 +102,9 @@ def test_degree_1_into_2(plan):
     pipeline: layers split) pulls from it and keeps its share. A lease holds its blocks alone
     (LeaseTable), so the prefill rank keeps one block reference per decode rank and offers to
     them one after another."""
-    src = _rank()
-    dsts = [_rank(**{f"{plan}_rank": r, f"{plan}_size": 2}) for r in range(2)]
-    with _instances([src], dsts) as ((sender,), receivers):
+    src = rank_layout()
+    dsts = [rank_layout(**{f"{plan}_rank": r, f"{plan}_size": 2}) for r in range(2)]
+    with parallel_instances([src], dsts) as ((sender,), receivers):
         for req_id, num_tokens in REQUESTS:
             offer, src_ids = sender.offer(req_id, num_tokens, uses=len(receivers))
             model = sender.sent(offer, src_ids)   # [layers, 2, tokens, heads, head_dim]

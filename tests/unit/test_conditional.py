@@ -13,7 +13,7 @@ import pytest
 from router.conditional import ConditionalPolicy, DecodeSide, PrefillSide
 from router.planner.profile import PhaseModel, PlanLatency
 from tests.inprocess_cluster import Cluster, collect, drive, expected
-from tests.unit.test_workers_in_process import _prompt, oracle, tiny_dir  # noqa: F401
+from tests.worker_pair import prompt_ids, oracle, tiny_dir  # noqa: F401
 
 # 1 ms per prompt token, a 20 ms decode step + 0.1 ms per request
 LATENCY = PlanLatency(PhaseModel(0.0, 0.001, 0.0), PhaseModel(0.02, 0.0001, 0.0))
@@ -94,7 +94,7 @@ def test_local_and_remote_prefills_match_the_engine(tiny_dir, oracle, mode):
     c = Cluster(tiny_dir, num_prefill=1, num_decode=2, conditional=policy,
                 extra={"router": {"disaggregation": mode}, "conditional": {"local_prefill_tokens": 8}})
     try:
-        prompts = [_prompt(30 + 7 * i, seed=300 + i) for i in range(6)]
+        prompts = [prompt_ids(30 + 7 * i, seed=300 + i) for i in range(6)]
         results = _serve(c, prompts, 10)
         assert [t for t, _ in results] == expected(oracle, prompts, 10)
         local = [f for _, f in results if f.prefill_instance.startswith("decode")]
@@ -112,9 +112,9 @@ def test_a_conversations_next_turn_is_prefilled_over_its_cached_history_where_it
                 extra={"router": {"disaggregation": "conditional"}, "conditional": {"local_prefill_tokens": 16},
                        "decode": {"enable_prefix_caching": True}, "prefill": {"enable_prefix_caching": True}})
     try:
-        first = _prompt(41, seed=400)
+        first = prompt_ids(41, seed=400)
         (t1, f1), = _serve(c, [first], 12)
-        turn2 = first + t1 + _prompt(9, seed=401)   # the client resends the history and a new message
+        turn2 = first + t1 + prompt_ids(9, seed=401)   # the client resends the history and a new message
         (t2, f2), = _serve(c, [turn2], 12)
         assert [t1, t2] == expected(oracle, [first, turn2], 12)
         holder = c.workers[f1.decode_instance]
@@ -137,7 +137,7 @@ def test_a_repeated_prompt_counts_as_held_only_where_a_prefix_cache_keeps_it(tin
         extra.update(decode={"enable_prefix_caching": True}, prefill={"enable_prefix_caching": True})
     c = Cluster(tiny_dir, num_prefill=1, num_decode=1, conditional=policy, extra=extra)
     try:
-        prompt = _prompt(41, seed=500)
+        prompt = prompt_ids(41, seed=500)
         (t1, f1), = _serve(c, [prompt], 6)
         (t2, f2), = _serve(c, [prompt], 6)
         assert [t1, t2] == expected(oracle, [prompt, prompt], 6)

@@ -64,6 +64,38 @@ def test_can_allocate_cached_counts_idle_hits_as_leaving_the_free_list():
     assert not bm.can_allocate_cached(20, p + [2, 3, 4, 5, 6, 7, 8, 9])   # 3 hits + 2 fresh > 1 left
 
 
+def test_a_partly_evicted_prefix_keeps_its_head():
+    """A sequence's blocks go back last first: taking fresh blocks evicts its tail before its
+    head, so a later prompt over the same prefix still finds the first blocks."""
+    bm = BlockManager(12, BLOCK, enable_prefix_caching=True)
+    p = list(range(200, 216))                      # 4 full blocks
+    bm.free(_cached(bm, p + [1]))                  # 5 blocks back; the 7 never used are older
+    taken = bm.allocate(9 * BLOCK)                 # the 7 unused, the partial last and p's 4th
+    assert bm.num_evictions == 1
+    bm.free(taken)
+    ids, cached = bm.allocate_cached(17, p + [9])
+    assert cached == 12 and bm.num_hit_tokens == 12   # p's first three blocks are still there
+    bm.free(ids)
+    assert bm.num_free_blocks == 12
+
+
+def test_a_prefix_for_a_pull_is_aligned_and_not_counted_as_computed():
+    """The decode side's lookup for a pull: whole multiples of `align_tokens` (the transfer's
+    block edges on both sides), and not counted with the prompts a prefill computes."""
+    bm = BlockManager(12, BLOCK, enable_prefix_caching=True)
+    p = list(range(300, 320))                      # 5 full blocks
+    bm.free(_cached(bm, p + [1]))
+    queried, hits = bm.num_queried_tokens, bm.num_hit_tokens
+    assert len(bm.cached_prefix(p + [2])) == 5
+    assert len(bm.cached_prefix(p + [2], align_tokens=2 * BLOCK)) == 4
+    ids, cached = bm.allocate_cached(21, p + [2], align_tokens=2 * BLOCK, to_compute=False)
+    assert cached == 16 and (bm.num_queried_tokens, bm.num_hit_tokens) == (queried, hits)
+    with pytest.raises(ValueError, match="align_tokens"):
+        bm.cached_prefix(p, align_tokens=BLOCK + 1)
+    bm.free(ids)
+    assert bm.num_free_blocks == 12
+
+
 def test_without_prefix_caching_nothing_is_found():
     bm = BlockManager(4, BLOCK)
     p = list(range(12))

@@ -15,7 +15,7 @@ from engine import SamplingParams
 from protos import pdcluster_pb2 as pb
 from router.errors import RequestError, Status
 from tests.inprocess_cluster import Cluster, collect, drive, expected, run
-from tests.unit.test_workers_in_process import _prompt, oracle, tiny_dir  # noqa: F401
+from tests.worker_pair import prompt_ids, oracle, tiny_dir  # noqa: F401
 
 pytestmark = pytest.mark.slow     # builds four tiny engines per test
 
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow     # builds four tiny engines per test
 def test_undisturbed_requests_match_the_engine(tiny_dir, oracle):
     c = Cluster(tiny_dir)
     try:
-        prompts = [_prompt(9 + i, seed=i) for i in range(4)]
+        prompts = [prompt_ids(9 + i, seed=i) for i in range(4)]
         results = run(c, prompts, 12)
         assert [t for t, _ in results] == expected(oracle, prompts, 12)
         assert all(f.migrations == 0 and f.finish_reason == "length" for _, f in results)
@@ -35,7 +35,7 @@ def test_undisturbed_requests_match_the_engine(tiny_dir, oracle):
 def test_decode_instance_dies_mid_stream_and_the_stream_goes_on_token_identical(tiny_dir, oracle):
     c = Cluster(tiny_dir)
     try:
-        prompts = [_prompt(11 + i, seed=10 + i) for i in range(4)]
+        prompts = [prompt_ids(11 + i, seed=10 + i) for i in range(4)]
 
         def hook(cluster, events):
             def kill_when_streaming():   # once some request has 5 tokens out, its decode instance dies
@@ -57,7 +57,7 @@ def test_decode_instance_dies_mid_stream_and_the_stream_goes_on_token_identical(
 def test_prefill_instance_dies_with_requests_queued(tiny_dir, oracle):
     c = Cluster(tiny_dir)
     try:
-        prompts = [_prompt(20, seed=30 + i) for i in range(4)]
+        prompts = [prompt_ids(20, seed=30 + i) for i in range(4)]
 
         async def main():
             tasks = [asyncio.ensure_future(collect(c.core, p, 8)) for p in prompts]
@@ -79,7 +79,7 @@ def test_prefill_instance_dies_with_requests_queued(tiny_dir, oracle):
 def test_seeded_sampling_is_unchanged_by_a_move(tiny_dir, oracle):
     c = Cluster(tiny_dir)
     try:
-        prompts = [_prompt(13, seed=50), _prompt(7, seed=51)]
+        prompts = [prompt_ids(13, seed=50), prompt_ids(7, seed=51)]
         kw = dict(seed=1234, temperature=0.8)
 
         def hook(cluster, events):
@@ -109,7 +109,7 @@ def test_past_the_migration_limit_a_request_fails_unavailable_saying_why(tiny_di
 
         async def main():
             events: list = []
-            tasks = [asyncio.ensure_future(collect(c.core, _prompt(9, seed=60 + i), 20, events))
+            tasks = [asyncio.ensure_future(collect(c.core, prompt_ids(9, seed=60 + i), 20, events))
                      for i in range(2)]
             await drive(c, tasks, hook(c, events))
             return [t.exception() for t in tasks]
@@ -124,7 +124,7 @@ def test_past_the_migration_limit_a_request_fails_unavailable_saying_why(tiny_di
 def test_a_request_waits_for_a_replacement_when_its_pool_is_empty(tiny_dir, oracle):
     c = Cluster(tiny_dir, num_decode=1)
     try:
-        prompts = [_prompt(10, seed=70)]
+        prompts = [prompt_ids(10, seed=70)]
         state = {"replaced": False}
 
         def hook(cluster, events):
@@ -159,7 +159,7 @@ def test_no_instance_and_none_coming_is_unavailable_at_once(tiny_dir):
 def test_prefill_dies_with_kv_leased_and_the_policy_recovers(tiny_dir, oracle, policy):
     c = Cluster(tiny_dir, on_failure=policy)
     try:
-        prompts = [_prompt(18 + i, seed=80 + i) for i in range(4)]
+        prompts = [prompt_ids(18 + i, seed=80 + i) for i in range(4)]
 
         def hook(cluster, events):
             def kill_while_leased():   # prefill-0 handed KV offers out, nobody has pulled them yet
@@ -187,7 +187,7 @@ def test_prefill_dies_with_kv_leased_and_policy_fail_fails_the_request(tiny_dir)
             return kill_while_leased
 
         async def main():
-            tasks = [asyncio.ensure_future(collect(c.core, _prompt(16, seed=90 + i), 6)) for i in range(4)]
+            tasks = [asyncio.ensure_future(collect(c.core, prompt_ids(16, seed=90 + i), 6)) for i in range(4)]
             await drive(c, tasks, hook(c, []))
             return [t.exception() for t in tasks]
         errors = [e for e in asyncio.run(main()) if e is not None]
@@ -205,7 +205,7 @@ def test_an_instance_whose_steps_fail_loses_its_requests_to_others_and_leaves_ro
         def fail(plan, on_layer=None):
             raise RuntimeError("the device fell over")
         broken.execute = fail
-        prompts = [_prompt(9 + i, seed=100 + i) for i in range(6)]
+        prompts = [prompt_ids(9 + i, seed=100 + i) for i in range(6)]
         results = run(c, prompts, 8)
         assert [t for t, _ in results] == expected(oracle, prompts, 8)
         assert all(f.decode_instance == "decode-1" for _, f in results)

@@ -65,6 +65,18 @@ def test_pick_decode_still_chooses_when_none_can_fit():
     assert pick_decode(views, blocks_needed=1).name == "d1"
 
 
+def test_pick_decode_counts_the_prompt_blocks_an_instance_holds():
+    """KV-aware: blocks of the prompt cached on an instance cost it no new block (and no transfer)."""
+    views = [_d("d0", free=40), _d("d1", free=30)]
+    held = {"d0": 0, "d1": 12}
+    assert pick_decode(views, blocks_needed=20).name == "d0"                             # no cache: room
+    assert pick_decode(views, blocks_needed=20, held=lambda v: held[v.name]).name == "d1"  # 22 left vs 20
+    # it fits only with what it holds: still the one that can take it now
+    views = [_d("d0", free=15), _d("d1", free=12)]
+    assert pick_decode(views, blocks_needed=20).name == "d0"
+    assert pick_decode(views, blocks_needed=20, held=lambda v: held[v.name]).name == "d1"
+
+
 def test_pick_decode_skips_dead_and_prefill_instances():
     views = [_d("d0", free=1000, available=False), _d("d1", free=1), _p("p0")]
     assert pick_decode(views, blocks_needed=4).name == "d1"

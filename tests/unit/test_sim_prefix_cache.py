@@ -34,15 +34,18 @@ def test_the_cache_evicts_the_least_recently_released_entry_first_and_fits_the_f
     cache.put(2, 80, free_blocks=100)              # 5 blocks
     cache.put(1, 70, free_blocks=100)              # conversation 1 released again: now the most recent
     assert cache.num_blocks == 9 and list(cache.entries) == [2, 1]
-    cache.fit(6)                                   # only 6 free blocks left: 2 goes, whole
-    assert list(cache.entries) == [1] and cache.num_blocks == 4 <= 6
+    cache.fit(7)                                   # 7 free blocks left: 2 loses its last 2 blocks
+    assert list(cache.entries) == [2, 1] and cache.num_blocks == 7
+    assert cache.usable(spec(2, 200)) == 48        # its head is still found (the engine frees last first)
+    cache.fit(4)                                   # 4 left: the rest of 2 goes, whole
+    assert list(cache.entries) == [1] and cache.num_blocks == 4
     assert cache.usable(spec(1, 200)) == 64        # whole blocks only
     assert cache.usable(spec(1, 64)) == 48         # never the block of the prompt's last token
     assert cache.usable(spec(2, 200)) == 0 and cache.usable(RequestSpec(0.0, 200, 1)) == 0
     cache.claim(spec(1, 200))                      # admitted: its blocks are the request's now
     assert cache.num_blocks == 0 and not cache.entries
-    cache.put(3, 10 * BS, free_blocks=4)           # more than fits: evicted at once
-    assert cache.num_blocks == 0
+    cache.put(3, 10 * BS, free_blocks=4)           # more than fits: its last 6 blocks at once
+    assert cache.num_blocks == 4 and cache.usable(spec(3, 200)) == 4 * BS
 
 
 def test_a_conversation_computes_only_its_new_tokens_on_one_instance():
@@ -68,6 +71,19 @@ def test_a_prefill_instance_keeps_the_prompts_it_handed_off():
     simulate("disaggregated", PROFILE, reqs, config=SimConfig(prefix_caching=True, block_size=BS), stats=stats, **ONE)
     assert stats.cached_tokens == sum(min(a.prompt_tokens // BS, (b.prompt_tokens - 1) // BS) * BS
                                       for a, b in zip(reqs, reqs[1:]))
+
+
+def test_a_pull_moves_only_the_prompt_the_decode_instance_lacks():
+    # disaggregated: turn k+1's pull skips what the decode instance kept of turn k (its prompt and
+    # answer, but the last token), whole blocks short of the prompt's last token
+    reqs = conversation(0, 0.0, 3)
+    on, off = SimStats(), SimStats()
+    simulate("disaggregated", PROFILE, reqs, config=SimConfig(prefix_caching=True, block_size=BS), stats=on, **ONE)
+    simulate("disaggregated", PROFILE, reqs, config=SimConfig(block_size=BS), stats=off, **ONE)
+    held = sum(min((a.prompt_tokens + a.output_tokens - 1) // BS, (b.prompt_tokens - 1) // BS) * BS
+               for a, b in zip(reqs, reqs[1:]))
+    assert off.kv_bytes == sum(r.prompt_tokens for r in reqs) * PROFILE.kv_bytes_per_token
+    assert on.kv_bytes == off.kv_bytes - held * PROFILE.kv_bytes_per_token and held > 0
 
 
 def test_prefix_caching_lowers_the_multiturn_ttft_p90():

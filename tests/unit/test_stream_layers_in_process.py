@@ -5,7 +5,7 @@ its forward pass and hands the offer out at once (`on_offer`); here the test
 plays the router and passes it straight to `DecodeWorker.prefetch`, so the
 decode side pulls while the prompt runs and the sender pushes each layer from
 the model's per-layer hook. The oracle is the engine (which the non-streamed
-path also matches, see test_workers_in_process.py): a streamed transfer must
+path also matches, see tests/worker_pair.py): a streamed transfer must
 give the same tokens, and every test ends with every block free on both sides.
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ import pytest
 
 from engine.errors import EngineError
 from prefill_worker.worker import PrefillWorker
-from tests.unit.test_workers_in_process import (BLOCK_SIZE, BACKENDS, _expected, _params, _prompt, _sp,  # noqa: F401
-                                                make_pair, oracle, tiny_dir)
+from tests.worker_pair import (BLOCK_SIZE, BACKENDS, expected_tokens, params_of, prompt_ids, sp,  # noqa: F401
+                               make_pair, oracle, tiny_dir)
 
 pytestmark = pytest.mark.slow
 
@@ -54,11 +54,11 @@ def _record_sent(pair) -> list[tuple[int, dict[str, int]]]:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_streamed_transfer_gives_the_engines_tokens_and_overlaps_the_forward(make_pair, oracle, backend):
     lengths, max_tokens = [3, 8, 13, 37], [7, 5, 9, 6]
-    prompts = [_prompt(n, seed=200 + i) for i, n in enumerate(lengths)]
+    prompts = [prompt_ids(n, seed=200 + i) for i, n in enumerate(lengths)]
     pair = _stream_pair(make_pair, backend)
     calls = _record_sent(pair)
     for i, (prompt, mt) in enumerate(zip(prompts, max_tokens)):
-        pair.submit(f"s{i}", prompt, _sp(mt))
+        pair.submit(f"s{i}", prompt, sp(mt))
     pair.step_prefill()            # one packed prefill; decode pulled from its early offers meanwhile
     assert pair.prefetched == [(f"s{i}", True) for i in range(len(prompts))]
     num_layers = pair.prefill.sender.layout.local_layers
@@ -71,7 +71,7 @@ def test_streamed_transfer_gives_the_engines_tokens_and_overlaps_the_forward(mak
     assert len(before_last) == len(prompts) and all(sent == num_layers - 1 for sent in before_last.values())
     pair.run_to_end([f"s{i}" for i in range(len(prompts))])
     assert pair.failed == {}
-    want = _expected(oracle, prompts, [_params(_sp(mt)) for mt in max_tokens])
+    want = expected_tokens(oracle, prompts, [params_of(sp(mt)) for mt in max_tokens])
     for i in range(len(prompts)):
         assert pair.tokens[f"s{i}"] == want[i], f"s{i} ({lengths[i]} tokens)"
         assert pair.transfer_s[f"s{i}"] > 0
@@ -84,12 +84,12 @@ def test_streamed_transfer_gives_the_engines_tokens_and_overlaps_the_forward(mak
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_streamed_offer_pulled_only_after_the_prefill_is_served_whole(make_pair, oracle, backend):
     """No early pull (a router that forwards only PrefillDone): the same offer, all layers ready."""
-    prompts = [_prompt(n, seed=210 + n) for n in (6, 19)]
+    prompts = [prompt_ids(n, seed=210 + n) for n in (6, 19)]
     pair = _stream_pair(make_pair, backend, early=False)
     for i, prompt in enumerate(prompts):
-        pair.submit(f"l{i}", prompt, _sp(6))
+        pair.submit(f"l{i}", prompt, sp(6))
     pair.run_to_end(["l0", "l1"])
-    assert [pair.tokens["l0"], pair.tokens["l1"]] == _expected(oracle, prompts, _params(_sp(6)))
+    assert [pair.tokens["l0"], pair.tokens["l1"]] == expected_tokens(oracle, prompts, params_of(sp(6)))
     pair.assert_all_free()
     assert pair.prefill.sender.leases.stats().num_done == 2
 
@@ -97,17 +97,17 @@ def test_streamed_offer_pulled_only_after_the_prefill_is_served_whole(make_pair,
 def test_a_request_ending_at_its_first_token_frees_the_early_pull(make_pair, oracle):
     """Its lease is aborted at prefill, but the last layer may already have landed (DONE):
     the router, which forwarded the early offer, sends decode an Abort too."""
-    prompts = [_prompt(n, seed=220 + n) for n in (9, 14)]
+    prompts = [prompt_ids(n, seed=220 + n) for n in (9, 14)]
     pair = _stream_pair(make_pair, "zmq")
-    pair.submit("one", prompts[0], _sp(1))      # ends at prefill
-    pair.submit("more", prompts[1], _sp(5))
+    pair.submit("one", prompts[0], sp(1))      # ends at prefill
+    pair.submit("more", prompts[1], sp(5))
     pair.step_prefill()
     assert pair.finish["one"] == "length" and not pair.done["one"].offer
     pair.abort("one", prefill=False)            # the router's part
     assert "one" not in pair.decode._early
     pair.run_to_end(["more"])
     pair.drain()
-    assert pair.tokens["more"] == _expected(oracle, [prompts[1]], _params(_sp(5)))[0]
+    assert pair.tokens["more"] == expected_tokens(oracle, [prompts[1]], params_of(sp(5)))[0]
     pair.assert_all_free()
     stats = pair.prefill.sender.leases.stats()
     assert stats.num_done + stats.num_aborted == 2 and stats.num_done >= 1
@@ -124,7 +124,7 @@ def test_a_prefill_failing_mid_forward_fails_the_early_pull_at_once(make_pair, b
         on_layer(1)
         raise RuntimeError("the accelerator fell over")
     runner.execute = broken
-    pair.submit("x", _prompt(11, seed=230), _sp(5))
+    pair.submit("x", prompt_ids(11, seed=230), sp(5))
     pair.step_prefill()
     assert "prefill step failed" in pair.failed["x"]
     assert pair.prefill.load().num_leases == 0
@@ -137,8 +137,8 @@ def test_a_prefill_failing_mid_forward_fails_the_early_pull_at_once(make_pair, b
 
 def test_decode_abort_of_an_early_pull_ends_the_prefill_lease(make_pair, oracle):
     pair = _stream_pair(make_pair, "zmq", forward=False)
-    pair.submit("v", _prompt(10, seed=240), _sp(5))
-    pair.submit("w", _prompt(7, seed=241), _sp(4))
+    pair.submit("v", prompt_ids(10, seed=240), sp(5))
+    pair.submit("w", prompt_ids(7, seed=241), sp(4))
     pair.step_prefill()
     assert set(pair.decode._early) == {"v", "w"}
     pair.abort("v", prefill=False)      # only decode: its ABORT must end the prefill lease
@@ -146,7 +146,7 @@ def test_decode_abort_of_an_early_pull_ends_the_prefill_lease(make_pair, oracle)
     pair.forward("w")
     pair.run_to_end(["w"])
     pair.drain()
-    assert pair.tokens["w"] == _expected(oracle, [_prompt(7, seed=241)], _params(_sp(4)))[0]
+    assert pair.tokens["w"] == expected_tokens(oracle, [prompt_ids(7, seed=241)], params_of(sp(4)))[0]
     pair.assert_all_free()
     stats = pair.prefill.sender.leases.stats()
     assert (stats.num_done, stats.num_aborted) == (1, 1)
@@ -155,7 +155,7 @@ def test_decode_abort_of_an_early_pull_ends_the_prefill_lease(make_pair, oracle)
 def test_unclaimed_early_kv_is_freed_after_its_ttl(make_pair):
     pair = _stream_pair(make_pair, "zmq", forward=False)
     pair.decode.early_ttl_s = 0.05
-    pair.submit("lost", _prompt(9, seed=250), _sp(5))
+    pair.submit("lost", prompt_ids(9, seed=250), sp(5))
     pair.step_prefill()
     pair.run_until(lambda: "lost" in pair.decode._early and pair.decode._early["lost"].done_at is not None,
                    "the early KV to land", timeout_s=5)

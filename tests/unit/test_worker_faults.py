@@ -11,7 +11,7 @@ Then the decode side of a dead prefill instance: the offers of a prefill
 process killed right after it sent them (`prefill.leased`) go to decode
 workers here with `peer_lost`, under each `transfer.on_failure` policy, with
 the request pending, pulling, or arriving after the news. The oracle is the
-engine's `LLM.generate` (test_workers_in_process.py). Every test ends with no
+engine's `LLM.generate` (tests/worker_pair.py). Every test ends with no
 block held by a live worker, no lease left, and the dead process's shared
 memory gone.
 """
@@ -29,7 +29,7 @@ from decode_worker.worker import load_offer
 from engine import LLM
 from protos import worker_pb2 as wpb
 from tests.helpers import save_tiny_model
-from tests.unit.test_workers_in_process import BLOCK_SIZE, VOCAB, _expected, _gb_for, _params, _prompt, _sp
+from tests.worker_pair import BLOCK_SIZE, VOCAB, expected_tokens, gb_for, params_of, prompt_ids, sp
 from tests.worker_process import WorkerProcess
 
 pytestmark = pytest.mark.slow     # a worker process per test (~5 s to start on 2 cores)
@@ -37,7 +37,7 @@ pytestmark = pytest.mark.slow     # a worker process per test (~5 s to start on 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    """The model of test_workers_in_process.py (whose oracle's tokens the workers must give)."""
+    """The model of tests/worker_pair.py (whose oracle's tokens the workers must give)."""
     path = tmp_path_factory.mktemp("tiny-llama-faults")
     save_tiny_model(str(path), arch="llama", seed=3, vocab_size=VOCAB)
     return str(path)
@@ -45,13 +45,13 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def oracle(tiny_dir):
-    return LLM(model=tiny_dir, dtype="float32", block_size=BLOCK_SIZE, kv_cache_memory_gb=_gb_for(tiny_dir, 256),
+    return LLM(model=tiny_dir, dtype="float32", block_size=BLOCK_SIZE, kv_cache_memory_gb=gb_for(tiny_dir, 256),
                num_threads=1)
 
 
 def _overrides(model_dir: str, backend: str = "zmq", faults: dict | None = None, on_failure: str = "recompute",
                stream_layers: bool = False, mode: str | None = None) -> dict:
-    pool = {"block_size": BLOCK_SIZE, "kv_cache_memory_gb": _gb_for(model_dir, 64), "num_threads": 1}
+    pool = {"block_size": BLOCK_SIZE, "kv_cache_memory_gb": gb_for(model_dir, 64), "num_threads": 1}
     out = {"model": {"path": model_dir, "dtype": "float32"}, "prefill": pool, "decode": pool, "colocated": pool,
            "transfer": {"backend": "zmq" if backend == "zmq" else "shm", "checksum": False, "compress": None,
                         "stream_layers": stream_layers, "on_failure": on_failure}}
@@ -117,9 +117,9 @@ def _prefill_here(prefill, req_id: str, prompt: list[int], sampling) -> wpb.Pref
 # -- the fault points, one process each ----------------------------------------------------------
 def test_prefill_queued_dies_when_the_nth_request_is_queued(tiny_dir, spawn):
     w = spawn("prefill", "prefill-0", _overrides(tiny_dir, faults={"die_at": "prefill.queued", "after": 2}))
-    w.send(prefill=wpb.PrefillWork(req_id="a", prompt_token_ids=_prompt(6, seed=1), sampling=_sp(4)))
+    w.send(prefill=wpb.PrefillWork(req_id="a", prompt_token_ids=prompt_ids(6, seed=1), sampling=sp(4)))
     w.receive(lambda: any(m.prefilled for m in w.received))      # the first is served as usual
-    w.send(prefill=wpb.PrefillWork(req_id="b", prompt_token_ids=_prompt(7, seed=2), sampling=_sp(4)))
+    w.send(prefill=wpb.PrefillWork(req_id="b", prompt_token_ids=prompt_ids(7, seed=2), sampling=sp(4)))
     w.wait_killed()
     assert [d.req_id for m in w.news() for d in m.prefilled] == ["a"]
     assert all(not m.failed for m in w.received)
@@ -129,15 +129,15 @@ def test_prefill_forward_dies_inside_the_forward(tiny_dir, spawn):
     """Streaming layers, its offer goes out before the forward: the router saw the offer,
     never the PrefillDone."""
     w = spawn("prefill", "prefill-0", _overrides(tiny_dir, faults={"die_at": "prefill.forward"}, stream_layers=True))
-    w.send(prefill=wpb.PrefillWork(req_id="a", prompt_token_ids=_prompt(9, seed=3), sampling=_sp(4)))
+    w.send(prefill=wpb.PrefillWork(req_id="a", prompt_token_ids=prompt_ids(9, seed=3), sampling=sp(4)))
     w.wait_killed()
     news = w.news()
     assert [o.req_id for m in news for o in m.offered] == ["a"]
     assert not any(m.prefilled or m.failed for m in news)
 
 
-PROMPTS = {"g": (_prompt(13, seed=4), _sp(8)),                                   # greedy
-           "s": (_prompt(10, seed=5), _sp(8, temperature=0.9, top_p=0.95, seed=77))}   # seeded
+PROMPTS = {"g": (prompt_ids(13, seed=4), sp(8)),                                   # greedy
+           "s": (prompt_ids(10, seed=5), sp(8, temperature=0.9, top_p=0.95, seed=77))}   # seeded
 
 
 @pytest.fixture(scope="module", params=["zmq", "shm-zero-copy"])
@@ -217,7 +217,7 @@ def test_a_dead_prefill_s_requests_follow_transfer_on_failure(tiny_dir, oracle, 
         if policy == "recompute":   # slower, never lost: the engine's tokens after the first
             assert not failed
             for req_id, (prompt, sampling) in PROMPTS.items():
-                want = _expected(oracle, [prompt], _params(sampling))[0]
+                want = expected_tokens(oracle, [prompt], params_of(sampling))[0]
                 assert [dones[req_id].first_token_id] + _tokens(msgs, req_id) == want, req_id
         else:
             assert set(failed) == set(PROMPTS) and not any(m.tokens for m in msgs)
@@ -236,7 +236,7 @@ def test_decode_pull_dies_with_a_pull_started(tiny_dir, oracle, spawn):
     prefill = _live_prefill(tiny_dir)
     try:
         w = spawn("decode", "decode-0", _overrides(tiny_dir, faults={"die_at": "decode.pull"}))
-        prompt, sampling = _prompt(11, seed=6), _sp(6)
+        prompt, sampling = prompt_ids(11, seed=6), sp(6)
         done = _prefill_here(prefill, "r", prompt, sampling)
         w.send(decode=_decode_work(done, prompt, sampling))
         w.wait_killed(between=lambda: prefill.step(time.monotonic()))
@@ -256,13 +256,13 @@ def test_decode_stream_dies_right_after_the_nth_tokens_are_sent(tiny_dir, oracle
     prefill = _live_prefill(tiny_dir)
     try:
         w = spawn("decode", "decode-0", _overrides(tiny_dir, faults={"die_at": "decode.stream", "after": 3}))
-        prompt, sampling = _prompt(12, seed=7), _sp(9)
+        prompt, sampling = prompt_ids(12, seed=7), sp(9)
         done = _prefill_here(prefill, "r", prompt, sampling)
         w.send(decode=_decode_work(done, prompt, sampling))
         w.wait_killed(between=lambda: prefill.step(time.monotonic()))
         streamed = [t for m in w.news() for t in m.tokens]
         assert len(streamed) == 3 and not any(t.finish_reason for t in streamed)
-        want = _expected(oracle, [prompt], _params(sampling))[0]
+        want = expected_tokens(oracle, [prompt], params_of(sampling))[0]
         assert [done.first_token_id] + _tokens(w.received, "r") == want[:4]
         # its KV had been pulled and acknowledged before: the prefill side holds nothing
         deadline = time.monotonic() + 10
@@ -277,21 +277,21 @@ def test_decode_stream_dies_right_after_the_nth_tokens_are_sent(tiny_dir, oracle
 def test_colocated_stream_dies_right_after_the_nth_tokens_are_sent(tiny_dir, oracle, spawn):
     w = spawn("colocated", "colocated-0", _overrides(tiny_dir, mode="colocated",
                                                        faults={"die_at": "colocated.stream", "after": 2}))
-    prompt, sampling = _prompt(10, seed=8), _sp(9, temperature=0.9, seed=5)
+    prompt, sampling = prompt_ids(10, seed=8), sp(9, temperature=0.9, seed=5)
     w.send(prefill=wpb.PrefillWork(req_id="r", prompt_token_ids=prompt, sampling=sampling))
     w.wait_killed()
     news = w.news()
     assert [d.req_id for m in news for d in m.prefilled] == ["r"]
     assert len([t for m in news for t in m.tokens]) == 2
-    assert _tokens(w.received, "r") == _expected(oracle, [prompt], _params(sampling))[0][:3]
+    assert _tokens(w.received, "r") == expected_tokens(oracle, [prompt], params_of(sampling))[0][:3]
 
 
 def test_a_fault_for_another_instance_does_not_fire(tiny_dir, oracle, spawn):
     w = spawn("colocated", "colocated-1", _overrides(tiny_dir, mode="colocated", faults={
         "die_at": "colocated.stream", "instance": "colocated-0"}))
-    prompt, sampling = _prompt(8, seed=9), _sp(4)
+    prompt, sampling = prompt_ids(8, seed=9), sp(4)
     w.send(prefill=wpb.PrefillWork(req_id="r", prompt_token_ids=prompt, sampling=sampling))
     w.receive(lambda: any(t.finish_reason for m in w.received for t in m.tokens))
-    assert _tokens(w.received, "r") == _expected(oracle, [prompt], _params(sampling))[0]
+    assert _tokens(w.received, "r") == expected_tokens(oracle, [prompt], params_of(sampling))[0]
     w.receive(lambda: w.received[-1].load.num_free_blocks == w.received[-1].load.num_blocks)
     assert w.proc.poll() is None

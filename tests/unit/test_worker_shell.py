@@ -1,7 +1,7 @@
 """The one worker shell: prefill, decode and colocated workers share its core, and its host beats on.
 
 Every kind is built by `cluster.worker_factory.build_worker` on the tiny model
-of test_workers_in_process.py and stepped by hand: the outbox, failures,
+of tests/worker_pair.py and stepped by hand: the outbox, failures,
 flushes, the load snapshot, step timing (a `faults.step_delay_s` step counts
 in it), stats and close behave the same whatever the kind, because they are
 one code. Then `WorkerHost`'s heartbeats: they come from their own thread, so
@@ -22,7 +22,7 @@ from decode_worker.worker import DecodeWorker
 from prefill_worker.worker import PrefillWorker
 from protos import worker_pb2 as wpb
 from tests.helpers import save_tiny_model
-from tests.unit.test_workers_in_process import BLOCK_SIZE, VOCAB, _gb_for, _prompt, _sp
+from tests.worker_pair import BLOCK_SIZE, VOCAB, gb_for, prompt_ids, sp
 from worker_shell.base import WorkerShell
 
 pytestmark = pytest.mark.slow
@@ -38,7 +38,7 @@ def tiny_dir(tmp_path_factory):
 
 
 def _config(model_dir: str, **faults):
-    pool = {"block_size": BLOCK_SIZE, "kv_cache_memory_gb": _gb_for(model_dir, 32), "num_threads": 1}
+    pool = {"block_size": BLOCK_SIZE, "kv_cache_memory_gb": gb_for(model_dir, 32), "num_threads": 1}
     return load_config(None, {"model": {"path": model_dir, "dtype": "float32"}, "prefill": pool, "decode": pool,
                               "colocated": pool, "transfer": {"backend": "zmq"}, "faults": faults})
 
@@ -93,7 +93,7 @@ def test_all_three_kinds_share_one_shell(tiny_dir):
                 assert w.step(time.monotonic()) is None
 
         # one request through each kind: steps are counted and timed (step_delay_s inside)
-        prompt, sampling = _prompt(9, seed=1), _sp(4)
+        prompt, sampling = prompt_ids(9, seed=1), sp(4)
         colocated.handle(wpb.ToWorker(prefill=wpb.PrefillWork(req_id="c", prompt_token_ids=prompt,
                                                               sampling=sampling)), time.monotonic())
         _run_to_end(colocated, "c", [])
@@ -137,8 +137,8 @@ def test_heartbeats_keep_coming_during_a_step_longer_than_their_interval(tiny_di
         assert router.poll(5000), "no first heartbeat"
         got.append((time.monotonic(), wpb.FromWorker.FromString(router.recv())))
         sent = time.monotonic()
-        commands.send(wpb.ToWorker(prefill=wpb.PrefillWork(req_id="r", prompt_token_ids=_prompt(6, seed=2),
-                                                           sampling=_sp(1))).SerializeToString())
+        commands.send(wpb.ToWorker(prefill=wpb.PrefillWork(req_id="r", prompt_token_ids=prompt_ids(6, seed=2),
+                                                           sampling=sp(1))).SerializeToString())
         while not any(m.prefilled for _, m in got):
             assert router.poll(int(3 * delay * 1000)), f"silent for {3 * delay}s"
             got.append((time.monotonic(), wpb.FromWorker.FromString(router.recv())))
