@@ -26,27 +26,12 @@ import zmq
 from cluster.config import load_config
 from cluster.worker_factory import build_worker
 from decode_worker.worker import load_offer
-from engine import LLM
 from protos import worker_pb2 as wpb
-from tests.helpers import save_tiny_model
-from tests.worker_pair import BLOCK_SIZE, VOCAB, expected_tokens, gb_for, params_of, prompt_ids, sp
+from tests.worker_pair import (BLOCK_SIZE, expected_tokens, gb_for, oracle, params_of, prompt_ids, sp,  # noqa: F401
+                               tiny_dir)
 from tests.worker_process import WorkerProcess
 
 pytestmark = pytest.mark.slow     # a worker process per test (~5 s to start on 2 cores)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """The model of tests/worker_pair.py (whose oracle's tokens the workers must give)."""
-    path = tmp_path_factory.mktemp("tiny-llama-faults")
-    save_tiny_model(str(path), arch="llama", seed=3, vocab_size=VOCAB)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def oracle(tiny_dir):
-    return LLM(model=tiny_dir, dtype="float32", block_size=BLOCK_SIZE, kv_cache_memory_gb=gb_for(tiny_dir, 256),
-               num_threads=1)
 
 
 def _overrides(model_dir: str, backend: str = "zmq", faults: dict | None = None, on_failure: str = "recompute",

@@ -1,9 +1,7 @@
 """Workers in one process: requests wait for blocks and batch slots, never preempted at admission.
 
-Each builds a prefill and a decode worker in one process and steps them by
-hand as the router would (`tests/worker_pair.py`, fixtures in conftest.py);
-the oracle is `engine.LLM.generate` on the same tiny model. Every test ends with no block
-held on either side and both workers closed.
+A prefill and a decode worker stepped by hand as the router would, against the
+engine on the same tiny model: the harness is tests/worker_pair.py.
 """
 from __future__ import annotations
 
