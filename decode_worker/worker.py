@@ -158,7 +158,8 @@ class DecodeWorker(WorkerShell):
     # -- commands ---------------------------------------------------------------------
     def commands(self) -> dict[str, Handler]:
         local = {"prefill": self.local_prefill} if self.local_chunk_tokens is not None else {}
-        return {**local, "decode": self.submit, "prefetch": lambda msg, now: self.prefetch(msg.offer, now, msg.prompt_token_ids),
+        return {**local, "decode": self.submit,
+                "prefetch": lambda msg, now: self.prefetch(msg.offer, now, msg.prompt_token_ids),
                 "abort": lambda msg, now: self.abort(msg.req_id),
                 "peer_lost": lambda msg, now: self.peer_lost(msg.endpoint)}
 
