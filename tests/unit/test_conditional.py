@@ -36,13 +36,14 @@ def test_a_long_prefill_queue_sends_a_short_prompt_to_an_idle_decode_instance():
     assert c.local and c.instance == "d0" and c.ttft_local_s < c.ttft_remote_s
 
 
-def test_a_remote_prefill_well_within_the_ttft_slo_is_kept_even_where_local_is_as_fast():
+def test_remote_fits_keeps_a_remote_prefill_well_within_the_ttft_slo_where_local_is_as_fast():
     # 60 tokens: 60 ms on the idle prefill instance, 60 ms as one chunk on an idle decode instance
     idle = [DecodeSide("d0", 0, 0, 0)]
-    kept = _policy(ttft=0.5).choose(60, idle, [PrefillSide("p0", 0)])
+    assert _policy(ttft=0.5).choose(60, idle, [PrefillSide("p0", 0)]).local   # by default the faster path
+    kept = _policy(ttft=0.5, remote_fits=0.5).choose(60, idle, [PrefillSide("p0", 0)])
     assert not kept.local and "within" in kept.reason            # 60 ms of a 500 ms SLO: no need
-    assert _policy(ttft=0.1).choose(60, idle, [PrefillSide("p0", 0)]).local   # 60 of 100 ms: local
-    assert _policy(ttft=0.5).choose(60, idle, [PrefillSide("p0", 300)]).local  # 360 of 500 ms: local
+    assert _policy(ttft=0.1, remote_fits=0.5).choose(60, idle, [PrefillSide("p0", 0)]).local   # 60 of 100 ms
+    assert _policy(ttft=0.5, remote_fits=0.5).choose(60, idle, [PrefillSide("p0", 300)]).local  # 360 of 500
 
 
 def test_local_is_refused_when_a_chunk_would_push_the_running_decodes_past_the_tpot_slo():
@@ -99,21 +100,35 @@ def test_requests_still_being_prefilled_count_in_the_stall_a_local_prefill_may_a
     policy = _policy(ttft=0.1, tpot=0.025, chunk=64)
     c = Cluster(tiny_dir, num_prefill=1, num_decode=1, conditional=policy,
                 extra={"router": {"disaggregation": "conditional"}, "conditional": {"local_prefill_tokens": 64}})
-    admitted = []
-    try:
-        def admit(ids, max_tokens):
-            sampling = pb.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-            admitted.append(c.core.admit(ids, SamplingParams.from_message(sampling), sampling))
-            return admitted[-1]
-        long = admit(prompt_ids(200, seed=600), 10)     # the idle prefill instance beats 4 chunks
+    admitted, streams = [], []
+
+    async def placed(ids, max_tokens):
+        """Admit and dispatch a request (its stream's first step), and leave it there: no worker steps."""
+        sampling = pb.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        st = c.core.admit(ids, SamplingParams.from_message(sampling), sampling)
+        admitted.append(st)
+        stream = c.core.stream(st)
+        streams.append((stream, asyncio.ensure_future(stream.__anext__())))
+        await asyncio.sleep(0)
+        return st
+
+    async def main():
+        long = await placed(prompt_ids(200, seed=600), 10)     # the idle prefill instance beats 4 chunks
         assert long.prefill == "prefill-0" and not long.prefill_done
-        short = admit(prompt_ids(60, seed=601), 10)
+        short = await placed(prompt_ids(60, seed=601), 10)
         assert short.prefill == "prefill-0" and "TPOT" in short.placement, short.placement
         for st in admitted:
             c.core.end(st)
         # with nobody coming to the decode instance, the same short prompt goes local
-        alone = admit(prompt_ids(60, seed=602), 10)
+        alone = await placed(prompt_ids(60, seed=602), 10)
         assert alone.prefill == "decode-0", alone.placement
+        for stream, task in streams:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await stream.aclose()
+
+    try:
+        asyncio.run(main())
     finally:
         for st in admitted:
             if not st.finished:
