@@ -248,11 +248,15 @@ class ConditionalConfig:
     tpot_slo_s: float = 0.15
     local_prefill_tokens: int = 256     # prompt tokens a decode step carries at most (Sarathi-Serve chunk)
     profile: str = "smollm2-135m-cpu"   # latency profile of the model on this hardware (corrected live)
+    remote_fits: float = 0.0            # a remote prefill predicted within this share of the TTFT SLO is kept
 
     def check(self, key: str) -> None:
         _finite_at_least(self.ttft_slo_s, 1e-6, f"{key}.ttft_slo_s")
         _finite_at_least(self.tpot_slo_s, 1e-6, f"{key}.tpot_slo_s")
         _positive(self.local_prefill_tokens, f"{key}.local_prefill_tokens")
+        if isinstance(self.remote_fits, bool) or not (isinstance(self.remote_fits, (int, float))
+                                                      and 0.0 <= self.remote_fits <= 1.0):
+            raise ConfigError(f"{key}.remote_fits must be a number in [0, 1], got {self.remote_fits!r}")
 
 
 @dataclass(frozen=True)

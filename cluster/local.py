@@ -165,7 +165,8 @@ class Cluster:
         if cfg.local_prefills:   # router.disaggregation never / conditional: the placement model
             c = cfg.conditional
             latency = load_profile(resolve_profile(c.profile)).latency(1, 1)
-            conditional = ConditionalPolicy(latency, c.ttft_slo_s, c.tpot_slo_s, c.local_prefill_tokens)
+            conditional = ConditionalPolicy(latency, c.ttft_slo_s, c.tpot_slo_s, c.local_prefill_tokens,
+                                            remote_fits=c.remote_fits)
         self.router = Router(cfg.router, model, load_tokenizer(model_path), links, mode=cfg.mode,
                              conditional=conditional)
 

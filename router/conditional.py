@@ -13,15 +13,20 @@ Two ways to prefill a request (router.disaggregation: conditional):
     chunk.
 
 The choice weighs the predicted TTFT of each path against the TPOT the local
-path imposes on the instance's running decodes. Local wins when its TTFT is no
-worse than remote's (or remote would miss the TTFT SLO and local would not) and
-the running decodes can absorb it: the time the chunks add to their steps (the
-stall) fits every running request's TPOT headroom, what it may still lose and
-end within the TPOT SLO averaged over its tokens (`stall_budget_s`, from the
-router's view of each request: tokens so far, time since its first token, tokens
-left). Without that view, each step with a chunk must stay within the TPOT SLO. Prompt tokens an
-instance already holds in its prefix cache (`overlap_tokens`) are not
-prefilled again, on either path.
+path imposes on the instance's decodes. Local wins when those decodes can
+absorb it and either remote would miss the TTFT SLO and local would not, or
+local's TTFT is no worse than remote's (with conditional.remote_fits > 0: and
+remote's would take more than that share of the SLO; below it a remote
+prefill meets the TTFT SLO with room and costs the decodes nothing). The
+decodes can absorb it when the time the chunks add to their steps (the stall)
+fits the TPOT headroom of every request decoding there and of every request
+coming there (still being prefilled: it will start decoding under the
+chunks): what each may still lose and end within the TPOT SLO averaged over
+its tokens (`stall_budget_s`, from the router's view of each request: tokens
+so far, time since its first token, tokens left). Without that view, each
+step with a chunk must stay within the TPOT SLO. Prompt tokens an instance
+already holds in its prefix cache (`overlap_tokens`) are not prefilled again,
+on either path.
 
 Times come from a latency profile of the machine (router/planner/profile.py:
 prefill(tokens, sum l^2), decode(batch, context)), corrected per phase by what
@@ -90,6 +95,7 @@ class ConditionalPolicy:
     tpot_slo_s: float
     chunk_tokens: int = 256
     prefill_factor: float = 1.0           # measured / predicted prefill time, smoothed
+    remote_fits: float = 0.0              # a remote prefill predicted within this share of the TTFT SLO is kept
 
     # -- the model ----------------------------------------------------------------------------
     def prefill_s(self, tokens: int) -> float:
@@ -143,7 +149,7 @@ class ConditionalPolicy:
                                                       "no decode instance can take a local prefill")
         d, t_local, step = best
         tpot_ok = self.tpot_kept(d, prompt_tokens, step)
-        faster = t_local <= t_remote
+        faster = t_local <= t_remote and t_remote > self.remote_fits * self.ttft_slo_s
         rescues = t_remote > self.ttft_slo_s >= t_local
         if remote is None or (tpot_ok and (faster or rescues)):
             why = "no prefill instance" if remote is None else (
@@ -151,7 +157,8 @@ class ConditionalPolicy:
                 f"remote TTFT {t_remote:.3f}s misses the SLO, local {t_local:.3f}s meets it")
             return Choice(True, d.name, t_local, t_remote, step, why)
         why = (f"a local prefill would push {d.name}'s running requests past the TPOT SLO {self.tpot_slo_s}s"
-               if not tpot_ok else f"remote TTFT {t_remote:.3f}s < local {t_local:.3f}s")
+               if not tpot_ok else f"remote TTFT {t_remote:.3f}s < local {t_local:.3f}s" if t_remote < t_local
+               else f"remote TTFT {t_remote:.3f}s is within {self.remote_fits:g} of the SLO")
         return Choice(False, remote.name, t_local, t_remote, step, why)
 
     # -- live correction -------------------------------------------------------------------------

@@ -403,32 +403,40 @@ class RouterCore:
     def _decode_side(self, v: InstanceView, hashes: list[int]) -> DecodeSide:
         """A decode instance as the conditional policy sees it: its batch and KV now (from the
         requests the router has there), its local prefills queued, its measured step speed, and
-        how much stall its running requests can take."""
+        how much stall its requests can take: those decoding there and those still being
+        prefilled that will decode there (bound to it, or to no decode instance yet), which
+        would start decoding while a local prefill's chunks ride on its steps."""
         batch = context = 0
-        running = []
+        running, coming = [], []
         for st in self.requests.values():
-            if st.decode == v.name and st.prefill_done and not st.finished:
+            if st.finished or st.decode not in (v.name, ""):
+                continue
+            if st.decode == v.name and st.prefill_done:
                 batch += 1
                 context += len(st.attempt_ids) + st.num_output_tokens
                 running.append(st)
+            elif st.prefill:   # being prefilled, or prefilled and waiting for a decode instance
+                coming.append(st)
         load = v.load
         factor = 1.0
         if load is not None and load.num_steps > 10 and load.num_running:
             factor = self.conditional.step_factor(load.num_running, context, load.mean_step_s)
-        budget = self._stall_budget(running, batch, context, factor, time.monotonic())
+        budget = self._stall_budget(running, coming, batch, context, factor, time.monotonic())
         return DecodeSide(v.name, batch, context, max(0, v.queued_tokens), self._overlap(v.name, hashes), factor,
                           budget)
 
-    def _stall_budget(self, running: list[RequestState], batch: int, context: int, factor: float,
-                      now: float) -> float:
-        """conditional.stall_budget of one instance's running requests, if each runs to max_tokens."""
-        if not running:
+    def _stall_budget(self, running: list[RequestState], coming: list[RequestState], batch: int, context: int,
+                      factor: float, now: float) -> float:
+        """conditional.stall_budget of one instance's running requests and those coming to it (with
+        no token yet), each assumed to run to max_tokens, at the step of all of them together."""
+        if not running and not coming:
             return math.inf
-        step = self.conditional.latency.decode(batch, context) * factor
-        return stall_budget(((st.params.max_tokens or st.num_output_tokens + UNKNOWN_LENGTH_LEFT,
-                              st.num_output_tokens,
-                              now - st.first_token_at if st.first_token_at is not None else 0.0)
-                             for st in running), step, self.conditional.tpot_slo_s)
+        step = self.conditional.latency.decode(batch + len(coming),
+                                               context + sum(len(st.attempt_ids) for st in coming)) * factor
+        total = lambda st: st.params.max_tokens or st.num_output_tokens + UNKNOWN_LENGTH_LEFT  # noqa: E731
+        return stall_budget([*((total(st), st.num_output_tokens,
+                                now - st.first_token_at if st.first_token_at is not None else 0.0) for st in running),
+                             *((total(st), 0, 0.0) for st in coming)], step, self.conditional.tpot_slo_s)
 
     def _dispatched_to(self, view: InstanceView) -> None:
         now = time.monotonic()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from itertools import chain
 
 from router.conditional import DecodeSide, stall_budget
@@ -27,6 +27,7 @@ class PrefillInstance:
         self.waiting: deque[SimRequest] = deque()
         self.queued_tokens = 0
         self.running_tokens = 0    # prompt tokens of the batches in flight (the router counts them as queued)
+        self.prefilling: set[SimRequest] = set()   # the requests of those batches
         self.stage_busy = False
         self.link_free = 0.0
         self.cache = sim.cache(pool)
@@ -56,6 +57,7 @@ class PrefillInstance:
             self.sim.admitted(self.cache, r, hit, self.free_blocks)
             r.blocks, r.kv_holder = need, self
             batch.append(r)
+            self.prefilling.add(r)
             tokens += n
             attn += n * (2 * hit + n)            # its new tokens attend to the cached prefix too
         if not batch:
@@ -77,6 +79,7 @@ class PrefillInstance:
     def _done(self, now: float, batch: list[SimRequest]) -> None:
         for r in batch:
             self.running_tokens -= r.spec.prompt_tokens
+            self.prefilling.discard(r)
             r.first_token_at = now
             self.on_done(now, r)
 
@@ -244,15 +247,19 @@ class LocalDecodeInstance(DecodeInstance):
         self.queued_local_tokens = 0        # prompt tokens of local prefills not done (the router's count)
         self.bound: set[SimRequest] = set()       # past their prefill, not finished: the batch the router counts
 
-    def side(self, overlap: int, now: float, tpot_slo_s: float) -> DecodeSide:
-        """What the router's conditional policy sees of this instance (router/core.py _decode_side)."""
+    def side(self, overlap: int, now: float, tpot_slo_s: float, coming: Iterable[SimRequest] = ()) -> DecodeSide:
+        """What the router's conditional policy sees of this instance (router/core.py _decode_side).
+        `coming`: requests being prefilled elsewhere that will decode here (or may: not bound yet);
+        with its own local prefills they have no token yet and would decode under a new one's chunks."""
         context = sum(r.spec.prompt_tokens + r.spec.output_tokens - r.tokens_left for r in self.bound)
+        coming = [*coming, *self.local, *self.partial]
         budget = math.inf
-        if self.bound:
-            step = self.lat.decode(len(self.bound), context)
-            budget = stall_budget(((r.spec.output_tokens, r.spec.output_tokens - r.tokens_left,
-                                    0.0 if math.isnan(r.first_token_at) else now - r.first_token_at)
-                                   for r in self.bound), step, tpot_slo_s)
+        if self.bound or coming:
+            step = self.lat.decode(len(self.bound) + len(coming), context + sum(r.spec.prompt_tokens for r in coming))
+            budget = stall_budget([*((r.spec.output_tokens, r.spec.output_tokens - r.tokens_left,
+                                      0.0 if math.isnan(r.first_token_at) else now - r.first_token_at)
+                                     for r in self.bound),
+                                   *((r.spec.output_tokens, 0, 0.0) for r in coming)], step, tpot_slo_s)
         return DecodeSide(self.name, len(self.bound), context, self.queued_local_tokens, overlap,
                           stall_budget_s=budget)
 

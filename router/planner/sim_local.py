@@ -63,8 +63,12 @@ class LocalRouter:
         prefills = {} if s.mode == NEVER else {p.name: p for p in s.instances["prefill"]}
         choice = None
         if self.policy is not None:
+            # requests still being prefilled remotely will decode on some decode instance, so under a
+            # local prefill's chunks there (the live router counts those not bound elsewhere yet)
+            coming = [q for p in prefills.values() for q in (*p.waiting, *p.prefilling)]
             choice = self.policy.choose(
-                r.spec.prompt_tokens, [d.side(s.overlap(d, r.spec), now, self.policy.tpot_slo_s) for d in decodes.values()],
+                r.spec.prompt_tokens, [d.side(s.overlap(d, r.spec), now, self.policy.tpot_slo_s, coming)
+                                       for d in decodes.values()],
                 [PrefillSide(p.name, p.queued_tokens + p.running_tokens, s.overlap(p, r.spec))
                  for p in prefills.values()])
         if choice is None:

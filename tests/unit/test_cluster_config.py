@@ -321,3 +321,14 @@ def test_stream_layers_needs_a_backend_that_streams(transfer, ok):
 def test_a_latency_profile_that_does_not_exist_is_a_config_error_naming_its_key(sections, key):
     with pytest.raises(ConfigError, match=key):
         load_config(None, sections)
+
+
+@pytest.mark.parametrize("value,ok", [(0, True), (0.5, True), (1, True), (-0.1, False), (1.5, False),
+                                      ("half", False), (True, False)])
+def test_conditional_remote_fits_is_a_share_of_the_ttft_slo(value, ok):
+    sections = {"router": {"disaggregation": "conditional"}, "conditional": {"remote_fits": value}}
+    if ok:
+        assert load_config(None, sections).conditional.remote_fits == value
+    else:
+        with pytest.raises(ConfigError, match=r"conditional\.remote_fits"):
+            load_config(None, sections)

@@ -10,6 +10,8 @@ import asyncio
 
 import pytest
 
+from engine import SamplingParams
+from protos import pdcluster_pb2 as pb
 from router.conditional import ConditionalPolicy, DecodeSide, PrefillSide
 from router.planner.profile import PhaseModel, PlanLatency
 from tests.inprocess_cluster import Cluster, collect, drive, expected
@@ -32,6 +34,16 @@ def test_an_idle_prefill_instance_takes_a_prompt_a_decode_instance_would_chunk_s
 def test_a_long_prefill_queue_sends_a_short_prompt_to_an_idle_decode_instance():
     c = _policy().choose(60, [DecodeSide("d0", 1, 200, 0)], [PrefillSide("p0", 3000)])
     assert c.local and c.instance == "d0" and c.ttft_local_s < c.ttft_remote_s
+
+
+def test_remote_fits_keeps_a_remote_prefill_well_within_the_ttft_slo_where_local_is_as_fast():
+    # 60 tokens: 60 ms on the idle prefill instance, 60 ms as one chunk on an idle decode instance
+    idle = [DecodeSide("d0", 0, 0, 0)]
+    assert _policy(ttft=0.5).choose(60, idle, [PrefillSide("p0", 0)]).local   # by default the faster path
+    kept = _policy(ttft=0.5, remote_fits=0.5).choose(60, idle, [PrefillSide("p0", 0)])
+    assert not kept.local and "within" in kept.reason            # 60 ms of a 500 ms SLO: no need
+    assert _policy(ttft=0.1, remote_fits=0.5).choose(60, idle, [PrefillSide("p0", 0)]).local   # 60 of 100 ms
+    assert _policy(ttft=0.5, remote_fits=0.5).choose(60, idle, [PrefillSide("p0", 300)]).local  # 360 of 500
 
 
 def test_local_is_refused_when_a_chunk_would_push_the_running_decodes_past_the_tpot_slo():
@@ -79,6 +91,51 @@ def test_the_live_correction_follows_measured_prefills():
 
 
 # -- real workers --------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_requests_still_being_prefilled_count_in_the_stall_a_local_prefill_may_add(tiny_dir):
+    """A request prefilling on the prefill instance will decode on the decode instance, so under a
+    local prefill's chunks if it starts now: with the TPOT headroom of 10 tokens at a 25 ms SLO
+    (24 ms over 20 ms steps) it cannot take a 60 ms chunk, and the short prompt that would have
+    gone local (0.06 s there against 0.26 s behind the long one) goes remote."""
+    policy = _policy(ttft=0.1, tpot=0.025, chunk=64)
+    c = Cluster(tiny_dir, num_prefill=1, num_decode=1, conditional=policy,
+                extra={"router": {"disaggregation": "conditional"}, "conditional": {"local_prefill_tokens": 64}})
+    admitted, streams = [], []
+
+    async def placed(ids, max_tokens):
+        """Admit and dispatch a request (its stream's first step), and leave it there: no worker steps."""
+        sampling = pb.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        st = c.core.admit(ids, SamplingParams.from_message(sampling), sampling)
+        admitted.append(st)
+        stream = c.core.stream(st)
+        streams.append((stream, asyncio.ensure_future(stream.__anext__())))
+        await asyncio.sleep(0)
+        return st
+
+    async def main():
+        long = await placed(prompt_ids(200, seed=600), 10)     # the idle prefill instance beats 4 chunks
+        assert long.prefill == "prefill-0" and not long.prefill_done
+        short = await placed(prompt_ids(60, seed=601), 10)
+        assert short.prefill == "prefill-0" and "TPOT" in short.placement, short.placement
+        for st in admitted:
+            c.core.end(st)
+        # with nobody coming to the decode instance, the same short prompt goes local
+        alone = await placed(prompt_ids(60, seed=602), 10)
+        assert alone.prefill == "decode-0", alone.placement
+        for stream, task in streams:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await stream.aclose()
+
+    try:
+        asyncio.run(main())
+    finally:
+        for st in admitted:
+            if not st.finished:
+                c.core.end(st)
+        c.close()
+
+
 def _serve(cluster: Cluster, prompts, max_tokens: int):
     async def main():
         tasks = [asyncio.ensure_future(collect(cluster.core, p, max_tokens)) for p in prompts]

@@ -115,3 +115,15 @@ def test_instances_do_not_stop_in_the_local_modes_and_bad_chunks_are_rejected():
                  decode=PoolSpec(1, 1, 1))
     with pytest.raises(PlannerError, match="never"):
         Simulation("never", PROFILE, CFG).add_instance("prefill", PoolSpec(1, 1, 1))
+
+
+def test_a_request_still_prefilling_elsewhere_counts_in_the_stall_a_local_prefill_may_add():
+    # as the live router (router/core.py _decode_side): the long prompt prefilling on the prefill
+    # instance will decode on the decode instance, with a TPOT headroom of 10 tokens at 25 ms over
+    # 21 ms steps, less than the short prompt's local chunk; alone, the short prompt goes local
+    cfg = SimConfig(conditional_ttft_slo_s=0.03, conditional_tpot_slo_s=0.025, local_chunk_tokens=128)
+    long, short = RequestSpec(0.0, 200, 10), RequestSpec(0.001, 60, 10)
+    both = simulate("conditional", PROFILE, [long, short], config=cfg, **pools("conditional", num_decode=1))
+    assert [r.local_prefill for r in both] == [False, False]
+    alone = simulate("conditional", PROFILE, [short], config=cfg, **pools("conditional", num_decode=1))
+    assert alone[0].local_prefill
