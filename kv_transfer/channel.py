@@ -400,8 +400,9 @@ class ChannelSender(KVSender):
 
     def _forget(self, end: LeaseEnd) -> None:
         tid = end.transfer_id
-        if self._shared is not None:
-            self._shared.bump(end.block_ids)   # before the worker can reuse them
+        if self._shared is not None:   # before the worker can reuse them; a block another live
+            # lease still holds (a shared cached prefix) keeps its contents, and its generation
+            self._shared.bump([b for b in end.block_ids if not self.leases.holds(b)])
         self._num_tokens.pop(tid, None)
         self._skip.pop(tid, None)
         self._streams.pop(tid, None)

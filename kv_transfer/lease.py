@@ -137,7 +137,7 @@ class LeaseTable:
         self.default_ttl_s = _check_ttl(default_ttl_s, "default_ttl_s")
         self._leases: dict[Hashable, _Lease] = {}
         self._by_req: dict[Hashable, dict[Hashable, None]] = {}  # ordered set, offer order
-        self._owner: dict[int, Hashable] = {}                   # block_id -> transfer_id
+        self._holders: dict[int, int] = {}   # block_id -> live leases over it (a cached prefix is shared)
         self._heap: list[tuple[float, int, Hashable]] = []      # (deadline, seq, transfer_id)
         self._seq = 0
         self._counts = {state: 0 for state in LeaseState}       # OFFERED/IN_FLIGHT: ever entered
@@ -148,7 +148,12 @@ class LeaseTable:
         return len(self._leases)
 
     def held_blocks(self) -> int:
-        return len(self._owner)
+        """Distinct blocks under at least one live lease."""
+        return len(self._holders)
+
+    def holds(self, block_id: int) -> bool:
+        """Whether a live lease still holds this block."""
+        return block_id in self._holders
 
     def get(self, transfer_id: Hashable) -> LeaseView | None:
         lease = self._leases.get(transfer_id)
@@ -169,7 +174,7 @@ class LeaseTable:
             num_offered=c[LeaseState.OFFERED], num_started=c[LeaseState.IN_FLIGHT],
             num_done=c[LeaseState.DONE], num_failed=c[LeaseState.FAILED],
             num_aborted=c[LeaseState.ABORTED], num_expired=c[LeaseState.EXPIRED],
-            num_live=len(self._leases), num_held_blocks=len(self._owner),
+            num_live=len(self._leases), num_held_blocks=len(self._holders),
             bytes_done=self._bytes_ended + live_bytes,
         )
 
@@ -178,8 +183,10 @@ class LeaseTable:
               now: float, ttl_s: float | None = None) -> None:
         """Hold `block_ids` for `transfer_id` until `now + ttl_s` (default TTL if None).
 
-        Raises ValueError, changing nothing, on a live duplicate `transfer_id`, on a
-        block that is already under a live lease (or listed twice), or on a bad TTL.
+        A block may be under several live leases at once: prompts over one cached prefix
+        share its blocks (prefix caching), each lease holding its own reference, which the
+        caller frees when that lease ends. Raises ValueError, changing nothing, on a live
+        duplicate `transfer_id`, on a block listed twice, or on a bad TTL.
         """
         ttl = self.default_ttl_s if ttl_s is None else _check_ttl(ttl_s, "ttl_s")
         if transfer_id in self._leases:
@@ -187,16 +194,12 @@ class LeaseTable:
         blocks = tuple(block_ids)
         if len(set(blocks)) != len(blocks):
             raise ValueError(f"transfer {transfer_id!r} lists a block twice: {blocks}")
-        taken = [b for b in blocks if b in self._owner]
-        if taken:
-            raise ValueError(f"transfer {transfer_id!r}: blocks {taken} are already leased "
-                             f"to transfer {self._owner[taken[0]]!r}")
         self._seq += 1
         lease = _Lease(transfer_id, req_id, blocks, now, now + ttl, self._seq)
         self._leases[transfer_id] = lease
         self._by_req.setdefault(req_id, {})[transfer_id] = None
         for b in blocks:
-            self._owner[b] = transfer_id
+            self._holders[b] = self._holders.get(b, 0) + 1
         heapq.heappush(self._heap, (lease.deadline, lease.seq, transfer_id))
         self._counts[LeaseState.OFFERED] += 1
 
@@ -257,7 +260,10 @@ class LeaseTable:
         if lease is None:
             return None
         for b in lease.block_ids:
-            del self._owner[b]
+            if self._holders[b] == 1:
+                del self._holders[b]
+            else:
+                self._holders[b] -= 1
         siblings = self._by_req[lease.req_id]
         del siblings[transfer_id]
         if not siblings:

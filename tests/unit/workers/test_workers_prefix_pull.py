@@ -114,3 +114,26 @@ def test_a_pull_past_a_prefix_held_by_a_running_request_shares_its_blocks(make_p
     assert pair.tokens["b"] == hf_greedy(hf, b, MAX_NEW)
     assert blocks_needed(len(system), BLOCK_SIZE) == 10
     pair.assert_all_free()
+
+
+@pytest.mark.parametrize("backend", ["zmq", "shm-zero-copy"])
+def test_two_prompts_over_one_cached_prefix_are_leased_at_once(make_pair, hf, backend):
+    """The prefill instance holds the first prompt's KV under its lease while the second, over the
+    same cached prefix, is prefilled and offered: their leases share the prefix's blocks (each its
+    own reference). Both are pulled, in either order, and both are transformers' tokens; a shared
+    block ending one lease keeps its contents (zero copy: its generation) for the other."""
+    pair = make_pair(backend=backend, prefix_caching=True, forward=False)
+    system = prompt_ids(40, seed=12)
+    a, b = system + prompt_ids(3, seed=13), system + prompt_ids(5, seed=14)
+    pair.submit("a", a, sp(MAX_NEW))
+    pair.run_until(lambda: "a" in pair.done, "a prefilled")
+    pair.submit("b", b, sp(MAX_NEW))
+    pair.run_until(lambda: "b" in pair.done, "b prefilled over a's cached prefix")
+    assert pair.prefill.blocks.num_hit_tokens >= 40 and pair.prefill.sender.leases.live() == 2
+    pair.forward("b")
+    pair.run_to_end(["b"])
+    pair.forward("a")
+    pair.run_to_end(["a"])
+    assert pair.failed == {}
+    assert pair.tokens["a"] == hf_greedy(hf, a, MAX_NEW) and pair.tokens["b"] == hf_greedy(hf, b, MAX_NEW)
+    pair.assert_all_free()
